@@ -1,0 +1,3 @@
+"""BLIP: Bayesian machine-learning interatomic potentials."""
+
+__version__ = "0.1.0"
