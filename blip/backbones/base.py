@@ -1,0 +1,103 @@
+"""The small protocol every backbone adapter implements, and helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DatasetSummary:
+    """What a backbone needs to know about the training data; stored in model files.
+
+    elements: atomic numbers seen in training; e0s: eV per isolated atom;
+    energy_shift: mean (E - sum E0) per atom, eV; force_scale: RMS force component, eV/A;
+    avg_num_neighbors: mean neighbours per atom within the cutoff.
+    """
+
+    elements: list[int]
+    e0s: dict[int, float] = field(default_factory=dict)
+    energy_shift: float = 0.0
+    force_scale: float = 1.0
+    avg_num_neighbors: float = 10.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["e0s"] = {int(k): float(v) for k, v in self.e0s.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetSummary":
+        d = dict(d)
+        d["e0s"] = {int(k): float(v) for k, v in d.get("e0s", {}).items()}
+        return cls(**d)
+
+
+class Backbone(nn.Module):
+    """A message-passing potential that BLIP can wrap.
+
+    Subclasses set ``cutoff`` (Angstrom) and ``elements`` and implement
+    ``noisy_layers``, ``domain_feature_dims``, ``domain_features`` and ``energy``.
+    """
+
+    cutoff: float
+    elements: list[int]
+
+    def noisy_layers(self) -> dict[str, str]:
+        """Regex over module names -> domain of the rows that layer acts on."""
+        raise NotImplementedError
+
+    def extra_noisy_factories(self) -> dict:
+        """Extra module type -> noisy factory for layers that are not ``nn.Linear``."""
+        return {}
+
+    def domain_feature_dims(self) -> dict[str, int]:
+        """Domain -> width of the invariant features fed to the inference net."""
+        raise NotImplementedError
+
+    def domain_features(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Domain -> (invariant features (rows, d), rows per graph (G,))."""
+        raise NotImplementedError
+
+    def energy(self, batch: dict) -> torch.Tensor:
+        """Total energy per graph (G,), eV; differentiable w.r.t. batch["positions"]."""
+        raise NotImplementedError
+
+    def prepare(self, batch: dict) -> dict:
+        """Hook to add backbone-specific inputs to a batch before the forward pass."""
+        return batch
+
+
+class SpeciesMap(nn.Module):
+    """Atomic number -> index in ``elements`` (-1 for unknown), and per-element references."""
+
+    def __init__(self, elements: list[int], e0s: dict[int, float] | None = None):
+        super().__init__()
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(sorted(elements))] = torch.arange(len(elements))
+        self.register_buffer("index_of", table)
+        e0 = torch.zeros(119, dtype=torch.get_default_dtype())
+        for z, value in (e0s or {}).items():
+            e0[int(z)] = float(value)
+        self.register_buffer("e0", e0)
+        self.n = len(elements)
+
+    def index(self, numbers: torch.Tensor) -> torch.Tensor:
+        return self.index_of[numbers]
+
+    def one_hot(self, numbers: torch.Tensor, dtype) -> torch.Tensor:
+        return nn.functional.one_hot(self.index(numbers), self.n).to(dtype)
+
+    def reference_energy(self, numbers: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
+        """Sum of isolated-atom energies per graph (G,), eV."""
+        out = torch.zeros(n_graphs, dtype=self.e0.dtype, device=numbers.device)
+        return out.index_add(0, batch, self.e0[numbers])
+
+
+def edge_vectors(batch: dict) -> torch.Tensor:
+    """r_ij = pos[j] - pos[i] + shift for every edge, (E, 3) Angstrom."""
+    i, j = batch["edge_index"]
+    pos = batch["positions"]
+    return pos[j] - pos[i] + batch["shifts"]

@@ -1,0 +1,129 @@
+"""PaiNN (Schuett et al. 2021), compact, as the BLIP paper's backbone.
+
+Noise goes on the message MLP ``phi`` (evaluated per atom, as in the original, so
+node rows), the radial ``filter`` (edge rows) and the update MLP (node rows); the
+vector-mixing matrices U and V stay deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors
+
+DEFAULTS = {"features": 64, "interactions": 3, "radial": 20}
+
+
+def sine_rbf(d: torch.Tensor, n: int, cutoff: float) -> torch.Tensor:
+    """sin(k pi d / rc) / d for k = 1..n, (E,) -> (E, n)."""
+    k = torch.arange(1, n + 1, dtype=d.dtype, device=d.device)
+    return torch.sin(k * math.pi * d[:, None] / cutoff) / d[:, None]
+
+
+def cosine_cutoff(d: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """0.5 (cos(pi d / rc) + 1) inside the cutoff, 0 outside; (E,)."""
+    return 0.5 * (torch.cos(math.pi * d / cutoff) + 1.0) * (d < cutoff).to(d.dtype)
+
+
+class Message(nn.Module):
+    """Edge messages: phi(s)_j * W(r_ij), summed over neighbours j of i."""
+
+    def __init__(self, features: int, radial: int):
+        super().__init__()
+        self.phi = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 3 * features))
+        self.filter = nn.Linear(radial, 3 * features)
+
+    def forward(self, s, v, edge_index, rbf, fcut, unit):
+        i, j = edge_index
+        x = self.phi(s)[j] * self.filter(rbf) * fcut[:, None]
+        x_vv, x_s, x_vs = torch.split(x, s.shape[1], dim=1)
+        dv = x_vv[:, None, :] * v[j] + x_vs[:, None, :] * unit[:, :, None]
+        s = s.index_add(0, i, x_s)
+        v = v.index_add(0, i, dv)
+        return s, v
+
+
+class Update(nn.Module):
+    """Node update: gated mixing of scalar and vector channels."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.U = nn.Linear(features, features, bias=False)
+        self.V = nn.Linear(features, features, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * features, features), nn.SiLU(), nn.Linear(features, 3 * features))
+
+    def forward(self, s, v):
+        uv, vv = self.U(v), self.V(v)
+        vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)
+        a_vv, a_sv, a_ss = torch.split(self.mlp(torch.cat([s, vnorm], dim=1)), s.shape[1], dim=1)
+        v = v + a_vv[:, None, :] * uv
+        s = s + a_sv * (uv * vv).sum(dim=1) + a_ss
+        return s, v
+
+
+class Interaction(nn.Module):
+    def __init__(self, features: int, radial: int):
+        super().__init__()
+        self.message = Message(features, radial)
+        self.update = Update(features)
+
+
+class PaiNN(Backbone):
+    """Energy = sum_i (scale * readout(s_i) + shift) + sum_i E0(Z_i); eV."""
+
+    def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, features: int = 64,
+                 interactions: int = 3, radial: int = 20):
+        super().__init__()
+        self.cutoff, self.elements, self.radial = float(cutoff), sorted(summary.elements), radial
+        self.species = SpeciesMap(self.elements, summary.e0s)
+        self.embedding = nn.Embedding(len(self.elements), features)
+        self.interactions = nn.ModuleList(Interaction(features, radial) for _ in range(interactions))
+        self.readout = nn.Sequential(nn.Linear(features, features // 2), nn.SiLU(), nn.Linear(features // 2, 1))
+        self.register_buffer("scale", torch.tensor(float(summary.force_scale)))
+        self.register_buffer("shift", torch.tensor(float(summary.energy_shift)))
+
+    def noisy_layers(self) -> dict[str, str]:
+        return {
+            r"interactions\.\d+\.message\.phi\.\d+": "node",
+            r"interactions\.\d+\.message\.filter": "edge",
+            r"interactions\.\d+\.update\.mlp\.\d+": "node",
+        }
+
+    def domain_feature_dims(self) -> dict[str, int]:
+        n = self.species.n
+        return {"node": n, "edge": self.radial + 2 * n}
+
+    def _radial(self, batch):
+        r = edge_vectors(batch)
+        d = torch.linalg.norm(r, dim=1)
+        return r, d, sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
+
+    def domain_features(self, batch):
+        _, d, rbf, fcut = self._radial(batch)
+        onehot = self.species.one_hot(batch["numbers"], d.dtype)
+        i, j = batch["edge_index"]
+        edge = torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1)
+        return {"node": (onehot, batch["n_atoms"]), "edge": (edge, batch["n_edges"])}
+
+    def energy(self, batch):
+        r, d, rbf, fcut = self._radial(batch)
+        unit = r / d[:, None]
+        s = self.embedding(self.species.index(batch["numbers"]))
+        v = torch.zeros((s.shape[0], 3, s.shape[1]), dtype=s.dtype, device=s.device)
+        for block in self.interactions:
+            s, v = block.message(s, v, batch["edge_index"], rbf, fcut, unit)
+            s, v = block.update(s, v)
+        atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
+        n_graphs = batch["n_atoms"].shape[0]
+        energy = torch.zeros(n_graphs, dtype=s.dtype, device=s.device).index_add(0, batch["batch"], atomic)
+        return energy + self.species.reference_energy(batch["numbers"], batch["batch"], n_graphs).to(s.dtype)
+
+
+def build(cfg: dict, summary: DatasetSummary) -> PaiNN:
+    """Build from the resolved ``model`` config section."""
+    return PaiNN(summary, cutoff=cfg["cutoff"], features=cfg["features"],
+                 interactions=cfg["interactions"], radial=cfg["radial"])

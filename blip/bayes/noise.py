@@ -1,0 +1,91 @@
+"""Noise context: where the noise rates and the random numbers of one forward pass live.
+
+A forward pass of a wrapped backbone runs inside a :class:`NoiseContext`. Every
+noisy layer asks it for the rate of its domain and for standard-normal draws.
+Random numbers are drawn block-wise, one generator per graph of the batch, seeded
+from ``(seed, replica, structure_index)``: a Monte-Carlo sample therefore does not
+depend on which other structures or replicas share the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def graph_seed(seed: int, replica: int, structure_index: int) -> int:
+    """Seed of the generator for one (sample, structure) block; a 63-bit integer."""
+    state = np.random.SeedSequence([int(seed), int(replica), int(structure_index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def make_generators(seed: int, replicas: torch.Tensor, structure_index: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per graph of a (replicated) batch; shapes (G,) and (G,)."""
+    gens = []
+    for k, idx in zip(replicas.tolist(), structure_index.tolist()):
+        g = torch.Generator()
+        g.manual_seed(graph_seed(seed, k, idx))
+        gens.append(g)
+    return gens
+
+
+@dataclass
+class NoiseContext:
+    """Noise rates and random numbers for one forward pass.
+
+    rates: domain -> dropout rate ``p`` of shape (rows, n_layers_in_domain).
+    rows_per_graph: domain -> (G,) number of rows of each graph, in batch order.
+    generators: one per graph, or None to draw from torch's global generator (training).
+    kind: "gaussian" (BLIP, multiplicative Gaussian noise) or "bernoulli" (MC dropout).
+    """
+
+    rates: dict[str, torch.Tensor]
+    rows_per_graph: dict[str, torch.Tensor] = field(default_factory=dict)
+    generators: list[torch.Generator] | None = None
+    kind: str = "gaussian"
+
+    def alpha(self, domain: str, slot: int) -> torch.Tensor:
+        """Variance ratio ``alpha = p / (1 - p)`` of one layer, shape (rows,)."""
+        p = self.rates[domain][:, slot]
+        return p / (1.0 - p)
+
+    def rate(self, domain: str, slot: int) -> torch.Tensor:
+        """Dropout rate ``p`` of one layer, shape (rows,)."""
+        return self.rates[domain][:, slot]
+
+    def standard_normal(self, domain: str, rows: int, tail: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) draws of shape (rows, *tail), block-wise per graph when generators are set."""
+        if self.generators is None:
+            return torch.randn((rows, *tail), dtype=like.dtype, device=like.device)
+        return self._blockwise(domain, rows, tail, like, torch.randn)
+
+    def uniform(self, domain: str, rows: int, tail: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """U(0, 1) draws of shape (rows, *tail), block-wise per graph when generators are set."""
+        if self.generators is None:
+            return torch.rand((rows, *tail), dtype=like.dtype, device=like.device)
+        return self._blockwise(domain, rows, tail, like, torch.rand)
+
+    def _blockwise(self, domain, rows, tail, like, draw):
+        counts = self.rows_per_graph[domain].tolist()
+        if sum(counts) != rows:
+            raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {sum(counts)}")
+        parts = [draw((n, *tail), generator=g, dtype=like.dtype) for n, g in zip(counts, self.generators)]
+        return torch.cat(parts).to(like.device)
+
+
+class NoiseState:
+    """Holder shared by all noisy layers of one model; ``ctx`` is None outside sampling."""
+
+    def __init__(self):
+        self.ctx: NoiseContext | None = None
+
+    @contextlib.contextmanager
+    def use(self, ctx: NoiseContext | None):
+        previous, self.ctx = self.ctx, ctx
+        try:
+            yield ctx
+        finally:
+            self.ctx = previous

@@ -1,0 +1,37 @@
+"""Build backbones and potentials from a resolved config."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .backbones.base import Backbone, DatasetSummary
+from .errors import ConfigError
+from .model import BayesianPotential
+
+
+def build_backbone(model_cfg: dict, summary: DatasetSummary) -> Backbone:
+    """Backbone named by ``model.backbone``; its module provides ``build(cfg, summary)``."""
+    name = model_cfg["backbone"]
+    try:
+        module = importlib.import_module(f"blip.backbones.{name}")
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"backbone '{name}' is not available ({exc})") from None
+    return module.build(model_cfg, summary)
+
+
+def build_potential(cfg: dict, summary: DatasetSummary) -> BayesianPotential:
+    """One network for ``cfg["uq"]["method"]`` (an ensemble member for "ensemble")."""
+    uq = cfg["uq"]
+    method = "deterministic" if uq["method"] == "ensemble" else uq["method"]
+    potential = BayesianPotential(
+        build_backbone(cfg["model"], summary), method=method, prior_p=uq["prior_p"],
+        p_min=uq["p_min"], p_max=uq["p_max"], p_init=uq["p_init"],
+        inference_hidden=uq["inference_hidden"], dropout_p=uq["dropout_p"],
+    )
+    return potential.to(dtype_of(cfg))
+
+
+def dtype_of(cfg: dict) -> torch.dtype:
+    return torch.float64 if cfg["model"]["dtype"] == "float64" else torch.float32

@@ -1,0 +1,203 @@
+"""The ``blip`` command: train, predict, evaluate, calibrate (and more, registered below)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import BlipError
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# -- train ---------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from . import config
+    from .train.loop import Trainer, write_test_metrics
+    from .train.datasets import prepare_data
+    from .report import format_table
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("training.resume=true")
+    cfg = config.load(args.config, overrides)
+    data = prepare_data(cfg)
+    print(f"blip train: {len(data.train)} train / {len(data.valid)} valid structures, "
+          f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}",
+          file=sys.stderr)
+    trainer = Trainer(cfg, progress=not args.quiet)
+    model = trainer.run(data)
+    if data.tests:
+        results = write_test_metrics(model, data, trainer.out, progress=not args.quiet)
+        for name, metrics in results.items():
+            print(f"\n== test set: {name} ==")
+            print(format_table(metrics))
+    print(f"\nwrote {trainer.out / 'model.pt'}")
+    return 0
+
+
+# -- predict -------------------------------------------------------------------------
+def cmd_predict(args) -> int:
+    import ase.io
+
+    from .data import read_structures
+    from .io import load
+
+    model = load(args.model, device=args.device)
+    atoms_list = read_structures(args.input)
+    pred = model.predict(atoms_list, samples=args.samples, seed=args.seed, progress=not args.quiet,
+                         source=args.input)
+    for i, atoms in enumerate(atoms_list):
+        atoms.info["blip_energy"] = float(pred["energy"][i])
+        atoms.info["blip_energy_std"] = float(pred["energy_std"][i])
+        atoms.arrays["blip_forces"] = pred["forces"][i]
+        atoms.arrays["blip_forces_std"] = pred["forces_std"][i]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".xyz", dir=out.parent)
+    os.close(fd)
+    try:
+        ase.io.write(tmp, atoms_list, format="extxyz")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {len(atoms_list)} structures to {out}", file=sys.stderr)
+    return 0
+
+
+# -- evaluate ------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from .data import read_labelled
+    from .evaluate import evaluate_structures
+    from .io import load
+    from .report import format_table, write_report
+
+    model = load(args.model, device=args.device)
+    ek = args.energy_key or model.config["data"]["energy_key"]
+    fk = args.forces_key or model.config["data"]["forces_key"]
+    structures = read_labelled(args.input, ek, fk, require_energy=False, require_forces=False)
+    metrics, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
+                                          progress=not args.quiet, source=args.input)
+    print(format_table(metrics))
+    if args.json:
+        _atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
+    if args.report:
+        paths = write_report(metrics, args.report, arrays)
+        print(f"wrote report ({len(paths)} files) to {args.report}", file=sys.stderr)
+    return 0
+
+
+# -- calibrate -----------------------------------------------------------------------
+def cmd_calibrate(args) -> int:
+    from .data import read_labelled
+    from .evaluate import evaluate_structures
+    from .io import load, save_model
+    from .uq.recalibration import fit_scale
+
+    model = load(args.model, device=args.device)
+    model.calibration = {"energy": 1.0, "forces": 1.0}
+    structures = read_labelled(args.valid, model.config["data"]["energy_key"], model.config["data"]["forces_key"])
+    _, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
+                                    progress=not args.quiet, source=args.valid)
+    model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
+                         for q in ("energy", "forces")}
+    save_model(model, args.output)
+    print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
+          f"forces {model.calibration['forces']:.4g}; wrote {args.output}")
+    return 0
+
+
+def _add_common(p, samples=True):
+    if samples:
+        p.add_argument("--samples", type=int, default=None,
+                       help="Monte-Carlo samples K (default: the model's uq.samples; 0 = noise-free MAP)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the noise (reproducible samples)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip", description="Bayesian machine-learning interatomic potentials")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or fine-tune) a model from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=5")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="energies and forces with uncertainties -> extxyz")
+    p.add_argument("model")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a labelled file")
+    p.add_argument("model")
+    p.add_argument("input")
+    p.add_argument("--json", help="write the metrics as JSON")
+    p.add_argument("--report", help="write plots and report.md to this folder")
+    p.add_argument("--energy-key", default=None)
+    p.add_argument("--forces-key", default=None)
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit one uncertainty scale factor per target on a validation file")
+    p.add_argument("model")
+    p.add_argument("valid")
+    p.add_argument("-o", "--output", required=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Sub-commands defined in other modules (each exposes ``register(subparsers)``)."""
+    import importlib
+
+    found = []
+    for name in ("blip.bench", "blip.md", "blip.active"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        found.append(module.register)
+    return found
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BlipError as exc:
+        print(f"blip: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"blip: error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("blip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

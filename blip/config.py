@@ -1,0 +1,181 @@
+"""Configuration: defaults, YAML loading, ``--set key=value`` overrides, validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULTS: dict = {
+    "data": {
+        "train_file": None,
+        "valid_file": None,
+        "valid_fraction": 0.1,
+        "test_files": {},
+        "energy_key": "energy",
+        "forces_key": "forces",
+        "e0s": "average",
+        "max_train": None,
+    },
+    "model": {
+        "backbone": "painn",
+        "cutoff": 5.0,
+        "pretrained": False,
+        "dtype": "float32",
+    },
+    "uq": {
+        "method": "blip",
+        "samples": 16,
+        "prior_p": 0.5,
+        "beta": 10.0,
+        "p_min": 1e-5,
+        "p_max": 0.8,
+        "p_init": 0.05,
+        "inference_hidden": 32,
+        "dropout_p": 0.1,
+        "ensemble_size": 5,
+    },
+    "training": {
+        "epochs": 100,
+        "batch_size": 8,
+        "lr": 5e-3,
+        "inference_lr": None,
+        "weight_decay": 0.0,
+        "scheduler": "cosine",
+        "warmup_epochs": 0,
+        "min_lr_ratio": 0.01,
+        "loss": "mse",
+        "energy_weight": 1.0,
+        "forces_weight": 100.0,
+        "ema_decay": 0.99,
+        "patience": 30,
+        "grad_clip": 10.0,
+        "seed": 0,
+        "max_minutes": None,
+        "device": "cpu",
+        "resume": False,
+        "eval_samples": 0,
+        "log_tensorboard": False,
+    },
+    "output_dir": "runs/blip",
+}
+
+# Backbone-specific keys allowed in the ``model`` section, with their defaults.
+BACKBONE_DEFAULTS: dict[str, dict] = {
+    "painn": {"features": 64, "interactions": 3, "radial": 20},
+}
+
+
+def register_backbone_defaults(name: str, defaults: dict) -> None:
+    """Let a backbone module declare its ``model`` config keys."""
+    BACKBONE_DEFAULTS[name] = dict(defaults)
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"unknown config key '{where}{key}'; known keys: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict) and key != "test_files":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}{key}' must be a mapping")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'a.b=value' -> {'a': {'b': value}}, with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "test_files":
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None) -> dict:
+    """Merge defaults, a user config and overrides; validate; make file paths absolute."""
+    user = copy.deepcopy(user or {})
+    for text in overrides:
+        _deep_update(user, parse_override(text))
+    backbone = (user.get("model") or {}).get("backbone", DEFAULTS["model"]["backbone"])
+    if backbone == "mace" or backbone == "chgnet":
+        _import_backbone_module(backbone)
+    if backbone not in BACKBONE_DEFAULTS:
+        raise ConfigError(f"unknown model.backbone '{backbone}'; choose from {', '.join(sorted(BACKBONE_DEFAULTS))}")
+    defaults = copy.deepcopy(DEFAULTS)
+    defaults["model"].update(BACKBONE_DEFAULTS[backbone])
+    cfg = _merge(defaults, user, "")
+    _validate(cfg)
+    if base_dir is not None:
+        _absolute_paths(cfg, Path(base_dir))
+    return cfg
+
+
+def _import_backbone_module(name: str) -> None:
+    import importlib
+
+    importlib.import_module(f"blip.backbones.{name}")
+
+
+def _validate(cfg: dict) -> None:
+    from .model import METHODS
+
+    if cfg["uq"]["method"] not in METHODS:
+        raise ConfigError(f"uq.method '{cfg['uq']['method']}' is not one of {', '.join(METHODS)}")
+    if cfg["model"]["dtype"] not in ("float32", "float64"):
+        raise ConfigError("model.dtype must be float32 or float64")
+    if cfg["training"]["loss"] not in ("mse", "l1", "huber"):
+        raise ConfigError("training.loss must be mse, l1 or huber")
+    if cfg["training"]["scheduler"] not in ("cosine", "plateau", "constant"):
+        raise ConfigError("training.scheduler must be cosine, plateau or constant")
+    if not isinstance(cfg["data"]["test_files"], dict):
+        raise ConfigError("data.test_files must be a mapping name: path")
+
+
+def _absolute_paths(cfg: dict, base: Path) -> None:
+    def fix(p):
+        if p is None or p == "average" or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    data = cfg["data"]
+    for key in ("train_file", "valid_file", "e0s"):
+        data[key] = fix(data[key])
+    data["test_files"] = {k: fix(v) for k, v in data["test_files"].items()}
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a YAML config file and resolve it.
+
+    Data paths are relative to the config file; ``output_dir`` to the working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return resolve(user, overrides, base_dir=path.parent)
+
+
+def dump(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,36 @@
+"""Score predictions with uncertainty against reference labels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .uq.metrics import evaluate_predictions, prediction_arrays
+
+
+def reference_arrays(structures) -> tuple[np.ndarray | None, list | None]:
+    """Reference energies (N,) eV and forces list of (n_i, 3) eV/A, None where any is missing."""
+    energies = None
+    if structures and all(s.energy is not None for s in structures):
+        energies = np.array([s.energy for s in structures], dtype=float)
+    forces = None
+    if structures and all(s.forces is not None for s in structures):
+        forces = [np.asarray(s.forces, dtype=float) for s in structures]
+    return energies, forces
+
+
+def evaluate_structures(model, structures, samples: int | None = None, seed: int = 0,
+                        progress: bool = False, source: str = "input") -> tuple[dict, dict]:
+    """Predict and score labelled structures.
+
+    Returns (metrics, arrays): metrics as in ``blip evaluate --json``; arrays
+    ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation)
+    for plots, reports and recalibration, plus ``"prediction"``: the raw ``predict`` output.
+    """
+    pred = model.predict([s.atoms for s in structures], samples=samples, seed=seed,
+                         progress=progress, source=source)
+    ref_e, ref_f = reference_arrays(structures)
+    n_atoms = np.array([len(s.atoms) for s in structures])
+    args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
+    arrays = prediction_arrays(*args)
+    arrays["prediction"] = pred
+    return evaluate_predictions(*args), arrays

@@ -1,0 +1,89 @@
+"""Model files: atomic save, validated load."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .backbones.base import DatasetSummary
+from .errors import CheckpointError
+
+FORMAT = "blip-model"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def model_payload(model) -> dict:
+    """Serialisable dict of a :class:`blip.predictor.BlipModel`."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "blip_version": __version__,
+        "config": model.config,
+        "summary": model.summary.to_dict(),
+        "states": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in model.members],
+        "calibration": dict(model.calibration),
+        "info": dict(model.info),
+    }
+
+
+def save_model(model, path: str | Path) -> None:
+    atomic_torch_save(model_payload(model), path)
+
+
+def read_payload(path: str | Path) -> dict:
+    """Load and check a model file; CheckpointError with the file name if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or unreadable model file ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a BLIP model file (foreign checkpoint?)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer BLIP (format {payload['format_version']})")
+    return payload
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """Load a model file written by ``blip train`` or ``blip calibrate`` -> BlipModel."""
+    from .build import build_potential
+    from .predictor import BlipModel
+
+    payload = read_payload(path)
+    config = payload["config"]
+    summary = DatasetSummary.from_dict(payload["summary"])
+    members = []
+    for state in payload["states"]:
+        potential = build_potential(config, summary)
+        try:
+            potential.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0][:160]
+            raise CheckpointError(f"{path}: weights do not fit the model in its config ({first})") from None
+        members.append(potential)
+    model = BlipModel(members, config, summary, payload.get("calibration"), payload.get("info"))
+    return model.to(device)

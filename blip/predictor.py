@@ -1,0 +1,157 @@
+"""BlipModel: what ``blip.load`` returns; Monte-Carlo prediction with uncertainties."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones.base import DatasetSummary
+from .data import build_graph, check_elements, collate, replicate
+from .errors import DataError
+from .model import BayesianPotential
+
+MAX_EDGES_PER_PASS = 10_000  # replicas x (edges + atoms) per forward pass; larger passes get memory-bound
+
+
+class BlipModel:
+    """A trained potential (or ensemble) with its config, data summary and calibration.
+
+    ``predict`` returns means, standard deviations (population, ddof=0) and samples.
+    ``calibration`` holds one multiplicative factor per target applied to the spread.
+    """
+
+    def __init__(self, members: list[BayesianPotential], config: dict, summary: DatasetSummary,
+                 calibration: dict | None = None, info: dict | None = None):
+        self.members = members
+        self.config = config
+        self.summary = summary
+        self.calibration = {"energy": 1.0, "forces": 1.0, **(calibration or {})}
+        self.info = info or {}
+        self.device = torch.device("cpu")
+        for m in self.members:
+            m.eval()
+
+    @property
+    def method(self) -> str:
+        return self.config["uq"]["method"]
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.members[0].backbone.cutoff)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.members[0].parameters()).dtype
+
+    @property
+    def default_samples(self) -> int:
+        return len(self.members) if self.method == "ensemble" else int(self.config["uq"]["samples"])
+
+    def to(self, device) -> "BlipModel":
+        self.device = torch.device(device)
+        for m in self.members:
+            m.to(self.device)
+        return self
+
+    # -- core: one batch -------------------------------------------------------------
+    def sample_batch(self, batch: dict, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies (K, G) eV and forces (K, N, 3) eV/A for one collated batch.
+
+        samples=0 gives the MAP pass only (K = 1). For an ensemble K is the number of
+        members. Otherwise the batch is replicated K times and sampled in one pass.
+        """
+        if self.method == "ensemble":
+            outs = [m(batch) for m in self.members]
+            return (torch.stack([o["energy"].detach() for o in outs]),
+                    torch.stack([o["forces"].detach() for o in outs]))
+        model = self.members[0]
+        if samples == 0 or not model.stochastic:
+            out = model(batch)
+            return out["energy"].detach()[None], out["forces"].detach()[None]
+        g, n = batch["n_atoms"].shape[0], batch["positions"].shape[0]
+        per_copy = int(batch["n_edges"].sum()) + n
+        group = max(1, min(samples, MAX_EDGES_PER_PASS // max(per_copy, 1)))
+        energies, forces = [], []
+        for first in range(0, samples, group):  # large structures: replicas in groups
+            k = min(group, samples - first)
+            rep = replicate(batch, k)
+            rep["replica"] = rep["replica"] + first
+            out = model(rep, sample=True, seed=seed)
+            energies.append(out["energy"].detach().reshape(k, g))
+            forces.append(out["forces"].detach().reshape(k, n, 3))
+        return torch.cat(energies), torch.cat(forces)
+
+    # -- user API --------------------------------------------------------------------
+    def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
+                progress: bool = False, source: str = "input") -> dict:
+        """Predict energies and forces with uncertainties for a list of ``ase.Atoms``.
+
+        Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
+        lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
+        (K, n_i, 3). Standard deviations are population (ddof=0) over the K samples, times
+        the calibration factor. ``samples=0`` is the noise-free MAP prediction (std zero).
+        """
+        if hasattr(atoms_list, "get_positions"):
+            atoms_list = [atoms_list]
+        samples = self.default_samples if samples is None else int(samples)
+        if samples < 0:
+            raise ValueError("samples must be >= 0")
+        seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+        self._check(atoms_list, source)
+        graphs = [build_graph(a, self.cutoff, index=i) for i, a in enumerate(atoms_list)]
+        k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
+        e_samples = [None] * len(graphs)
+        f_samples = [None] * len(graphs)
+        chunks = list(_chunks(graphs, k_eff, MAX_EDGES_PER_PASS))
+        for chunk in tqdm(chunks, desc="predict", disable=not progress, unit="batch"):
+            batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
+            energy, forces = self.sample_batch(batch, samples, seed)
+            energy, forces = energy.cpu().double().numpy(), forces.cpu().double().numpy()
+            start = 0
+            for pos, i in enumerate(chunk):
+                n = int(batch["n_atoms"][pos])
+                e_samples[i] = energy[:, pos]
+                f_samples[i] = forces[:, start:start + n]
+                start += n
+        return self._summarise(e_samples, f_samples, stochastic=samples > 0 or self.method == "ensemble")
+
+    def _summarise(self, e_samples, f_samples, stochastic: bool) -> dict:
+        ce, cf = self.calibration["energy"], self.calibration["forces"]
+        energy_samples = np.stack(e_samples, axis=1)  # (K, N)
+        e_mean = energy_samples.mean(0)
+        f_mean = [f.mean(0) for f in f_samples]
+        if stochastic:
+            energy_samples = e_mean + ce * (energy_samples - e_mean)
+            f_samples = [m + cf * (f - m) for m, f in zip(f_mean, f_samples)]
+            e_std = energy_samples.std(0)
+            f_std = [f.std(0) for f in f_samples]
+        else:
+            e_std = np.zeros_like(e_mean)
+            f_std = [np.zeros_like(f) for f in f_mean]
+            energy_samples = energy_samples[:0]
+            f_samples = [f[:0] for f in f_samples]
+        return {"energy": e_mean, "energy_std": e_std, "forces": f_mean, "forces_std": f_std,
+                "energy_samples": energy_samples, "forces_samples": f_samples}
+
+    def _check(self, atoms_list, source: str) -> None:
+        if len(atoms_list) == 0:
+            raise DataError(source, "no structures to predict")
+        check_elements(atoms_list, set(self.summary.elements), source)
+        for i, atoms in enumerate(atoms_list):
+            if not np.all(np.isfinite(atoms.get_positions())):
+                raise DataError(source, "positions contain NaN or inf", i)
+
+
+def _chunks(graphs: list[dict], replicas: int, max_edges: int):
+    """Group structure indices so that replicas * edges per pass stays under ``max_edges``."""
+    chunk, cost = [], 0
+    for i, g in enumerate(graphs):
+        c = replicas * (int(g["n_edges"][0]) + int(g["n_atoms"][0]))
+        if chunk and cost + c > max_edges:
+            yield chunk
+            chunk, cost = [], 0
+        chunk.append(i)
+        cost += c
+    if chunk:
+        yield chunk

@@ -1,0 +1,17 @@
+"""Data loss on energies (per atom) and forces; BLIP adds beta * KL."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+_PENALTY = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": lambda a, b: F.huber_loss(a, b, delta=0.01)}
+
+
+def data_loss(out: dict, batch: dict, kind: str, energy_weight: float, forces_weight: float) -> torch.Tensor:
+    """``w_E * L(E/n) + w_F * L(F)`` with L in {mse, l1, huber}; energies per atom (eV), forces eV/A."""
+    penalty = _PENALTY[kind]
+    n = batch["n_atoms"].to(out["energy"].dtype)
+    loss_e = penalty(out["energy"] / n, batch["energy"] / n)
+    loss_f = penalty(out["forces"], batch["forces"])
+    return energy_weight * loss_e + forces_weight * loss_f
