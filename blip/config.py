@@ -57,8 +57,6 @@ DEFAULTS: dict = {
         "max_minutes": None,
         "device": "cpu",
         "resume": False,
-        "eval_samples": 0,
-        "log_tensorboard": False,
     },
     "output_dir": "runs/blip",
 }

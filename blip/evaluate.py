@@ -24,13 +24,11 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
 
     Returns (metrics, arrays): metrics as in ``blip evaluate --json``; arrays
     ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation)
-    for plots, reports and recalibration, plus ``"prediction"``: the raw ``predict`` output.
+    for plots, reports and recalibration.
     """
     pred = model.predict([s.atoms for s in structures], samples=samples, seed=seed,
                          progress=progress, source=source)
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
-    arrays = prediction_arrays(*args)
-    arrays["prediction"] = pred
-    return evaluate_predictions(*args), arrays
+    return evaluate_predictions(*args), prediction_arrays(*args)

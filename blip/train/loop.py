@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
@@ -38,6 +38,17 @@ def _graphs(structures, cutoff):
             for i, s in enumerate(structures)]
 
 
+def ema_update_fn(decay: float):
+    """EMA with warm-up: the decay is min(decay, (1 + n) / (10 + n)) after n updates."""
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, n_averaged) -> None:
+        d = min(decay, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
 def _lr_factor(epoch: int, tcfg: dict) -> float:
     """Multiplier of the base LR at ``epoch``: linear warm-up, then cosine (or constant)."""
     warm = int(tcfg["warmup_epochs"])
@@ -62,7 +73,7 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device is 'cuda' but no CUDA device is available")
         self.dtype = dtype_of(cfg)
-        self.start_time = time.time()
+        self.start_time = self.member_start = time.time()
         self.budget_s = None if self.tcfg["max_minutes"] is None else 60.0 * float(self.tcfg["max_minutes"])
 
     # -- set-up ---------------------------------------------------------------------
@@ -79,11 +90,14 @@ class Trainer:
         for g in groups:
             g["base_lr"] = g["lr"]
         opt = torch.optim.AdamW(groups, weight_decay=float(self.tcfg["weight_decay"]))
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(self.tcfg["ema_decay"])))
+        ema = AveragedModel(model, multi_avg_fn=ema_update_fn(float(self.tcfg["ema_decay"])))
         return model, opt, ema
 
     def out_of_time(self) -> bool:
-        return self.budget_s is not None and time.time() - self.start_time > self.budget_s
+        """True once this member used its share of ``training.max_minutes`` (split evenly over members)."""
+        if self.budget_s is None:
+            return False
+        return time.time() - self.member_start > self.budget_s / self.n_members()
 
     # -- one epoch ------------------------------------------------------------------
     def _train_epoch(self, model, opt, ema, graphs, rng) -> dict:
@@ -124,7 +138,7 @@ class Trainer:
         bs = max(1, 4 * int(self.tcfg["batch_size"]))
         for start in range(0, len(graphs), bs):
             batch = collate(graphs[start:start + bs], dtype=self.dtype, device=self.device)
-            out = model(batch)
+            out = {k: v.detach() for k, v in model(batch).items()}
             g = batch["n_atoms"].shape[0]
             loss += g * float(data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
                                         float(self.tcfg["forces_weight"])))
@@ -161,6 +175,7 @@ class Trainer:
         return {k: v.to(self.device) for k, v in s.items()}
 
     def _train_member(self, member, data, train_graphs, valid_graphs, log_path, resume, finished):
+        self.member_start = time.time()
         model, opt, ema = self._new_member(data, member)
         epochs = int(self.tcfg["epochs"])
         first_epoch, best_loss, best_state, bad_epochs = 0, float("inf"), None, 0

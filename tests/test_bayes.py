@@ -1,0 +1,106 @@
+"""The BLIP core: KL, noisy layers, wrap, noise reproducibility."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blip.bayes import InferenceNet, NoiseContext, NoiseState, NoisyLinear, kl_divergence, wrap
+
+
+def test_kl_zero_at_prior_and_positive_elsewhere():
+    prior = 0.3
+    at_prior = {"node": torch.full((7, 3), prior)}
+    assert float(kl_divergence(at_prior, prior)) == pytest.approx(0.0, abs=1e-7)
+    for p in (0.01, 0.1, 0.5, 0.8):
+        assert float(kl_divergence({"node": torch.full((4, 2), p)}, prior)) > 0
+
+
+def test_kl_matches_design_formula_up_to_constant():
+    """DESIGN.md: 0.5*((a+1)/a0 + log a0 - log a - 1); ours subtracts 0.5/a0."""
+    p, p0 = torch.tensor([[0.05, 0.2]]), 0.5
+    a, a0 = p / (1 - p), p0 / (1 - p0)
+    design = 0.5 * ((a + 1) / a0 + math.log(a0) - torch.log(a) - 1)
+    assert float(kl_divergence({"e": p}, p0)) == pytest.approx(float(design.mean() - 0.5 / a0), rel=1e-6)
+
+
+def test_kl_averages_layers_not_rows():
+    """A domain with many rows must not outweigh one with few: mean per layer, then over layers."""
+    rates = {"node": torch.full((2, 1), 0.1), "edge": torch.full((50, 1), 0.5)}
+    single = float(kl_divergence({"n": torch.full((1, 1), 0.1)}, 0.5))
+    assert float(kl_divergence(rates, 0.5)) == pytest.approx(single / 2, rel=1e-6)
+
+
+def _ctx(p, rows, generators=None, kind="gaussian"):
+    return NoiseContext({"node": torch.full((rows, 1), p, dtype=torch.float64)},
+                        {"node": torch.tensor([rows])}, generators, kind)
+
+
+def test_noisy_linear_map_is_exact_and_noise_has_local_reparameterisation_variance():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3).double()
+    state = NoiseState()
+    noisy = NoisyLinear(lin, "node", 0, state)
+    h = torch.randn(1, 5, dtype=torch.float64).repeat(20000, 1)
+    assert torch.equal(noisy(h), lin(h))
+    p = 0.2
+    alpha = p / (1 - p)
+    with state.use(_ctx(p, h.shape[0])):
+        y = noisy(h)
+    expected_var = alpha * (h[0] ** 2) @ (lin.weight ** 2).T
+    assert torch.allclose(y.mean(0), lin(h[:1])[0], atol=0.02)
+    assert torch.allclose(y.var(0), expected_var, rtol=0.05)
+
+
+def test_bernoulli_kind_drops_inputs_with_rate_p():
+    lin = nn.Linear(4, 1, bias=False).double()
+    lin.weight.data.fill_(1.0)
+    state = NoiseState()
+    noisy = NoisyLinear(lin, "node", 0, state)
+    h = torch.ones(50000, 4, dtype=torch.float64)
+    with state.use(_ctx(0.25, h.shape[0], kind="bernoulli")), torch.no_grad():
+        y = noisy(h)
+    assert float(y.mean()) == pytest.approx(4.0, rel=0.02)  # inverted dropout keeps the mean
+    kept = torch.round(y * 0.75).unique()
+    assert set(kept.tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_blockwise_noise_does_not_depend_on_batch_neighbours():
+    lin = nn.Linear(3, 2).double()
+    state = NoiseState()
+    noisy = NoisyLinear(lin, "node", 0, state)
+    h = torch.randn(5, 3, dtype=torch.float64)
+
+    def gen(seed):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return g
+
+    rates = torch.full((5, 1), 0.3, dtype=torch.float64)
+    with state.use(NoiseContext({"node": rates}, {"node": torch.tensor([2, 3])}, [gen(1), gen(2)])):
+        both = noisy(h)
+    with state.use(NoiseContext({"node": rates[2:]}, {"node": torch.tensor([3])}, [gen(2)])):
+        second = noisy(h[2:])
+    assert torch.equal(both[2:], second)
+
+
+def test_wrap_selects_by_pattern_and_keeps_state_dict_names():
+    model = nn.Sequential(nn.Linear(2, 4), nn.SiLU(), nn.Linear(4, 1))
+    keys = set(model.state_dict())
+    layers = wrap(model, {r"0": "node", r"2": "edge"}, NoiseState())
+    assert layers == {"node": ["0"], "edge": ["2"]}
+    assert isinstance(model[0], NoisyLinear) and isinstance(model[2], NoisyLinear)
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="matched no"):
+        wrap(nn.Sequential(nn.Linear(2, 2)), {r"nothing\.here": "node"}, NoiseState())
+
+
+def test_inference_net_starts_at_p_init_and_respects_bounds():
+    net = InferenceNet({"node": 3}, {"node": 2}, p_min=1e-5, p_max=0.1, p_init=5e-5)
+    p = net({"node": torch.randn(10, 3)})["node"]
+    assert p.shape == (10, 2)
+    assert torch.allclose(p, torch.full_like(p, 5e-5), rtol=0.05)
+    with torch.no_grad():
+        net.nets["node"][2].bias.fill_(10.0)
+    assert float(net({"node": torch.randn(4, 3)})["node"].max().detach()) == pytest.approx(0.1)

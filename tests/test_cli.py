@@ -1,0 +1,202 @@
+"""End to end through the `blip` command: train, resume, predict, evaluate, calibrate, bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import blip
+from blip.cli import main
+from conftest import DATA, EXAMPLES, tiny_config
+
+
+def _write_config(tmp_path, cfg_overrides=None) -> Path:
+    cfg = {
+        "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": 40,
+                 "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz"),
+                 "test_files": {"small": str(DATA / "acac_small.xyz")}},
+        "model": {"backbone": "painn", "features": 16, "interactions": 2, "radial": 8},
+        "uq": {"samples": 4},
+        "training": {"epochs": 2, "batch_size": 8, "seed": 0},
+        "output_dir": str(tmp_path / "out"),
+    }
+    for section, values in (cfg_overrides or {}).items():
+        cfg[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _log_rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_writes_outputs_and_lowers_validation_error(tmp_path):
+    config = _write_config(tmp_path, {"training": {"epochs": 6}})
+    assert main(["train", str(config), "--quiet"]) == 0
+    out = tmp_path / "out"
+    for name in ("model.pt", "config.yaml", "log.csv", "test_metrics.json"):
+        assert (out / name).is_file(), name
+    rows = _log_rows(out / "log.csv")
+    assert len(rows) == 6
+    first, best = float(rows[0]["valid_forces_rmse"]), min(float(r["valid_forces_rmse"]) for r in rows)
+    assert best < 0.8 * first
+    metrics = json.loads((out / "test_metrics.json").read_text())["small"]
+    assert set(metrics) >= {"energy", "forces"}
+    assert set(metrics["forces"]) >= {"rmse", "mae", "nll", "miscalibration_area", "ence", "spearman",
+                                      "coverage_68", "coverage_95", "sharpness"}
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["training"]["epochs"] == 6 and resolved["uq"]["method"] == "blip"
+
+
+def test_resume_continues_from_saved_epoch(tmp_path):
+    config = _write_config(tmp_path, {"training": {"epochs": 2}})
+    assert main(["train", str(config), "--quiet"]) == 0
+    assert main(["train", str(config), "--quiet", "--resume", "--set", "training.epochs=4"]) == 0
+    rows = _log_rows(tmp_path / "out" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+
+
+def test_predict_writes_uncertainties_and_keeps_reference_labels(tiny_model_path, tmp_path):
+    out = tmp_path / "pred.xyz"
+    assert main(["predict", str(tiny_model_path), str(DATA / "acac_small.xyz"), "-o", str(out),
+                 "--samples", "4", "--seed", "1", "--quiet"]) == 0
+    frames = ase.io.read(out, ":")
+    ref = ase.io.read(DATA / "acac_small.xyz", ":")
+    assert len(frames) == len(ref)
+    for f, r in zip(frames, ref):
+        assert f.get_potential_energy() == pytest.approx(r.get_potential_energy())
+        np.testing.assert_allclose(f.get_forces(), r.get_forces())
+        assert f.info["blip_energy_std"] > 0
+        assert f.arrays["blip_forces"].shape == (len(f), 3)
+        assert np.all(f.arrays["blip_forces_std"] > 0)
+    again = tmp_path / "again.xyz"
+    main(["predict", str(tiny_model_path), str(DATA / "acac_small.xyz"), "-o", str(again),
+          "--samples", "4", "--seed", "1", "--quiet"])
+    assert ase.io.read(again, 0).info["blip_energy"] == frames[0].info["blip_energy"]
+
+
+def test_python_api_contract(tiny_model_path):
+    model = blip.load(tiny_model_path)
+    atoms = ase.io.read(DATA / "acac_small.xyz", ":3")
+    out = model.predict(atoms, samples=5, seed=0)
+    assert out["energy"].shape == (3,) and out["energy_std"].shape == (3,)
+    assert out["energy_samples"].shape == (5, 3)
+    assert [f.shape for f in out["forces"]] == [(len(a), 3) for a in atoms]
+    np.testing.assert_allclose(out["energy_std"], out["energy_samples"].std(0))
+    np.testing.assert_allclose(out["energy"], out["energy_samples"].mean(0))
+    map_out = model.predict(atoms, samples=0)
+    assert np.all(map_out["energy_std"] == 0) and all(np.all(s == 0) for s in map_out["forces_std"])
+
+
+def test_evaluate_json_and_report(tiny_model_path, tmp_path):
+    js, report = tmp_path / "m.json", tmp_path / "report"
+    assert main(["evaluate", str(tiny_model_path), str(DATA / "acac_small.xyz"), "--samples", "4",
+                 "--json", str(js), "--report", str(report), "--quiet"]) == 0
+    metrics = json.loads(js.read_text())
+    for quantity in ("energy", "forces"):
+        for key in ("rmse", "mae", "nll", "miscalibration_area", "ence", "spearman", "coverage_68",
+                    "coverage_95", "sharpness"):
+            assert key in metrics[quantity]
+    assert metrics["forces"]["n"] == 5 * 15 * 3
+    assert len(list(report.glob("*.png"))) >= 2 and (report / "report.md").is_file()
+
+
+def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate", str(tiny_model_path), str(DATA / "acac_small.xyz"), "-o", str(out),
+                 "--samples", "4", "--quiet"]) == 0
+    before, after = blip.load(tiny_model_path), blip.load(out)
+    factor = after.calibration["forces"]
+    assert factor > 0 and factor != 1.0
+    atoms = ase.io.read(DATA / "acac_small.xyz", ":2")
+    s0 = before.predict(atoms, samples=4, seed=3)["forces_std"][0]
+    s1 = after.predict(atoms, samples=4, seed=3)["forces_std"][0]
+    np.testing.assert_allclose(s1, factor * s0, rtol=1e-6)
+
+
+# -- bad input: one line, non-zero exit, no partial output ------------------------------------
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err and err[-1].startswith("blip: error:")
+    return err[-1]
+
+
+def test_bad_training_data(tmp_path, capsys):
+    frames = ase.io.read(DATA / "acac_small.xyz", ":")
+    del frames[2].calc
+    bad = tmp_path / "missing_energy.xyz"
+    ase.io.write(bad, frames)
+    config = _write_config(tmp_path, {"data": {"train_file": str(bad), "max_train": None}})
+    line = _error(capsys, ["train", str(config), "--quiet"])
+    assert "missing_energy.xyz" in line and "structure 2" in line and "energy" in line
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_nan_forces(tmp_path, capsys):
+    text = (DATA / "acac_small.xyz").read_text().splitlines()
+    fields = text[3].split()
+    fields[5] = "nan"
+    text[3] = "  ".join(fields)
+    bad = tmp_path / "nan.xyz"
+    bad.write_text("\n".join(text) + "\n")
+    config = _write_config(tmp_path, {"data": {"train_file": str(bad), "max_train": None}})
+    line = _error(capsys, ["train", str(config), "--quiet"])
+    assert "nan.xyz" in line and "structure 0" in line
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    config = _write_config(tmp_path, {"training": {"epochz": 3}})
+    assert "training.epochz" in _error(capsys, ["train", str(config), "--quiet"])
+
+
+def test_unknown_element_at_prediction(tiny_model_path, tmp_path, capsys):
+    frames = ase.io.read(DATA / "acac_small.xyz", ":2")
+    frames[1].numbers[0] = 14
+    bad = tmp_path / "si_in_acac.xyz"
+    ase.io.write(bad, frames)
+    out = tmp_path / "p.xyz"
+    line = _error(capsys, ["predict", str(tiny_model_path), str(bad), "-o", str(out), "--quiet"])
+    assert "si_in_acac.xyz" in line and "structure 1" in line and "Si" in line
+    assert not out.exists() and not list(tmp_path.glob(".p.xyz*"))
+
+
+@pytest.mark.parametrize("content", ["", "this is not a structure file\nat all\n"])
+def test_empty_or_foreign_input_file(tiny_model_path, tmp_path, capsys, content):
+    bad = tmp_path / "input.xyz"
+    bad.write_text(content)
+    out = tmp_path / "p.xyz"
+    assert "input.xyz" in _error(capsys, ["predict", str(tiny_model_path), str(bad), "-o", str(out), "--quiet"])
+    assert not out.exists()
+
+
+def test_corrupt_and_foreign_checkpoints(tiny_model_path, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(tiny_model_path.read_bytes()[:1000])
+    assert "corrupt.pt" in _error(capsys, ["predict", str(corrupt), str(DATA / "acac_small.xyz"), "-o",
+                                           str(tmp_path / "p.xyz"), "--quiet"])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, foreign)
+    line = _error(capsys, ["evaluate", str(foreign), str(DATA / "acac_small.xyz"), "--quiet"])
+    assert "foreign.pt" in line and "not a BLIP model" in line
+
+
+def test_config_resolution_and_overrides(tmp_path):
+    cfg = tiny_config(tmp_path, uq={"beta": 2.0})
+    assert cfg["uq"]["beta"] == 2.0 and cfg["model"]["features"] == 16
+    from blip import config
+    from blip.errors import ConfigError
+
+    assert config.parse_override("training.lr=0.01") == {"training": {"lr": 0.01}}
+    with pytest.raises(ConfigError, match="model.backbone"):
+        config.resolve({"model": {"backbone": "schnet"}})

@@ -1,0 +1,121 @@
+"""Physics of BLIP-PaiNN: conservative forces, symmetries, batching, reproducible samples."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from blip.backbones.painn import PaiNN
+from blip.data import build_graph, collate, replicate
+from blip.model import BayesianPotential
+
+
+@pytest.fixture
+def potential(acac_summary):
+    torch.manual_seed(0)
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
+                              p_init=0.2).double()
+    # Make the inference net depend on its inputs so that rates vary between rows.
+    for net in model.inference.nets.values():
+        torch.nn.init.normal_(net[2].weight, std=0.5)
+    return model
+
+
+def _batch(atoms_list):
+    return collate([build_graph(a, 5.0, index=i) for i, a in enumerate(atoms_list)], dtype=torch.float64)
+
+
+def _run(model, atoms_list, sample, seed=7):
+    out = model(_batch(atoms_list), sample=sample, seed=seed if sample else None)
+    return out["energy"].detach().numpy(), out["forces"].detach().numpy()
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_forces_are_minus_finite_difference_gradient(potential, acac_small, sample):
+    atoms = acac_small[0].atoms.copy()
+    _, forces = _run(potential, [atoms], sample)
+    h = 1e-5
+    for atom, axis in [(0, 0), (3, 1), (7, 2), (12, 0)]:
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[atom, axis] += h
+        minus.positions[atom, axis] -= h
+        fd = -(_run(potential, [plus], sample)[0][0] - _run(potential, [minus], sample)[0][0]) / (2 * h)
+        assert forces[atom, axis] == pytest.approx(fd, abs=1e-6)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rotation_and_translation(potential, acac_small, sample):
+    atoms = acac_small[1].atoms.copy()
+    energy, forces = _run(potential, [atoms], sample)
+    rot = Rotation.random(random_state=3).as_matrix()
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rot.T + np.array([1.3, -0.4, 2.2])
+    energy2, forces2 = _run(potential, [moved], sample)
+    assert energy2[0] == pytest.approx(energy[0], abs=1e-9)
+    np.testing.assert_allclose(forces2, forces @ rot.T, atol=1e-9)
+
+
+def test_samples_differ_and_map_is_deterministic(potential, acac_small):
+    atoms = [acac_small[0].atoms]
+    assert np.array_equal(_run(potential, atoms, False)[0], _run(potential, atoms, False)[0])
+    assert abs(_run(potential, atoms, True, seed=1)[0][0] - _run(potential, atoms, True, seed=2)[0][0]) > 1e-6
+    assert np.array_equal(_run(potential, atoms, True, seed=1)[1], _run(potential, atoms, True, seed=1)[1])
+
+
+def test_permutation_of_atoms_permutes_map_outputs(potential, acac_small):
+    atoms = acac_small[2].atoms.copy()
+    energy, forces = _run(potential, [atoms], False)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    energy2, forces2 = _run(potential, [atoms[perm]], False)
+    assert energy2[0] == pytest.approx(energy[0], abs=1e-9)
+    np.testing.assert_allclose(forces2, forces[perm], atol=1e-9)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_batched_equals_one_at_a_time(potential, acac_small, sample):
+    atoms = [s.atoms for s in acac_small]
+    energy, forces = _run(potential, atoms, sample)
+    start = 0
+    for i, a in enumerate(atoms):
+        graph = build_graph(a, 5.0, index=i)  # same structure_index -> same noise
+        out = potential(collate([graph], dtype=torch.float64), sample=sample, seed=7 if sample else None)
+        assert float(out["energy"].detach()[0]) == pytest.approx(energy[i], abs=1e-9)
+        np.testing.assert_allclose(out["forces"].detach().numpy(), forces[start:start + len(a)], atol=1e-9)
+        start += len(a)
+
+
+def test_k_batched_samples_equal_k_sequential_samples(potential, acac_small):
+    batch = _batch([s.atoms for s in acac_small[:3]])
+    k = 4
+    together = potential(replicate(batch, k), sample=True, seed=11)
+    energies = together["energy"].detach().reshape(k, 3)
+    forces = together["forces"].detach().reshape(k, -1, 3)
+    for replica in range(k):
+        single = replicate(batch, 1)
+        single["replica"] = single["replica"] + replica
+        out = potential(single, sample=True, seed=11)
+        torch.testing.assert_close(out["energy"].detach(), energies[replica], atol=1e-10, rtol=0)
+        torch.testing.assert_close(out["forces"].detach(), forces[replica], atol=1e-10, rtol=0)
+
+
+def test_edge_order_does_not_change_a_sample(potential, acac_small):
+    """Shuffling the edge list inside the graph is undone by the canonical order of build_graph."""
+    atoms = acac_small[0].atoms
+    graph = build_graph(atoms, 5.0)
+    perm = np.random.default_rng(1).permutation(graph["edge_index"].shape[1])
+    shuffled = dict(graph, edge_index=graph["edge_index"][:, perm], shifts=graph["shifts"][perm])
+    order = np.lexsort((shuffled["edge_index"][1], shuffled["edge_index"][0]))
+    restored = dict(shuffled, edge_index=shuffled["edge_index"][:, order], shifts=shuffled["shifts"][order])
+    e1 = potential(collate([graph], dtype=torch.float64), sample=True, seed=5)["energy"]
+    e2 = potential(collate([restored], dtype=torch.float64), sample=True, seed=5)["energy"]
+    assert float(e1.detach()) == pytest.approx(float(e2.detach()), abs=1e-10)
+
+
+def test_unwrapped_backbone_equals_map(acac_summary, acac_small):
+    torch.manual_seed(1)
+    plain = PaiNN(acac_summary, features=16, interactions=2, radial=8).double()
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    wrapped = BayesianPotential(PaiNN(acac_summary, features=16, interactions=2, radial=8)).double()
+    wrapped.backbone.load_state_dict(state)
+    batch = _batch([s.atoms for s in acac_small])
+    assert torch.equal(plain.energy(batch), wrapped(batch)["energy"].detach())
