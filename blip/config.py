@@ -67,9 +67,15 @@ BACKBONE_DEFAULTS: dict[str, dict] = {
 }
 
 
-def register_backbone_defaults(name: str, defaults: dict) -> None:
-    """Let a backbone module declare its ``model`` config keys."""
+# Optional per-backbone check of the resolved ``model`` section (raises ConfigError).
+BACKBONE_CHECKS: dict = {}
+
+
+def register_backbone_defaults(name: str, defaults: dict, check=None) -> None:
+    """Let a backbone module declare its ``model`` config keys (and optionally a check of their values)."""
     BACKBONE_DEFAULTS[name] = dict(defaults)
+    if check is not None:
+        BACKBONE_CHECKS[name] = check
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
@@ -120,6 +126,8 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     defaults["model"].update(BACKBONE_DEFAULTS[backbone])
     cfg = _merge(defaults, user, "")
     _validate(cfg)
+    if backbone in BACKBONE_CHECKS:
+        BACKBONE_CHECKS[backbone](cfg["model"])
     if base_dir is not None:
         _absolute_paths(cfg, Path(base_dir))
     return cfg

@@ -1,0 +1,228 @@
+"""MACE (Batatia et al. 2022) from the ``mace-torch`` package as a BLIP backbone.
+
+The model is mace-torch's own ``ScaleShiftMACE`` (first interaction
+``RealAgnosticInteractionBlock``, then ``RealAgnosticResidualInteractionBlock``, as
+``mace_run_train --model MACE`` builds it); this module only adapts inputs and outputs.
+
+Noise (irreps-safe, see :mod:`blip.bayes.irreps`):
+
+* message functions: the radial MLP that makes the tensor-product weights,
+  ``interactions.N.conv_tp_weights.layerK`` (edge rows, local reparameterisation);
+  ``interactions.N.linear_up`` (node features before they are sent, node rows) and
+  ``interactions.N.linear`` (aggregated messages, node rows), Gaussian dropout on irreps
+  channels;
+* update functions: ``products.N.linear`` (node rows), Gaussian dropout on irreps channels;
+* deterministic: embedding, skip connections, symmetric contractions, readouts.
+
+Edge convention: our ``edge_index = [i, j]`` with ``r_ij = pos[j] - pos[i] + shifts`` is
+MACE's ``[sender, receiver]`` with ``vectors = pos[receiver] - pos[sender] + shifts``, so
+edges pass through unchanged. Energies in eV: E0s from ``summary.e0s`` (MACE's atomic
+energies), interaction energy per atom scaled by ``summary.force_scale`` (RMS force,
+eV/A) and shifted by ``summary.energy_shift`` (eV per atom), MACE's rms-forces scaling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+
+# mace must be imported before e3nn: it sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, without
+# which e3nn 0.4.4 cannot load its own constants under torch >= 2.6. Imported quietly
+# (mace prints a cuequivariance notice to stdout, e3nn warns about that variable), and
+# the variable is restored afterwards so torch.load keeps its safe default in this process.
+_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_previous_env = os.environ.get(_WEIGHTS_ONLY_ENV)
+with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import mace.modules  # noqa: I001
+    from e3nn import o3
+    from e3nn.nn._fc import _Layer as E3nnDenseLayer  # the layer type of e3nn's FullyConnectedNet
+if _previous_env is None:
+    os.environ.pop(_WEIGHTS_ONLY_ENV, None)
+else:
+    os.environ[_WEIGHTS_ONLY_ENV] = _previous_env
+
+from ..bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear
+from ..config import register_backbone_defaults
+from ..errors import ConfigError
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors
+
+DEFAULTS = {
+    "hidden_irreps": None,  # e.g. "32x0e + 32x1o"; None: built from num_channels and max_L
+    "num_channels": 32,
+    "max_L": 1,
+    "correlation": 3,
+    "num_interactions": 2,
+    "num_radial": 8,
+    "max_ell": 3,
+    "radial_mlp": [32, 32],
+    "mlp_irreps": "16x0e",
+}
+
+POLYNOMIAL_CUTOFF_P = 5  # mace-torch's default envelope exponent
+
+
+class MaceBackbone(Backbone):
+    """A mace-torch ``ScaleShiftMACE`` (``self.model``) behind the BLIP adapter protocol.
+
+    Domains: ``node`` (atoms; features: one-hot species) and ``edge`` (directed edges;
+    features: MACE's radial embedding of the length, then one-hot species of both ends).
+    """
+
+    def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, hidden_irreps: str = "32x0e + 32x1o",
+                 correlation: int = 3, num_interactions: int = 2, num_radial: int = 8, max_ell: int = 3,
+                 radial_mlp: list[int] = (32, 32), mlp_irreps: str = "16x0e"):
+        super().__init__()
+        self.cutoff, self.elements = float(cutoff), sorted(int(z) for z in summary.elements)
+        self.num_radial = int(num_radial)
+        self.species = SpeciesMap(self.elements)
+        atomic_energies = np.array([float(summary.e0s.get(z, 0.0)) for z in self.elements])
+        self.model = mace.modules.ScaleShiftMACE(
+            r_max=self.cutoff,
+            num_bessel=self.num_radial,
+            num_polynomial_cutoff=POLYNOMIAL_CUTOFF_P,
+            max_ell=int(max_ell),
+            interaction_cls=mace.modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=mace.modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=int(num_interactions),
+            num_elements=len(self.elements),
+            hidden_irreps=o3.Irreps(hidden_irreps),
+            MLP_irreps=o3.Irreps(mlp_irreps),
+            atomic_energies=atomic_energies,
+            avg_num_neighbors=float(summary.avg_num_neighbors),
+            atomic_numbers=self.elements,
+            correlation=int(correlation),
+            gate=torch.nn.functional.silu,
+            radial_MLP=[int(h) for h in radial_mlp],
+            atomic_inter_scale=float(summary.force_scale),
+            atomic_inter_shift=float(summary.energy_shift),
+        )
+
+    # -- BLIP protocol --------------------------------------------------------------
+    def noisy_layers(self) -> dict[str, str]:
+        return {
+            r"model\.interactions\.\d+\.linear_up": "node",
+            r"model\.interactions\.\d+\.conv_tp_weights\.layer\d+": "edge",
+            r"model\.interactions\.\d+\.linear": "node",
+            r"model\.products\.\d+\.linear": "node",
+        }
+
+    def extra_noisy_factories(self) -> dict:
+        return {o3.Linear: NoisyIrrepsLinear, E3nnDenseLayer: NoisyFCLayer}
+
+    def domain_feature_dims(self) -> dict[str, int]:
+        n = self.species.n
+        return {"node": n, "edge": self.num_radial + 2 * n}
+
+    def domain_features(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        dtype = batch["positions"].dtype
+        onehot = self.species.one_hot(batch["numbers"], dtype)
+        lengths = torch.linalg.norm(edge_vectors(batch), dim=1, keepdim=True)
+        radial, _ = self.model.radial_embedding(lengths, onehot, batch["edge_index"], self.model.atomic_numbers)
+        i, j = batch["edge_index"]
+        edge = torch.cat([radial, onehot[i], onehot[j]], dim=1)
+        return {"node": (onehot, batch["n_atoms"]), "edge": (edge, batch["n_edges"])}
+
+    def energy(self, batch: dict) -> torch.Tensor:
+        """Total energy per graph (G,), eV, including E0s; MACE computes no forces here."""
+        out = self.model(self.mace_inputs(batch), training=False, compute_force=False)
+        return out["energy"]
+
+    # -- inputs ---------------------------------------------------------------------
+    def mace_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """mace-torch's input dict for our batch (no ``unit_shifts``: not needed without stress)."""
+        positions = batch["positions"]
+        if not positions.requires_grad:
+            positions = positions.detach()  # MACE sets requires_grad on its input; keep the caller's tensor as is
+        n_atoms = batch["n_atoms"]
+        ptr = torch.cat([n_atoms.new_zeros(1), torch.cumsum(n_atoms, dim=0)])
+        return {
+            "positions": positions,
+            "node_attrs": self.species.one_hot(batch["numbers"], positions.dtype),
+            "edge_index": batch["edge_index"],
+            "shifts": batch["shifts"],
+            "batch": batch["batch"],
+            "ptr": ptr,
+            "cell": batch["cell"],
+        }
+
+
+# -- config ------------------------------------------------------------------------------
+def _irreps(cfg: dict, key: str) -> o3.Irreps:
+    try:
+        return o3.Irreps(str(cfg[key]))
+    except Exception as exc:  # e3nn raises ValueError / AssertionError on bad strings
+        raise ConfigError(f"model.{key}: invalid irreps '{cfg[key]}' ({exc or type(exc).__name__})") from None
+
+
+def _positive_int(cfg: dict, key: str, minimum: int = 1) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"model.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def hidden_irreps_of(cfg: dict) -> o3.Irreps:
+    """``model.hidden_irreps``, or ``num_channels`` x (0e + 1o + 2e + ...) up to ``max_L``."""
+    if cfg["hidden_irreps"] is None:
+        channels, max_l = _positive_int(cfg, "num_channels"), _positive_int(cfg, "max_L", 0)
+        return o3.Irreps(" + ".join(f"{channels}x{o3.Irrep(l, (-1) ** l)}" for l in range(max_l + 1)))
+    if (cfg["num_channels"], cfg["max_L"]) != (DEFAULTS["num_channels"], DEFAULTS["max_L"]):
+        raise ConfigError("model.hidden_irreps: set either hidden_irreps or num_channels/max_L, not both")
+    irreps = _irreps(cfg, "hidden_irreps")
+    if irreps.count(o3.Irrep("0e")) == 0:
+        raise ConfigError(f"model.hidden_irreps: '{cfg['hidden_irreps']}' has no scalar (0e) channels")
+    if len({mul for mul, _ in irreps}) != 1:
+        raise ConfigError(f"model.hidden_irreps: '{cfg['hidden_irreps']}' must have the same number of "
+                          "channels for every irrep (as mace-torch requires)")
+    return irreps
+
+
+def settings_of(cfg: dict) -> dict:
+    """Validated constructor arguments from the resolved ``model`` section; ConfigError names the key."""
+    mlp = _irreps(cfg, "mlp_irreps")
+    if any(ir.l != 0 for _, ir in mlp) or mlp.dim == 0:
+        raise ConfigError(f"model.mlp_irreps: '{cfg['mlp_irreps']}' must be scalars, e.g. 16x0e")
+    radial = cfg["radial_mlp"]
+    if not isinstance(radial, (list, tuple)) or not radial or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in radial):
+        raise ConfigError(f"model.radial_mlp: expected a list of positive integers, got {radial!r}")
+    return {
+        "hidden_irreps": str(hidden_irreps_of(cfg)),
+        "correlation": _positive_int(cfg, "correlation"),
+        "num_interactions": _positive_int(cfg, "num_interactions"),
+        "num_radial": _positive_int(cfg, "num_radial"),
+        "max_ell": _positive_int(cfg, "max_ell"),
+        "radial_mlp": list(radial),
+        "mlp_irreps": str(mlp),
+    }
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build e3nn/MACE constants (Clebsch-Gordan, U matrices) directly in the model's dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(cfg: dict, summary: DatasetSummary) -> MaceBackbone:
+    """Build from the resolved ``model`` config section (cutoff = MACE's r_max, Angstrom)."""
+    settings = settings_of(cfg)
+    dtype = torch.float64 if cfg.get("dtype") == "float64" else torch.float32
+    with _default_dtype(dtype), warnings.catch_warnings():
+        # e3nn compiles its layers with TorchScript, which warns once per layer under torch 2.13
+        warnings.filterwarnings("ignore", message=r"The TorchScript type system", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        return MaceBackbone(summary, cutoff=float(cfg["cutoff"]), **settings)
+
+
+register_backbone_defaults("mace", DEFAULTS, check=settings_of)  # checked when a config is resolved

@@ -1,0 +1,154 @@
+"""Noisy layers for equivariant (irreps) networks whose every noise sample is exactly equivariant.
+
+Two layer types cover e3nn-based models such as MACE; this module depends on torch only
+and reads the wrapped e3nn modules through their public attributes:
+
+* :class:`NoisyIrrepsLinear` wraps an e3nn ``o3.Linear`` acting on irreps features.
+  Noise is Gaussian dropout on irreps *channels* of the layer's input: every
+  (row, channel, irrep) block of ``2l + 1`` components is multiplied by ONE factor
+  ``1 + sqrt(alpha_row) * xi``, ``xi ~ N(0, 1)``. A scalar per irrep block commutes with
+  the block's Wigner D-matrix, so each sample is exactly equivariant. It is multiplicative
+  weight noise ``w_oc (1 + sqrt(alpha) xi_c)`` shared over the outputs o of input channel c
+  (Kingma et al. 2015), so the KL of DESIGN.md section 1 applies unchanged. The local
+  reparameterisation trick is NOT used here: for l > 0 it would draw independent noise
+  per m component and break equivariance.
+* :class:`NoisyFCLayer` wraps one layer of an e3nn ``FullyConnectedNet`` (scalar
+  features only, e.g. MACE's radial MLP that makes the tensor-product weights). It uses
+  the local reparameterisation trick exactly like :class:`blip.bayes.NoisyLinear`, on
+  the pre-activation, with e3nn's weight normalisation ``1 / sqrt(h_in * var_in)`` folded
+  into the effective weight. Scalars are invariant, so any noise on them is equivariant.
+
+Kind "bernoulli" (MC-dropout baseline): NoisyIrrepsLinear drops whole (row, channel,
+irrep) blocks of its input, NoisyFCLayer drops input features; kept values are
+rescaled by ``1 / (1 - p)``.
+
+With noise off (``state.ctx is None``) both compute exactly what the wrapped layer does,
+and both keep the wrapped layer's parameter and buffer names, so state dicts of the
+unwrapped model load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .noise import NoiseContext, NoiseState
+
+_TINY = 1e-12  # keeps sqrt differentiable where the variance is zero (as NoisyLinear)
+
+
+def irreps_channel_index(irreps) -> torch.Tensor:
+    """Channel of every feature column of an e3nn irreps layout (mul_ir), shape (dim,) long.
+
+    ``irreps`` is an iterable of ``(mul, ir)`` with ``ir.dim == 2l + 1`` (an e3nn ``Irreps``).
+    The ``2l + 1`` components of one copy of an irrep share one channel number;
+    channels are numbered 0 .. (total multiplicity - 1) in layout order.
+    """
+    index, channel = [], 0
+    for mul, ir in irreps:
+        for _ in range(int(mul)):
+            index.extend([channel] * int(ir.dim))
+            channel += 1
+    return torch.tensor(index, dtype=torch.long)
+
+
+def channel_multipliers(ctx: NoiseContext, domain: str, slot: int, rows: int, channels: int,
+                        like: torch.Tensor) -> torch.Tensor:
+    """One multiplicative noise factor per (row, channel), shape (rows, channels).
+
+    gaussian: ``1 + sqrt(alpha_row) * xi`` (mean 1, variance alpha); bernoulli: ``keep / (1 - p)``.
+    """
+    if ctx.kind == "bernoulli":
+        p = ctx.rate(domain, slot)[:, None]
+        keep = (ctx.uniform(domain, rows, (channels,), like) >= p).to(like.dtype)
+        return keep / (1.0 - p)
+    alpha = ctx.alpha(domain, slot)[:, None]
+    return 1.0 + torch.sqrt(alpha) * ctx.standard_normal(domain, rows, (channels,), like)
+
+
+class NoisyIrrepsLinear(nn.Module):
+    """An e3nn ``o3.Linear`` with Gaussian dropout on the irreps channels of its input.
+
+    Input (rows, irreps_in.dim) -> output (rows, irreps_out.dim); rows are the layer's
+    domain (nodes for MACE's linear layers). The wrapped layer is called with this
+    module's ``weight`` and ``bias`` (e3nn's ``forward(x, weight, bias)``), so parameters
+    live here under their original names and follow ``.to(dtype/device)``.
+    """
+
+    def __init__(self, linear: nn.Module, domain: str, slot: int, state: NoiseState):
+        super().__init__()
+        if getattr(linear, "irreps_in", None) is None or not getattr(linear, "internal_weights", True):
+            raise TypeError("NoisyIrrepsLinear wraps an e3nn o3.Linear with internal weights")
+        for name, param in linear.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in linear.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in linear._non_persistent_buffers_set)
+        self.irreps_in, self.irreps_out = linear.irreps_in, linear.irreps_out
+        self.register_buffer("channel_of", irreps_channel_index(linear.irreps_in), persistent=False)
+        self.channels = int(self.channel_of.max()) + 1 if self.channel_of.numel() else 0
+        self.domain, self.slot = domain, slot
+        self._linear = (linear,)  # a tuple: not a submodule, so no duplicate parameters
+        self._state = state  # plain attribute: shared, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self._state.ctx
+        if ctx is not None:
+            if x.dim() != 2 or x.shape[1] != self.channel_of.numel():
+                raise RuntimeError(f"noisy irreps layer on domain '{self.domain}' expects "
+                                   f"(rows, {self.channel_of.numel()}), got {tuple(x.shape)}")
+            factors = channel_multipliers(ctx, self.domain, self.slot, x.shape[0], self.channels, x)
+            x = x * factors[:, self.channel_of]
+        return self._linear[0](x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}, domain={self.domain}, slot={self.slot}"
+
+
+class NoisyFCLayer(nn.Module):
+    """One layer of an e3nn ``FullyConnectedNet`` with multiplicative Gaussian weight noise.
+
+    MAP: ``act(x @ W / sqrt(h_in var_in)) * sqrt(var_out)`` (hidden layers) or
+    ``x @ W / sqrt(h_in var_in / var_out)`` (last layer), as e3nn computes it.
+    Sampled with the local reparameterisation trick on the pre-activation:
+    ``x @ w + sqrt(alpha * (x**2) @ (w**2)) * eps`` with ``w`` the normalised weight and one
+    ``alpha`` per row broadcast over output features. Input (rows, h_in) -> (rows, h_out).
+    """
+
+    def __init__(self, layer: nn.Module, domain: str, slot: int, state: NoiseState):
+        super().__init__()
+        self.weight = layer.weight  # (h_in, h_out), e3nn's layout
+        self.act = layer.act
+        self.h_in, self.h_out = int(layer.h_in), int(layer.h_out)
+        self.var_in, self.var_out = float(layer.var_in), float(layer.var_out)
+        self.domain, self.slot = domain, slot
+        self._state = state
+
+    def _normalised_weight(self) -> torch.Tensor:
+        if self.act is not None:
+            return self.weight / (self.h_in * self.var_in) ** 0.5
+        return self.weight / (self.h_in * self.var_in / self.var_out) ** 0.5
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            return self.act(x) * self.var_out ** 0.5
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self._state.ctx
+        w = self._normalised_weight()
+        if ctx is None:
+            return self._activate(x @ w)
+        if x.dim() != 2:
+            raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(x.shape)}")
+        if ctx.kind == "bernoulli":
+            p = ctx.rate(self.domain, self.slot)[:, None]
+            keep = (ctx.uniform(self.domain, x.shape[0], (x.shape[1],), x) >= p).to(x.dtype)
+            return self._activate((x * keep / (1.0 - p)) @ w)
+        mean = x @ w
+        var = (x * x) @ (w * w)
+        eps = ctx.standard_normal(self.domain, x.shape[0], (self.h_out,), x)
+        alpha = ctx.alpha(self.domain, self.slot)[:, None]
+        return self._activate(mean + torch.sqrt(alpha * var + _TINY) * eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.h_in}->{self.h_out}, act={self.act is not None}, domain={self.domain}, slot={self.slot}"

@@ -1,0 +1,288 @@
+"""BLIP on MACE (mace-torch): irreps-safe noise, exact equivariance of every sample, MAP == mace-torch."""
+
+import copy
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.spatial.transform import Rotation
+
+import blip
+from blip.backbones import mace as blip_mace  # imports mace-torch before e3nn (see the module)
+from blip.backbones.base import DatasetSummary
+from blip.bayes import NoiseContext, NoiseState
+from blip.bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, irreps_channel_index
+from blip.build import build_backbone
+from blip.cli import main
+from blip.config import resolve
+from blip.data import build_graph, collate
+from blip.errors import ConfigError
+from blip.model import BayesianPotential
+from conftest import DATA
+
+from e3nn import o3  # noqa: E402  (after mace, which e3nn 0.4.4 needs under torch >= 2.6)
+from e3nn.nn import FullyConnectedNet  # noqa: E402
+
+CUTOFF = 4.0
+TINY = {"backbone": "mace", "cutoff": CUTOFF, "dtype": "float64", "hidden_irreps": "8x0e + 8x1o",
+        "correlation": 2, "num_interactions": 2, "num_radial": 4, "max_ell": 2, "radial_mlp": [8, 8],
+        "mlp_irreps": "4x0e"}
+
+
+def _model_cfg(**changes):
+    return resolve({"model": {**TINY, **changes}})["model"]
+
+
+def _backbone(summary, **changes):
+    torch.manual_seed(0)
+    return build_backbone(_model_cfg(**changes), summary)
+
+
+def _potential(summary, method="blip"):
+    model = BayesianPotential(_backbone(summary), method=method, p_init=0.2, dropout_p=0.3).double()
+    if model.inference is not None:  # rates that vary between rows
+        for net in model.inference.nets.values():
+            torch.nn.init.normal_(net[2].weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def blip_mace_model(acac_summary):
+    return _potential(acac_summary)
+
+
+@pytest.fixture(scope="module")
+def dropout_mace_model(acac_summary):
+    return _potential(acac_summary, "mc_dropout")
+
+
+def _batch(atoms_list):
+    return collate([build_graph(a, CUTOFF, index=i) for i, a in enumerate(atoms_list)], dtype=torch.float64)
+
+
+def _run(model, atoms_list, sample, seed=11):
+    out = model(_batch(atoms_list), sample=sample, seed=seed if sample else None)
+    return out["energy"].detach().numpy(), out["forces"].detach().numpy()
+
+
+# ---------------------------------------------------------------- which layers are noisy
+
+
+def test_noisy_layers_are_messages_and_updates_readouts_stay_deterministic(blip_mace_model):
+    layers = blip_mace_model.layers
+    assert layers["node"] == ["model.interactions.0.linear_up", "model.interactions.0.linear",
+                              "model.interactions.1.linear_up", "model.interactions.1.linear",
+                              "model.products.0.linear", "model.products.1.linear"]
+    assert layers["edge"] == [f"model.interactions.{n}.conv_tp_weights.layer{k}" for n in (0, 1) for k in (0, 1, 2)]
+    modules = dict(blip_mace_model.backbone.named_modules())
+    assert all(isinstance(modules[n], NoisyIrrepsLinear) for n in layers["node"])
+    assert all(isinstance(modules[n], NoisyFCLayer) for n in layers["edge"])
+    assert type(modules["model.readouts.0.linear"]) is o3.Linear
+    assert blip_mace_model.inference.nets["edge"][0].in_features == 4 + 2 * 3
+
+
+# ---------------------------------------------------------------- symmetries of every sample
+
+
+@pytest.mark.parametrize("kind", ["blip", "mc_dropout"])
+@pytest.mark.parametrize("sample", [False, True])
+def test_rotation_rotates_every_sampled_force_and_keeps_energy(blip_mace_model, dropout_mace_model, acac_small,
+                                                               kind, sample):
+    model = blip_mace_model if kind == "blip" else dropout_mace_model
+    atoms = [acac_small[1].atoms.copy(), acac_small[3].atoms.copy()]
+    energy, forces = _run(model, atoms, sample)
+    rot = Rotation.random(random_state=5).as_matrix()
+    moved = [a.copy() for a in atoms]
+    for a in moved:
+        a.positions = a.positions @ rot.T
+    energy2, forces2 = _run(model, moved, sample)
+    np.testing.assert_allclose(energy2, energy, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(forces2, forces @ rot.T, rtol=0, atol=1e-5)
+    assert np.abs(forces2 - forces @ rot.T).max() < 1e-9  # in fact exact to float64 round-off
+    if sample:
+        assert np.abs(energy - _run(model, atoms, False)[0]).max() > 1e-4  # the noise is really on
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_translation_invariance(blip_mace_model, acac_small, sample):
+    atoms = acac_small[2].atoms.copy()
+    energy, forces = _run(blip_mace_model, [atoms], sample)
+    atoms.positions += np.array([3.1, -1.7, 0.6])
+    energy2, forces2 = _run(blip_mace_model, [atoms], sample)
+    np.testing.assert_allclose(energy2, energy, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(forces2, forces, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_forces_are_minus_finite_difference_gradient(blip_mace_model, acac_small, sample):
+    atoms = acac_small[0].atoms.copy()
+    _, forces = _run(blip_mace_model, [atoms], sample)
+    h = 1e-5
+    for atom, axis in [(0, 0), (4, 1), (9, 2), (14, 0)]:
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[atom, axis] += h
+        minus.positions[atom, axis] -= h
+        fd = -(_run(blip_mace_model, [plus], sample)[0][0] - _run(blip_mace_model, [minus], sample)[0][0]) / (2 * h)
+        assert forces[atom, axis] == pytest.approx(fd, abs=1e-6)
+
+
+def test_samples_are_reproducible_and_differ_between_seeds(blip_mace_model, acac_small):
+    atoms = [acac_small[4].atoms]
+    e1, f1 = _run(blip_mace_model, atoms, True, seed=1)
+    e1b, f1b = _run(blip_mace_model, atoms, True, seed=1)
+    e2, _ = _run(blip_mace_model, atoms, True, seed=2)
+    assert np.array_equal(e1, e1b) and np.array_equal(f1, f1b)
+    assert abs(e1[0] - e2[0]) > 1e-5
+
+
+# ---------------------------------------------------------------- noise off == mace-torch
+
+
+def test_wrapped_model_without_noise_equals_unwrapped_mace(acac_summary, acac_small):
+    backbone = _backbone(acac_summary)
+    plain = copy.deepcopy(backbone)
+    wrapped = BayesianPotential(backbone, method="blip").double()
+    batch = _batch([s.atoms for s in acac_small])
+    out = wrapped(batch)
+    plain_energy = plain.model(plain.mace_inputs(batch), compute_force=False)["energy"]
+    assert torch.equal(out["energy"].detach(), plain_energy.detach())
+    # the wrap keeps parameter names: the unwrapped state dict loads as is
+    assert set(plain.state_dict()) == set(backbone.state_dict())
+    backbone.load_state_dict(plain.state_dict())
+
+
+def _mace_own_batch(atoms_list, elements):
+    """mace-torch's own data pipeline (neighbour list, one-hot, shifts), float64."""
+    from mace import data as mace_data
+    from mace.tools import AtomicNumberTable, torch_geometric
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        table = AtomicNumberTable(elements)
+        graphs = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a), z_table=table, cutoff=CUTOFF)
+                  for a in atoms_list]
+        return torch_geometric.Batch.from_data_list(graphs).to_dict()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("system", ["acac", "si"])
+def test_map_energy_and_forces_equal_mace_torch_on_its_own_inputs(acac_small, system):
+    """Checks our edge convention, shifts (periodic Si), one-hot, E0s against mace-torch's pipeline."""
+    if system == "acac":
+        atoms_list = [s.atoms for s in acac_small[:3]]
+        summary = DatasetSummary([1, 6, 8], {1: -13.6, 6: -1026.9, 8: -2037.8}, -1.3, 0.7, 9.0)
+    else:
+        atoms_list = ase.io.read(DATA / "si_small.xyz", ":2")
+        summary = DatasetSummary([14], {14: -160.0}, -5.4, 0.4, 30.0)
+    backbone = _backbone(summary)
+    reference = copy.deepcopy(backbone.model)
+    wrapped = BayesianPotential(backbone, method="blip").double()
+    ours = wrapped(_batch(atoms_list))
+    theirs = reference(_mace_own_batch(atoms_list, summary.elements), compute_force=True)
+    np.testing.assert_allclose(ours["energy"].detach(), theirs["energy"].detach(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours["forces"].detach(), theirs["forces"].detach(), rtol=0, atol=1e-9)
+    e0 = sum(summary.e0s[int(z)] for z in atoms_list[0].numbers)
+    assert abs(float(ours["energy"][0].detach()) - e0) < 0.1 * abs(e0)  # E0s are part of the energy
+
+
+# ---------------------------------------------------------------- the noisy layers alone
+
+
+def _context(domain, rows, kind, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    rates = {domain: torch.rand(rows, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.1}
+    counts = {domain: torch.tensor([rows])}
+    return NoiseContext(rates, counts, [torch.Generator().manual_seed(seed)], kind)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "bernoulli"])
+def test_noisy_irreps_linear_is_exact_at_map_and_equivariant_per_sample(kind):
+    torch.manual_seed(0)
+    irreps_in, irreps_out = o3.Irreps("3x0e + 2x1o + 2x2e"), o3.Irreps("2x0e + 3x1o + 1x2e")
+    linear = o3.Linear(irreps_in, irreps_out).double()
+    state = NoiseState()
+    noisy = NoisyIrrepsLinear(linear, "node", 0, state)
+    x = torch.randn(6, irreps_in.dim, dtype=torch.float64)
+    assert torch.equal(noisy(x), linear(x))
+    rot = torch.as_tensor(Rotation.random(random_state=2).as_matrix())
+    d_in, d_out = irreps_in.D_from_matrix(rot), irreps_out.D_from_matrix(rot)
+    with state.use(_context("node", 6, kind)):
+        y = noisy(x)
+    with state.use(_context("node", 6, kind)):
+        y_rot = noisy(x @ d_in.T)
+    torch.testing.assert_close(y_rot, y @ d_out.T, rtol=0, atol=1e-12)
+    assert (y - linear(x)).abs().max() > 1e-3
+    # one factor per (row, channel, irrep): the 2l+1 components of a block are scaled alike
+    assert irreps_channel_index(irreps_in).tolist() == [0, 1, 2, 3, 3, 3, 4, 4, 4] + [5] * 5 + [6] * 5
+
+
+def test_noisy_fc_layer_is_exact_at_map_and_has_local_reparameterisation_variance():
+    torch.manual_seed(0)
+    net = FullyConnectedNet([5, 7, 3], torch.nn.functional.silu).double()
+    state = NoiseState()
+    hidden, last = (NoisyFCLayer(net.layer0, "edge", 0, state), NoisyFCLayer(net.layer1, "edge", 1, state))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert torch.equal(last(hidden(x)), net(x))
+    rows = 40000
+    xs = hidden(x)[:1].detach().expand(rows, 7).contiguous()
+    ctx = NoiseContext({"edge": torch.full((rows, 2), 0.2, dtype=torch.float64)}, {"edge": torch.tensor([rows])})
+    with state.use(ctx):
+        y = last(xs)
+    w = net.layer1.weight.detach() / 7 ** 0.5
+    expected_var = 0.25 * (xs[0] ** 2) @ (w ** 2)  # alpha = p / (1 - p) = 0.25
+    torch.testing.assert_close(y.mean(0), xs[0] @ w, rtol=0, atol=0.03)
+    torch.testing.assert_close(y.var(0), expected_var, rtol=0.05, atol=1e-3)
+
+
+# ---------------------------------------------------------------- config and CLI
+
+
+BAD_SETTINGS = [("hidden_irreps", "8x0e + banana"), ("hidden_irreps", "8x1o"), ("hidden_irreps", "8x0e + 4x1o"),
+                ("mlp_irreps", "4x1o"), ("radial_mlp", [8, -1]), ("correlation", 0)]
+
+
+@pytest.mark.parametrize("key, value", BAD_SETTINGS)
+def test_bad_mace_settings_name_the_key_when_the_config_is_resolved(key, value):
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        _model_cfg(**{key: value})
+
+
+def test_bad_irreps_through_the_cli_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train_file": str(DATA / "acac_small.xyz")},
+                                    "model": {"backbone": "mace", "hidden_irreps": "16x0e + 16x1q"},
+                                    "output_dir": str(tmp_path / "out")}))
+    assert main(["train", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("blip: error: model.hidden_irreps: invalid irreps '16x0e + 16x1q'") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_mace_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.hidden_irrep"):
+        resolve({"model": {"backbone": "mace", "hidden_irrep": "8x0e"}})
+
+
+def test_cli_train_one_epoch_then_predict_with_spread(tmp_path):
+    config = {
+        "data": {"train_file": str(DATA / "acac_small.xyz"), "valid_fraction": 0.2,
+                 "e0s": str(DATA / "acac_isolated_atoms.xyz")},
+        "model": {k: v for k, v in TINY.items() if k != "dtype"},
+        "uq": {"samples": 4},
+        "training": {"epochs": 1, "batch_size": 2, "seed": 0},
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "mace.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--quiet"]) == 0
+    model = blip.load(tmp_path / "out" / "model.pt")
+    assert isinstance(model.members[0].backbone, blip_mace.MaceBackbone)
+    atoms = ase.io.read(DATA / "acac_small.xyz", ":2")
+    out = model.predict(atoms, samples=4, seed=0)
+    assert np.all(out["energy_std"] > 0)
+    assert all(np.all(f > 0) for f in out["forces_std"])
+    assert np.all(np.isfinite(out["energy"]))
