@@ -1,0 +1,197 @@
+"""``blip active-learn``: selection rules, a tblite round end to end, resume after a kill."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import yaml
+
+from blip.active import (ActiveLearning, pair_distance_descriptor, rank_fps, rank_greedy, resolve_config,
+                         uncertainty_scores)
+from blip.cli import main
+from blip.data import read_labelled
+from blip.errors import ConfigError
+
+from conftest import DATA
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny graphs: one torch thread is faster, and kinder to a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SMALL = str(DATA / "acac_small.xyz")
+TINY_TRAINING = {
+    "model": {"backbone": "painn", "features": 8, "interactions": 1, "radial": 6},
+    "uq": {"samples": 4},
+    "training": {"epochs": 2, "batch_size": 4, "seed": 0, "patience": 50},
+}
+
+
+def al_config(tmp_path, **al) -> dict:
+    section = {"initial_file": SMALL, "initial_size": 2, "initial_pick": "first", "pool_file": SMALL,
+               "oracle": "pool", "rounds": 2, "n_select": 1, "samples": 4, "diversity": "greedy"}
+    section.update(al)
+    user = {"active_learning": section, "data": {"valid_fraction": 0.3, "test_files": {"small": SMALL},
+                                                 "e0s": "average"},
+            **copy.deepcopy(TINY_TRAINING), "output_dir": str(tmp_path / "al")}
+    return user
+
+
+# -- selection ---------------------------------------------------------------------------
+def test_scores_from_predicted_std():
+    pred = {"energy_std": np.array([0.3, 0.2]),
+            "forces_std": [np.array([[0.3, 0.4, 0.0], [0.1, 0.0, 0.0]]), np.array([[0.0, 0.0, 0.2]])]}
+    np.testing.assert_allclose(uncertainty_scores(pred, "max_force_std", [2, 1]), [0.5, 0.2])
+    np.testing.assert_allclose(uncertainty_scores(pred, "mean_force_std", [2, 1]), [0.3, 0.2])
+    np.testing.assert_allclose(uncertainty_scores(pred, "energy_std_per_atom", [2, 1]), [0.15, 0.2])
+
+
+def test_greedy_diversity_defers_near_duplicates():
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    desc = np.array([[0.0, 0.0], [0.0, 0.001], [1.0, 0.0], [0.0, -2.0]])  # 1 duplicates 0
+    assert rank_greedy(scores, desc, n_select=2, threshold=0.1) == [0, 2, 1, 3]
+    assert rank_greedy(scores, desc, n_select=2, threshold=0.0) == [0, 1, 2, 3]
+    assert rank_fps(scores, desc) == [0, 3, 2, 1]  # farthest first, duplicate last
+
+
+def test_descriptor_is_invariant_and_sees_geometry():
+    a = ase.io.read(SMALL, 0)
+    d = pair_distance_descriptor(a, [1, 6, 8], 5.0)
+    b = a.copy()
+    b.rotate(37, "z")
+    b.translate([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(pair_distance_descriptor(b, [1, 6, 8], 5.0), d, atol=1e-10)
+    c = a.copy()
+    c.positions *= 0.9
+    assert np.linalg.norm(pair_distance_descriptor(c, [1, 6, 8], 5.0) - d) > 0.1 * np.linalg.norm(d)
+
+
+# -- configuration -----------------------------------------------------------------------
+def test_config_errors(tmp_path):
+    user = al_config(tmp_path, colour="blue")
+    with pytest.raises(ConfigError, match="active_learning.colour"):
+        resolve_config(user, tmp_path)
+    user = al_config(tmp_path)
+    user["data"]["train_file"] = SMALL
+    with pytest.raises(ConfigError, match="train_file"):
+        resolve_config(user, tmp_path)
+    user = al_config(tmp_path)
+    user["data"]["test_files"] = {}
+    with pytest.raises(ConfigError, match="test_files"):
+        resolve_config(user, tmp_path)
+    with pytest.raises(ConfigError, match="score"):
+        resolve_config(al_config(tmp_path, score="largest"), tmp_path)
+    with pytest.raises(ConfigError, match="pool_md"):
+        resolve_config(al_config(tmp_path, pool_md={"temperature": 600}), tmp_path)
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve_config(al_config(tmp_path, oracle="tblite", tblite={"basis": "x"}), tmp_path)
+    user = al_config(tmp_path)
+    user["training"]["epochs_typo"] = 3
+    with pytest.raises(ConfigError, match="training.epochs_typo"):
+        resolve_config(user, tmp_path)
+
+
+# -- end to end --------------------------------------------------------------------------
+def test_one_round_with_the_tblite_oracle(tmp_path, capsys):
+    from tblite.ase import TBLite
+
+    # pool: the 2 structures of the file not in the initial set + 2 frames of 600 K MD
+    md = {"temperature": 600, "steps": 4, "every": 2, "timestep": 0.5, "starts": 1}
+    user = al_config(tmp_path, oracle="tblite", initial_size=3, rounds=1, n_select=1, pool_md=md)
+    path = tmp_path / "al.yaml"
+    path.write_text(yaml.safe_dump(user))
+    assert main(["active-learn", str(path), "--quiet"]) == 0
+    out = tmp_path / "al"
+    rows = list(csv.DictReader(open(out / "learning_curve.csv")))
+    assert [(r["strategy"], r["round"], r["n_labelled"]) for r in rows] == [
+        ("uncertainty", "0", "3"), ("random", "0", "3"), ("uncertainty", "1", "4"), ("random", "1", "4")]
+    assert all(float(r["forces_rmse_meV_A"]) > 0 and r["forces_nll"] for r in rows)
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    # every label comes from GFN2-xTB (not the DFT labels in the file): initial, picked and test
+    for labelled in (out / "round_000" / "labelled.xyz", out / "uncertainty" / "round_001" / "labelled.xyz",
+                     out / "test_small.xyz"):
+        s = read_labelled(labelled)[-1]
+        ref = s.atoms.copy()
+        ref.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        assert s.energy == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(s.forces, ref.get_forces(), atol=1e-6)
+    pool_md = ase.io.read(out / "pool_md.xyz", ":")
+    assert [f.info["al_md_step"] for f in pool_md] == [2, 4] and pool_md[0].calc is None
+    for strategy in ("uncertainty", "random"):
+        picked = read_labelled(out / strategy / "round_001" / "labelled.xyz")[-1].atoms.info
+        assert picked["al_round"] == 1 and picked["al_pool_index"] in range(4)
+        assert picked.get("al_file_index") in (3, 4) or picked["al_origin"] == "md"  # never one of the initial 3
+    assert "| uncertainty | 1 | 4 |" in capsys.readouterr().out
+
+
+def test_resume_after_a_kill(tmp_path, monkeypatch):
+    cfg = resolve_config(al_config(tmp_path), tmp_path)
+    out = cfg.output_dir
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(strategy, r, rows):
+        if (strategy, r) == ("uncertainty", 1):
+            raise Killed
+
+    with pytest.raises(Killed):
+        ActiveLearning(cfg, progress=False, after_round=kill_after_round_1, log=lambda m: None).run()
+    round2 = out / "uncertainty" / "round_002" / "labelled.xyz"
+    before = round2.read_bytes()
+    kept = read_labelled(out / "uncertainty" / "round_001" / "labelled.xyz")
+    assert len(read_labelled(round2)) == 4 and not (out / "random" / "round_001" / "metrics.json").exists()
+
+    trained = []
+    original = ActiveLearning._train
+
+    def counting_train(self, here, init):
+        trained.append(here.relative_to(out).as_posix())
+        return original(self, here, init)
+
+    monkeypatch.setattr(ActiveLearning, "_train", counting_train)
+    rows = ActiveLearning(cfg, progress=False, log=lambda m: None).run()
+    # round 0 and the uncertainty strategy's round 1 are not redone
+    assert trained == ["random/round_001", "uncertainty/round_002", "random/round_002"]
+    assert round2.read_bytes() == before  # the labelled set of round 2 is intact
+    final = read_labelled(round2)
+    assert [s.atoms.info["al_file_index"] for s in final[:3]] == [s.atoms.info["al_file_index"] for s in kept]
+    assert [(r["strategy"], r["round"], r["n_labelled"]) for r in rows] == [
+        ("uncertainty", 0, 2), ("random", 0, 2), ("uncertainty", 1, 3), ("random", 1, 3),
+        ("uncertainty", 2, 4), ("random", 2, 4)]
+    picked = [s.atoms.info["al_file_index"] for s in final]
+    assert len(set(picked)) == 4  # never the same structure twice
+    # a different config in the same folder is refused
+    changed = resolve_config(al_config(tmp_path, n_select=2), tmp_path)
+    with pytest.raises(ConfigError, match="different config"):
+        ActiveLearning(changed, progress=False, log=lambda m: None).run()
+    json.loads((out / "round_000" / "metrics.json").read_text())
+
+
+def test_fine_tune_starts_from_the_previous_weights(tiny_model_path, tmp_path):
+    import torch
+
+    import blip
+    from blip.active import _warm_start_trainer
+    from blip.train.datasets import prepare_data
+
+    previous = blip.load(tiny_model_path)
+    cfg = copy.deepcopy(previous.config)
+    cfg["output_dir"] = str(tmp_path / "ft")
+    cfg["training"]["epochs"] = 0  # no updates: the result must be the starting weights
+    cfg["data"]["max_train"] = 4
+    states = [m.state_dict() for m in previous.members]
+    model = _warm_start_trainer(cfg, states, progress=False).run(prepare_data(cfg))
+    for key, value in model.members[0].state_dict().items():
+        assert torch.equal(value, states[0][key]), key

@@ -1,0 +1,149 @@
+"""ASE calculator: agreement with BlipModel.predict, std vs variance, conservative forces, extxyz."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+
+import blip
+from blip.calculator import BlipCalculator, max_atom_force_std, store_results
+from blip.errors import CheckpointError, DataError
+
+from conftest import DATA
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny graphs: one torch thread is faster, and kinder to a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    return blip.load(tiny_model_path)
+
+
+@pytest.fixture
+def atoms():
+    return ase.io.read(DATA / "acac_small.xyz", 1)
+
+
+def test_results_equal_predict_for_same_seed(tiny_model_path, atoms):
+    calc = blip.Calculator(tiny_model_path, samples=6, seed=3)
+    assert isinstance(calc, BlipCalculator)
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    ref = blip.load(tiny_model_path).predict([atoms], samples=6, seed=3)
+    r = calc.results
+    assert energy == pytest.approx(float(ref["energy"][0]), abs=1e-9)
+    np.testing.assert_allclose(forces, ref["forces"][0], rtol=0, atol=1e-9)
+    assert r["energy_std"] == pytest.approx(float(ref["energy_std"][0]), abs=1e-9)
+    np.testing.assert_allclose(r["forces_std"], ref["forces_std"][0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r["energy_samples"], ref["energy_samples"][:, 0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r["forces_samples"], ref["forces_samples"][0], rtol=0, atol=1e-9)
+
+
+def test_variance_is_std_squared_and_matches_the_samples(model, atoms):
+    atoms.calc = BlipCalculator(model, samples=8, seed=0)
+    atoms.get_potential_energy()
+    r = atoms.calc.results
+    n = len(atoms)
+    assert r["energy_samples"].shape == (8,) and r["forces_samples"].shape == (8, n, 3)
+    assert r["forces_std"].shape == r["forces_var"].shape == (n, 3)
+    assert r["energy_std"] > 0 and np.all(r["forces_std"] > 0)
+    assert r["energy_var"] == r["energy_std"] ** 2  # population variance, exactly std**2
+    np.testing.assert_array_equal(r["forces_var"], r["forces_std"] ** 2)
+    assert r["energy_std"] == pytest.approx(np.std(r["energy_samples"]), rel=1e-9)  # ddof=0
+    assert r["energy_var"] == pytest.approx(np.var(r["energy_samples"]), rel=1e-9)
+    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)
+    assert r["energy"] == pytest.approx(r["energy_samples"].mean(), rel=1e-12)
+    np.testing.assert_allclose(r["forces"], r["forces_samples"].mean(axis=0), rtol=1e-9, atol=1e-12)
+    assert max_atom_force_std(r["forces_std"]) == pytest.approx(np.linalg.norm(r["forces_std"], axis=1).max())
+
+
+def test_map_mode_is_the_noise_free_prediction(model, atoms):
+    calc = BlipCalculator(model, samples=8, seed=0, mode="map")
+    atoms.calc = calc
+    e_map = atoms.get_potential_energy()
+    ref = model.predict([atoms], samples=0)
+    assert e_map == pytest.approx(float(ref["energy"][0]), abs=1e-9)
+    r = calc.results
+    assert r["energy_std"] == 0.0 and r["energy_var"] == 0.0 and not np.any(r["forces_std"])
+    assert r["energy_samples"].shape == (0,) and r["forces_samples"].shape == (0, len(atoms), 3)
+    calc.mode = "sample"  # switching mode drops the cached MAP results
+    e_mean = atoms.get_potential_energy()
+    assert calc.results["energy_std"] > 0 and e_mean != e_map
+    with pytest.raises(ValueError):
+        calc.mode = "mean"
+
+
+def _finite_difference_forces(calc, atoms, entries, h=1e-4):
+    out = []
+    for i, c in entries:
+        values = []
+        for sign in (+1, -1):
+            a = atoms.copy()
+            a.positions[i, c] += sign * h
+            a.calc = calc
+            values.append(a.get_potential_energy())
+        out.append(-(values[0] - values[1]) / (2 * h))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", ["map", "sample"])
+def test_forces_are_minus_energy_gradient(model, atoms, mode):
+    # float64 copy of the model: total energies ~ -9400 eV need it for finite differences.
+    # A fixed seed makes every sample (and so the mean) one smooth potential.
+    calc = BlipCalculator(model, samples=4, seed=7, mode=mode, dtype="float64")
+    atoms.calc = calc
+    forces = atoms.get_forces().copy()
+    entries = [(0, 0), (3, 1), (7, 2), (12, 0), (14, 1)]
+    fd = _finite_difference_forces(calc, atoms, entries)
+    analytic = np.array([forces[i, c] for i, c in entries])
+    np.testing.assert_allclose(fd, analytic, rtol=1e-5, atol=1e-6)
+
+
+def test_extxyz_round_trip(model, atoms, tmp_path):
+    atoms.calc = BlipCalculator(model, samples=5, seed=1)
+    atoms.get_forces()
+    r = atoms.calc.results
+    plain = tmp_path / "plain.xyz"
+    ase.io.write(plain, atoms)  # standard properties only
+    back = ase.io.read(plain)
+    assert back.get_potential_energy() == pytest.approx(r["energy"])
+    store_results(atoms, samples=True)
+    path = tmp_path / "with_std.xyz"
+    ase.io.write(path, atoms)
+    back = ase.io.read(path)
+    assert back.get_potential_energy() == pytest.approx(r["energy"])
+    np.testing.assert_allclose(back.get_forces(), r["forces"], atol=1e-7)
+    assert back.info["energy_std"] == pytest.approx(r["energy_std"])
+    assert back.info["energy_var"] == pytest.approx(r["energy_var"])
+    np.testing.assert_allclose(back.arrays["forces_std"], r["forces_std"], rtol=0, atol=1e-8)  # extxyz keeps 8 decimals
+    np.testing.assert_allclose(back.arrays["forces_var"], r["forces_var"], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(back.info["energy_samples"], r["energy_samples"], atol=1e-6)
+    fs = back.arrays["forces_samples"].reshape(len(atoms), 5, 3).transpose(1, 0, 2)
+    np.testing.assert_allclose(fs, r["forces_samples"], atol=1e-7)
+
+
+def test_unknown_element_is_a_data_error(model, atoms):
+    atoms.numbers[0] = 14  # Si: not in the acetylacetone model
+    atoms.calc = BlipCalculator(model, samples=2, seed=0)
+    with pytest.raises(DataError, match="Si"):
+        atoms.get_potential_energy()
+
+
+def test_bad_arguments(model, tiny_model_path, tmp_path):
+    with pytest.raises(ValueError):
+        BlipCalculator(model, mode="ensemble")
+    with pytest.raises(ValueError):
+        BlipCalculator(model, samples=-1)
+    with pytest.raises(CheckpointError):
+        BlipCalculator(tmp_path / "missing.pt")
+    assert BlipCalculator(tiny_model_path).samples == model.default_samples
