@@ -23,9 +23,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # -- train ---------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from . import config
-    from .train.loop import Trainer, write_test_metrics
-    from .train.datasets import prepare_data
+    from .io import save_model
     from .report import format_table
+    from .train.datasets import prepare_data
+    from .train.loop import Trainer, write_test_metrics
+    from .uq.recalibration import recalibrate
 
     overrides = list(args.set or [])
     if args.resume:
@@ -37,6 +39,11 @@ def cmd_train(args) -> int:
           file=sys.stderr)
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
+    if cfg["uq"]["recalibrate"] and model.method != "deterministic":
+        factors = recalibrate(model, data.valid, seed=int(cfg["training"]["seed"]), source="validation split")
+        save_model(model, trainer.out / "model.pt")
+        print("recalibrated on the validation split: standard deviations x "
+              + ", ".join(f"{q} {f:.3g}" for q, f in factors.items()), file=sys.stderr)
     if data.tests:
         results = write_test_metrics(model, data, trainer.out, progress=not args.quiet)
         for name, metrics in results.items():
@@ -81,7 +88,7 @@ def cmd_evaluate(args) -> int:
     from .data import read_labelled
     from .evaluate import evaluate_structures
     from .io import load
-    from .report import format_table, write_report
+    from .report import add_recalibration_section, format_table, write_report
 
     model = load(args.model, device=args.device)
     ek = args.energy_key or model.config["data"]["energy_key"]
@@ -94,6 +101,8 @@ def cmd_evaluate(args) -> int:
         _atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
     if args.report:
         paths = write_report(metrics, args.report, arrays)
+        if any(float(v) != 1.0 for v in model.calibration.values()):
+            paths += add_recalibration_section(args.report, arrays, model.calibration)
         print(f"wrote report ({len(paths)} files) to {args.report}", file=sys.stderr)
     return 0
 
@@ -101,17 +110,12 @@ def cmd_evaluate(args) -> int:
 # -- calibrate -----------------------------------------------------------------------
 def cmd_calibrate(args) -> int:
     from .data import read_labelled
-    from .evaluate import evaluate_structures
     from .io import load, save_model
-    from .uq.recalibration import fit_scale
+    from .uq.recalibration import recalibrate
 
     model = load(args.model, device=args.device)
-    model.calibration = {"energy": 1.0, "forces": 1.0}
     structures = read_labelled(args.valid, model.config["data"]["energy_key"], model.config["data"]["forces_key"])
-    _, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
-                                    progress=not args.quiet, source=args.valid)
-    model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
-                         for q in ("energy", "forces")}
+    recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
     print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
           f"forces {model.calibration['forces']:.4g}; wrote {args.output}")

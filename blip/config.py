@@ -29,14 +29,15 @@ DEFAULTS: dict = {
     "uq": {
         "method": "blip",
         "samples": 16,
-        "prior_p": 0.5,
-        "beta": 10.0,
+        "prior_p": 0.1,
+        "beta": 1.0,
         "p_min": 1e-5,
         "p_max": 0.8,
         "p_init": 0.05,
         "inference_hidden": 32,
         "dropout_p": 0.1,
         "ensemble_size": 5,
+        "recalibrate": True,
     },
     "training": {
         "epochs": 100,

@@ -20,16 +20,6 @@ from blip.errors import ConfigError
 from conftest import DATA
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs: one torch thread is faster, and kinder to a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SMALL = str(DATA / "acac_small.xyz")
 TINY_TRAINING = {
     "model": {"backbone": "painn", "features": 8, "interactions": 1, "radial": 6},

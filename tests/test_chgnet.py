@@ -26,15 +26,6 @@ DATA = Path(__file__).parent / "data"
 SI = DatasetSummary(elements=[14])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """CHGNet's many small ops run faster on one thread when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def si():
     """3 periodic Si structures (63 atoms) with energies and forces."""

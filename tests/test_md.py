@@ -15,16 +15,6 @@ from blip.md import MDFault, MDSettings, run_md
 from conftest import DATA
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs: one torch thread is faster, and kinder to a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SAMPLES = 8
 
 

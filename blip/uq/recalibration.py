@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "apply_scale"]
+__all__ = ["fit_scale", "apply_scale", "recalibrate"]
 
 
 def fit_scale(err, sigma) -> float:
@@ -42,3 +42,20 @@ def apply_scale(sigma, s: float):
     if isinstance(sigma, (list, tuple)):
         return [np.asarray(x, dtype=np.float64) * s for x in sigma]
     return np.asarray(sigma, dtype=np.float64) * s
+
+
+def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
+                progress: bool = False, source: str = "validation") -> dict:
+    """Fit and store one standard-deviation factor per target (energy, forces) on labelled data.
+
+    ``model`` is a :class:`blip.predictor.BlipModel`; its previous calibration is discarded.
+    Returns the factors, also stored in ``model.calibration``.
+    """
+    from ..evaluate import evaluate_structures
+
+    model.calibration = {"energy": 1.0, "forces": 1.0}
+    _, arrays = evaluate_structures(model, structures, samples=samples, seed=seed,
+                                    progress=progress, source=source)
+    model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
+                         for q in ("energy", "forces") if q in arrays}
+    return dict(model.calibration)
