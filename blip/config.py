@@ -79,18 +79,26 @@ def register_backbone_defaults(name: str, defaults: dict, check=None) -> None:
         BACKBONE_CHECKS[name] = check
 
 
-def _merge(base: dict, update: dict, where: str) -> dict:
+def merge_known(base: dict, update: dict, where: str, whole: tuple = ("test_files",)) -> dict:
+    """Copy of ``base`` updated by ``update``; a key not in ``base`` is a ConfigError.
+
+    Mappings are merged key by key, except those under a key in ``whole`` (replaced as a
+    whole). ``where`` is the dotted prefix used in error messages, e.g. "active_learning.".
+    """
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in base:
             raise ConfigError(f"unknown config key '{where}{key}'; known keys: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and key != "test_files":
+        if isinstance(base[key], dict) and key not in whole:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{where}{key}' must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = merge_known(base[key], value, f"{where}{key}.", whole)
         else:
             out[key] = value
     return out
+
+
+_merge = merge_known  # old private name
 
 
 def parse_override(text: str) -> dict:
@@ -104,13 +112,17 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def _deep_update(base: dict, update: dict) -> dict:
+def deep_update(base: dict, update: dict, whole: tuple = ("test_files",)) -> dict:
+    """Update ``base`` in place by ``update``, merging nested mappings except under keys in ``whole``."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "test_files":
-            _deep_update(base[key], value)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in whole:
+            deep_update(base[key], value, whole)
         else:
             base[key] = value
     return base
+
+
+_deep_update = deep_update  # old private name
 
 
 def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None) -> dict:
@@ -173,6 +185,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> dict:
     Data paths are relative to the config file; ``output_dir`` to the working directory.
     """
     path = Path(path)
+    return resolve(read_mapping(path), overrides, base_dir=path.parent)
+
+
+def read_mapping(path: str | Path) -> dict:
+    """The YAML mapping in a config file (empty file -> {}); ConfigError if missing or not a mapping."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -181,7 +199,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(user, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return resolve(user, overrides, base_dir=path.parent)
+    return user
 
 
 def dump(cfg: dict, path: str | Path) -> None:

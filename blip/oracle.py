@@ -7,14 +7,12 @@ energy (eV, per structure) and forces (n, 3) eV/A, or returns None if it cannot 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from ._files import atomic_open
 from .data import Structure
 from .errors import ConfigError
 
@@ -127,15 +125,5 @@ def write_extxyz_atomic(path, frames) -> None:
     """Write ``frames`` (list of Atoms) as extxyz via a temporary file and a rename."""
     import ase.io
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            ase.io.write(handle, list(frames), format="extxyz")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, suffix=".part") as handle:
+        ase.io.write(handle, list(frames), format="extxyz")

@@ -134,7 +134,7 @@ def _error(capsys, argv):
 
 def test_bad_training_data(tmp_path, capsys):
     frames = ase.io.read(DATA / "acac_small.xyz", ":")
-    del frames[2].calc
+    frames[2].calc = None
     bad = tmp_path / "missing_energy.xyz"
     ase.io.write(bad, frames)
     config = _write_config(tmp_path, {"data": {"train_file": str(bad), "max_train": None}})
