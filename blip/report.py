@@ -359,3 +359,145 @@ def write_report(metrics: dict, outdir, arrays: dict, title: str = "BLIP evaluat
 
 def _save_as(path: Path, what: str) -> tuple[Path, str]:
     return path, what
+
+
+# --------------------------------------------------------------------------- #
+# Benchmark plots (``blip bench``): several methods in one figure
+# --------------------------------------------------------------------------- #
+_METHOD_COLORS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                  "tab:brown")
+
+
+def path_plot(x, ref, series: dict, path, xlabel: str = "path coordinate", title: str = "",
+              unit: str = "eV") -> Path:
+    """Energy, its predicted σ and |error| along a path (e.g. a bond being broken), per method.
+
+    ``x`` (n,) path coordinate; ``ref`` (n,) reference energies; ``series`` maps a method
+    name to ``(pred, std)``: predicted energies (n,) and their **standard deviations**
+    (n,), all in ``unit``.  Top panel: energies relative to the lowest reference energy,
+    with ±2σ bands; bottom panel (log scale): σ (solid) and |error| (dotted) per method.
+    """
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x)
+    x, ref = x[order], np.asarray(ref, dtype=float)[order]
+    shift = float(ref.min())
+    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    top.plot(x, ref - shift, "k-", lw=2, label="reference")
+    for i, (name, (pred, std)) in enumerate(series.items()):
+        c = _METHOD_COLORS[i % len(_METHOD_COLORS)]
+        pred = np.asarray(pred, dtype=float)[order] - shift
+        std = np.asarray(std, dtype=float)[order]
+        top.plot(x, pred, "-", color=c, lw=1.3, label=name)
+        if np.any(std > 0):
+            top.fill_between(x, pred - 2 * std, pred + 2 * std, color=c, alpha=0.15)
+            bottom.plot(x, np.where(std > 0, std, np.nan), "-", color=c, lw=1.5, label=f"{name} σ")
+        err = np.abs(pred + shift - ref)
+        bottom.plot(x, np.where(err > 0, err, np.nan), ":", color=c, lw=1.3, label=f"{name} |error|")
+    span = float(np.ptp(ref)) or 1.0
+    shown = np.concatenate([ref - shift] + [np.asarray(p, dtype=float) - shift for p, _ in series.values()])
+    top.set_ylim(max(float(shown.min()), -0.5 * span) - 0.05 * span,
+                 min(float(shown.max()), 2.0 * span) + 0.1 * span)
+    top.set_ylabel(f"E − min E_ref [{unit}]")
+    top.set_title(f"{title}\nbands: ±2σ" if title else "bands: ±2σ", fontsize=9)
+    top.legend(fontsize=7, loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.set_yscale("log")
+    bottom.set_ylabel(f"σ (solid), |error| (dotted) [{unit}]")
+    bottom.set_xlabel(xlabel)
+    bottom.legend(fontsize=6, ncol=2, loc="best")
+    bottom.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def learning_curve_plot(sizes, series: dict, path, ylabel: str, title: str = "",
+                        logy: bool = False, ideal: float | None = None) -> Path:
+    """One metric against the number of training structures (log x axis), one line per method.
+
+    ``series`` maps a method name to values (one per size; ``None`` = undefined, not drawn).
+    ``ideal`` draws a dashed horizontal line at the ideal value (e.g. 0.95 for coverage).
+    """
+    sizes = np.asarray(sizes, dtype=float)
+    fig, ax = _new_figure((5.2, 4.2))
+    for i, (name, values) in enumerate(series.items()):
+        v = np.array([np.nan if a is None else float(a) for a in values])
+        if np.all(np.isnan(v)):
+            continue
+        ax.plot(sizes, v, "o-", color=_METHOD_COLORS[i % len(_METHOD_COLORS)], ms=4, label=name)
+    if ideal is not None:
+        ax.axhline(ideal, color="k", ls="--", lw=1, label=f"ideal ({ideal:g})")
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if lo > 0 and hi / lo <= 10 else NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sizes)
+    ax.set_xlabel("training structures N")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+_SCALE_TARGET = {"energy": "energy", "energy_per_atom": "energy", "forces": "forces"}
+_RECAL_KEYS = ("nll", "miscalibration_area", "ence", "coverage_68", "coverage_95", "sharpness")
+
+
+def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
+    """Markdown table of the metrics before and after recalibration, and the (err, σ) pairs to plot.
+
+    ``arrays`` as for :func:`write_report`, whose ``std`` are the **recalibrated** standard
+    deviations (what a calibrated model predicts); ``calibration`` maps "energy"/"forces"
+    to the factor s that multiplied them, so the uncalibrated σ is ``std / s``.
+    Returns (markdown, {quantity: {"before": (err, σ/s), "after": (err, σ)}}).
+    """
+    head = "| quantity | factor s | " + " | ".join(_RECAL_KEYS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(_RECAL_KEYS)]
+    pairs = {}
+    for q in [k for k in _ROWS if k in arrays]:
+        a = arrays[q]
+        std = np.asarray(a["std"], dtype=float).ravel()
+        s = float(calibration.get(_SCALE_TARGET[q], 1.0))
+        if not np.any(std > 0) or not (s > 0):
+            continue
+        err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
+        before, after = M.regression_metrics(err, std / s), M.regression_metrics(err, std)
+        cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
+        lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")
+        pairs[q] = {"before": (err, std / s), "after": (err, std)}
+    return "\n".join(lines), pairs
+
+
+def add_recalibration_section(outdir, arrays: dict, calibration: dict) -> list[Path]:
+    """Append "before → after recalibration" (table + calibration curves) to ``outdir/report.md``.
+
+    For a model whose predictions carry calibration factors (``blip calibrate``); arguments
+    as in :func:`recalibration_markdown`. Writes ``{quantity}_recalibration.png`` and returns
+    the written paths (report.md last). Does nothing if no quantity has σ > 0.
+    """
+    outdir = Path(outdir)
+    text, pairs = recalibration_markdown(arrays, calibration)
+    if not pairs:
+        return []
+    written = []
+    for q, p in pairs.items():
+        written.append(calibration_plot({"before recalibration": p["before"], "after": p["after"]}, None,
+                                        outdir / f"{q}_recalibration.png", quantity=q))
+    links = "\n".join(f"![{p.stem}]({p.name})" for p in written)
+    section = ("\n## Recalibration (before → after)\n\n"
+               "The model carries one factor per target (fitted by `blip calibrate` on validation data) "
+               "that multiplies every predicted σ; 'before' uses σ / factor. The table above and all "
+               "other plots are after recalibration.\n\n" + text + "\n\n" + links + "\n")
+    report = outdir / "report.md"
+    old = report.read_text(encoding="utf-8") if report.is_file() else ""
+    tmp = report.with_name("report.md.tmp")
+    tmp.write_text(old + section, encoding="utf-8")
+    os.replace(tmp, report)
+    return written + [report]
