@@ -1,0 +1,183 @@
+"""``blip bench PROTOCOL``: every UQ method on the same splits, seeds and budget.
+
+    blip bench ood-ethanol --out bench/ood-ethanol          # full protocol
+    blip bench data-scarce --quick --data examples          # smoke test, seconds
+
+Trains blip, deterministic, mc_dropout and ensemble (or the fine-tuning variants of
+``finetune-si``), recalibrates each on the validation split, scores the test sets before
+and after recalibration, times prediction against the deterministic model's MAP pass,
+and writes ``OUT/results.json``, ``OUT/results.md`` and ``OUT/plots/*.png``. Trained
+models go to ``OUT/runs/`` (or ``--runs-dir``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+from .protocols import PROTOCOLS, Options, build_plan, data_dir
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` sub-command to the ``blip`` parser."""
+    p = subparsers.add_parser(
+        "bench", help="train and compare all UQ methods on a benchmark protocol",
+        description="Train every method on the same splits, seeds and budget; recalibrate on "
+                    "validation; write OUT/results.md, OUT/results.json and plots. Protocols: "
+                    + "; ".join(f"{k}: {v[1]}" for k, v in PROTOCOLS.items()))
+    p.add_argument("protocol", choices=[*PROTOCOLS, "all"], help="benchmark protocol ('all': each in OUT/NAME)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: a handful of structures, a tiny model, 1 epoch")
+    p.add_argument("--out", default=None, help="output folder (default: bench/PROTOCOL)")
+    p.add_argument("--data", default=None,
+                   help="data folder with acac/, ethanol/, si/ (default: $BLIP_DATA, else ../shared/data)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="wall-time cap per network in minutes (each ensemble member gets it)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per network (protocol defaults: ood-ethanol 25 epochs, data-scarce 400 "
+                        "steps, finetune-si 10 epochs)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per network; epochs = ceil(steps / batches per epoch)")
+    p.add_argument("--max-test", type=int, default=None, help="score at most this many structures per test set")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods")
+    p.add_argument("--backbone", default=None, help="backbone for ood-ethanol / data-scarce (default painn)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, training and sampling (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for every method, e.g. model.features=32")
+    p.add_argument("--runs-dir", default=None, help="where trained models go (default OUT/runs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is much faster on a busy machine")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (log lines stay)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    names = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ConfigError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    root = data_dir(args.data)
+    opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,
+                   budget_minutes=args.budget_minutes, max_test=args.max_test,
+                   methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+                   backbone=args.backbone, overrides=list(args.set or []))
+    for name in names:
+        if args.out is None:
+            out = Path("bench") / name
+        else:
+            out = Path(args.out) / name if args.protocol == "all" else Path(args.out)
+        runs = Path(args.runs_dir) / name if args.runs_dir and args.protocol == "all" else args.runs_dir
+        run(name, root, opts, out, Path(runs) if runs else None, progress=not args.quiet)
+    return 0
+
+
+def run(protocol: str, root: Path, opts: Options, out: Path, runs_dir: Path | None = None,
+        progress: bool = True) -> dict:
+    """Run one protocol; write OUT/results.json, results.md and plots; return the results dict."""
+    import torch
+
+    from . import results
+    from .runner import log, run_experiment
+
+    start = time.time()
+    plan = build_plan(protocol, root, opts)
+    out = Path(out)
+    runs_dir = runs_dir or out / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    first = plan.experiments[0]
+    ensemble_size = _resolved_ensemble_size(first, opts)
+    settings = {
+        "protocol": protocol, "quick": opts.quick, "data_dir": str(root), "seed": opts.seed,
+        "command": "blip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+        else f"blip bench {protocol}",
+        "budget": {"epochs": plan.budget.epochs, "steps": plan.budget.steps,
+                   "max_minutes_per_network": plan.budget.minutes,
+                   "statement": plan.budget.statement(ensemble_size)},
+        "methods": [m.name for m in first.methods],
+        "timing": {"n": first.timing_structures, "repeats": first.timing_repeats},
+        "protocol_settings": plan.settings,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "versions": _versions(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    settings.update(_resolved_sections(first, opts))
+    description = PROTOCOLS[protocol][1]
+    log(f"{protocol}: {len(plan.experiments)} experiment(s) x {len(first.methods)} methods; "
+        f"{settings['budget']['statement']}; writing {out}")
+    rows, scored = [], {}
+    counter = [0]
+    total = sum(len(e.methods) for e in plan.experiments)
+    for exp in plan.experiments:
+        new_rows, new_scored = run_experiment(protocol, exp, plan.budget, opts.overrides, runs_dir,
+                                              progress, counter, total)
+        rows += new_rows
+        scored.update({(exp.name, m, t): v for (m, t), v in new_scored.items()})
+        _write(out, protocol, description, rows, settings, start, complete=False, plots=[])
+    plots = results.write_plots(out, plan.experiments, scored, rows)
+    data = _write(out, protocol, description, rows, settings, start, complete=True, plots=plots)
+    log(f"{protocol}: done in {(time.time() - start) / 60:.1f} min; wrote {out / 'results.md'}, "
+        f"{out / 'results.json'} and {len(plots)} plots")
+    return data
+
+
+def _write(out, protocol, description, rows, settings, start, complete, plots) -> dict:
+    from . import results
+
+    settings["wall_seconds"] = time.time() - start
+    settings["complete"] = complete
+    settings["finished"] = datetime.datetime.now().isoformat(timespec="seconds") if complete else None
+    results.write_json(out, rows, settings)
+    results.write_markdown(out, protocol, description, rows, settings,
+                           settings["protocol_settings"].get("test_sets", {}), plots)
+    return {"rows": rows, "settings": settings}
+
+
+def _resolved_sections(exp, opts) -> dict:
+    """model / uq / training sections of the first method, as every method resolves them."""
+    from .runner import method_config
+
+    cfg = method_config(exp, exp.methods[0], _NoBudget(), opts.overrides, Path("unused"))
+    training = {k: cfg["training"][k] for k in ("batch_size", "lr", "scheduler", "loss", "energy_weight",
+                                                 "forces_weight", "ema_decay", "seed")}
+    uq = {k: v for k, v in cfg["uq"].items() if k != "method"}
+    return {"model": cfg["model"], "uq": uq, "training": training}
+
+
+def _resolved_ensemble_size(exp, opts) -> int:
+    return int(_resolved_sections(exp, opts)["uq"]["ensemble_size"])
+
+
+class _NoBudget:
+    epochs, steps, minutes = 1, None, None
+
+    @staticmethod
+    def epochs_for(n_train, batch_size):
+        return 1
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    from .. import __version__
+
+    out = {"blip": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("ase", "numpy", "mace-torch", "chgnet"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

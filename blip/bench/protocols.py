@@ -1,0 +1,347 @@
+"""Benchmark protocols: which data, splits, methods and budgets ``blip bench`` runs.
+
+A protocol turns a data folder and the command-line options into a list of
+:class:`Experiment` (one training set each, e.g. one size of a learning curve);
+every method of an experiment is trained on the same split with the same seed and
+budget. Energies are eV per structure, forces eV/Angstrom.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import read_labelled
+from ..errors import ConfigError, DataError
+
+DEFAULT_DATA = Path("..") / "shared" / "data"
+STANDARD_METHODS = ("deterministic", "blip", "mc_dropout", "ensemble")
+
+
+@dataclass
+class TestSet:
+    """Labelled structures scored together; ``coordinate`` (one value per structure) marks a path."""
+
+    name: str
+    structures: list
+    description: str = ""
+    coordinate: np.ndarray | None = None
+    coordinate_label: str | None = None
+
+
+@dataclass
+class MethodSpec:
+    """One row label and the config sections that make it (``uq.method`` and more)."""
+
+    name: str
+    uq: dict
+    training: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """One training set, its validation split (early stopping + recalibration) and test sets."""
+
+    name: str
+    train: list
+    valid: list
+    tests: list[TestSet]
+    e0s: object  # a path, "average" or a mapping, as data.e0s in a config
+    methods: list[MethodSpec]
+    config: dict  # user config sections shared by every method (model, uq, training)
+    source: str = ""
+    timing_structures: int = 32  # structures of the first test set used to time prediction
+    timing_repeats: int = 3  # alternating timings; the median ratio is reported
+
+
+@dataclass
+class Budget:
+    """Training budget of every network: fixed epochs, or epochs from a number of optimizer steps.
+
+    ``minutes`` caps the wall time of each network (each ensemble member gets it).
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    minutes: float | None = None
+
+    def epochs_for(self, n_train: int, batch_size: int) -> int:
+        if self.steps is not None:
+            return max(1, math.ceil(self.steps / math.ceil(n_train / batch_size)))
+        return int(self.epochs)
+
+    def statement(self, ensemble_size: int) -> str:
+        what = (f"{self.steps} optimizer steps (epochs = ceil(steps / batches per epoch))"
+                if self.steps is not None else f"{self.epochs} epochs")
+        cap = f", with a wall-time cap of {self.minutes:g} min per network" if self.minutes else ""
+        return (f"same budget for every method: each network trains for {what}{cap}; "
+                f"each of the {ensemble_size} ensemble members gets this budget, so the ensemble "
+                f"costs {ensemble_size}x the training of one network (see train_seconds)")
+
+
+@dataclass
+class Options:
+    """What the command line says about a run."""
+
+    quick: bool = False
+    seed: int = 0
+    epochs: int | None = None
+    steps: int | None = None
+    budget_minutes: float | None = None
+    max_test: int | None = None
+    methods: list[str] | None = None
+    backbone: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    experiments: list[Experiment]
+    budget: Budget
+    settings: dict  # protocol-specific settings written to results.json
+
+
+# -- data location --------------------------------------------------------------------
+def data_dir(explicit: str | None) -> Path:
+    """``--data`` if given, else $BLIP_DATA, else ../shared/data relative to the working directory."""
+    chosen = explicit or os.environ.get("BLIP_DATA") or str(DEFAULT_DATA)
+    path = Path(chosen).expanduser().resolve()
+    if not path.is_dir():
+        raise DataError(path, "data folder not found; pass --data DIR or set BLIP_DATA "
+                              "(a folder with acac/, ethanol/ and si/ inside)")
+    return path
+
+
+def _need(folder: Path, *names: str) -> list[Path]:
+    paths = [folder / n for n in names]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(p, f"file not found (protocol data expected in {folder.parent}; "
+                               "pass --data DIR or set BLIP_DATA)")
+    return paths
+
+
+def _subset(items: list, n: int | None, seed: int) -> list:
+    """A reproducible random subset of at most ``n`` items, in file order."""
+    if n is None or len(items) <= n:
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in keep]
+
+
+def _along_path(items: list, n: int | None) -> list:
+    """At most ``n`` evenly spaced points of a path (keeps its ends)."""
+    if n is None or len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]
+
+
+def _split(items: list, n_valid: int, seed: int) -> tuple[list, list]:
+    order = np.random.default_rng(seed).permutation(len(items))
+    valid = sorted(order[:n_valid].tolist())
+    train = sorted(order[n_valid:].tolist())
+    return [items[i] for i in train], [items[i] for i in valid]
+
+
+def _methods(opts: Options, available=STANDARD_METHODS) -> list[MethodSpec]:
+    names = list(opts.methods or available)
+    unknown = [m for m in names if m not in available]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    # the deterministic model first: it is the reference of the prediction cost
+    names.sort(key=lambda m: available.index(m))
+    return [MethodSpec(m, {"method": m}) for m in names]
+
+
+# -- shared settings ------------------------------------------------------------------
+def _painn_model(quick: bool, backbone: str | None) -> dict:
+    backbone = backbone or "painn"
+    if quick and backbone == "painn":
+        return {"backbone": "painn", "features": 16, "interactions": 2, "radial": 8}
+    return {"backbone": backbone}
+
+
+def _common_sections(opts: Options, model: dict) -> dict:
+    cfg = {"model": dict(model), "uq": {}, "training": {"seed": opts.seed}}
+    if opts.quick:
+        cfg["uq"].update({"samples": 4, "ensemble_size": 2})
+        cfg["training"].update({"batch_size": 4})
+    return cfg
+
+
+def _timing(quick: bool) -> dict:
+    return {"timing_structures": 4, "timing_repeats": 1} if quick else {}
+
+
+def _budget(opts: Options, full: Budget, quick: Budget) -> Budget:
+    if opts.epochs is not None and opts.steps is not None:
+        raise ConfigError("give --epochs or --steps, not both")
+    base = quick if opts.quick else full
+    budget = Budget(base.epochs, base.steps, base.minutes)
+    if opts.epochs is not None:
+        budget.epochs, budget.steps = opts.epochs, None
+    if opts.steps is not None:
+        budget.steps, budget.epochs = opts.steps, None
+    if opts.budget_minutes is not None:
+        budget.minutes = opts.budget_minutes
+    return budget
+
+
+# -- ood-ethanol ----------------------------------------------------------------------
+ETHANOL_VALID = 100  # structures of train.xyz held out for early stopping and recalibration
+ETHANOL_MAX_TEST = None  # all 1000 structures of test_MD and all 145 methanol structures are scored
+
+
+def ood_ethanol(root: Path, opts: Options) -> Plan:
+    folder = root / "ethanol"
+    train_f, md_f, mix_f, h_f, e0_f = _need(folder, "train.xyz", "test_MD.xyz", "test_eth_meth.xyz",
+                                             "test_H_removal.xyz", "isolated_atoms.xyz")
+    modes = sorted(folder.glob("test_norm_mode_*.xyz"))
+    quick = opts.quick
+    pool = read_labelled(train_f)
+    n_valid = 6 if quick else ETHANOL_VALID
+    train, valid = _split(pool, n_valid, opts.seed)
+    if quick:
+        train = _subset(train, 16, opts.seed)
+    max_test = opts.max_test if opts.max_test is not None else (8 if quick else ETHANOL_MAX_TEST)
+    methanol = [s for s in read_labelled(mix_f) if s.atoms.info.get("config_type") == "methanol"]
+    if not methanol:
+        raise DataError(mix_f, "no structure with config_type=methanol")
+    tests = [
+        TestSet("test_MD", _subset(read_labelled(md_f), max_test, opts.seed),
+                "ethanol MD (in distribution)"),
+        TestSet("test_eth_meth", _subset(methanol, max_test, opts.seed),
+                "methanol structures of test_eth_meth.xyz (out of distribution; "
+                "its ethanol structures are test_MD again and are not scored)"),
+    ]
+    path_points = 8 if quick else None
+    h = _along_path(read_labelled(h_f, require_forces=False), path_points)
+    tests.append(TestSet("test_H_removal", h, "O-H stretched until the H is removed (energies only)",
+                         np.array([float(s.atoms.info["OH_dist"]) for s in h]), "O-H distance [Å]"))
+    for f in modes:
+        pts = _along_path(read_labelled(f, require_forces=False), path_points)
+        tests.append(TestSet(f.stem, pts, f"displacement along normal mode {f.stem.rsplit('_', 1)[-1]} "
+                                          "cm⁻¹ (energies only)",
+                             np.array([float(s.atoms.info["displacement"]) for s in pts]),
+                             "displacement along the mode"))
+    budget = _budget(opts, Budget(epochs=25), Budget(epochs=1, minutes=0.5))
+    cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
+    exp = Experiment("", train, valid, tests, str(e0_f), _methods(opts), cfg, str(train_f), **_timing(quick))
+    settings = {"train_file": str(train_f), "n_train": len(train), "n_valid": len(valid),
+                "split": f"{len(valid)} random structures of train.xyz (seed {opts.seed}) are the validation "
+                         "set (early stopping, recalibration); the rest is the training set",
+                "test_sets": {t.name: {"n": len(t.structures), "description": t.description} for t in tests}}
+    return Plan([exp], budget, settings)
+
+
+# -- data-scarce ----------------------------------------------------------------------
+ACAC_SIZES = (25, 50, 100, 250, 450)
+ACAC_VALID = 50
+ACAC_MAX_TEST = 250
+
+
+def data_scarce(root: Path, opts: Options) -> Plan:
+    folder = root / "acac"
+    train_f, test_f, e0_f = _need(folder, "train_300K.xyz", "test_MD_300K.xyz", "isolated_atoms.xyz")
+    quick = opts.quick
+    pool = read_labelled(train_f)
+    n_valid = 4 if quick else ACAC_VALID
+    rest, valid = _split(pool, n_valid, opts.seed)
+    sizes = (5, 10) if quick else ACAC_SIZES
+    if max(sizes) > len(rest):
+        raise DataError(train_f, f"needs {max(sizes) + n_valid} structures, has {len(pool)}")
+    # nested training sets: the first N of one fixed random order
+    order = np.random.default_rng(opts.seed + 1).permutation(len(rest))
+    max_test = opts.max_test if opts.max_test is not None else (6 if quick else ACAC_MAX_TEST)
+    test = TestSet("test_MD_300K", _subset(read_labelled(test_f), max_test, opts.seed),
+                   "acetylacetone MD at 300 K (same distribution as training)")
+    budget = _budget(opts, Budget(steps=400), Budget(epochs=1, minutes=0.5))
+    cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
+    experiments = []
+    for n in sizes:
+        train = [rest[i] for i in sorted(order[:n].tolist())]
+        experiments.append(Experiment(f"N={n}", train, valid, [test], str(e0_f), _methods(opts), cfg,
+                                      str(train_f), **_timing(quick)))
+    settings = {"train_file": str(train_f), "sizes": list(sizes), "n_valid": len(valid),
+                "split": f"{len(valid)} random structures of train_300K.xyz (seed {opts.seed}) are the "
+                         "validation set of every size; training sets are nested (the first N of one "
+                         "fixed random order of the rest)",
+                "test_sets": {test.name: {"n": len(test.structures), "description": test.description}}}
+    return Plan(experiments, budget, settings)
+
+
+# -- finetune-si ----------------------------------------------------------------------
+SI_TRAIN_GROUPS = ("AIMD-NVT", "Elastic")
+SI_TEST_GROUPS = ("Vacancy", "Surface")
+SI_FINETUNE_UQ = {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5}
+
+
+def finetune_si(root: Path, opts: Options) -> Plan:
+    try:
+        import blip.backbones.chgnet  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"finetune-si needs the CHGNet backbone (blip/backbones/chgnet.py): {exc}") from None
+    if opts.backbone not in (None, "chgnet"):
+        raise ConfigError("finetune-si always uses the pretrained CHGNet backbone; drop --backbone")
+    folder = root / "si"
+    train_f, test_f = _need(folder, "train.xyz", "test.xyz")
+    quick = opts.quick
+    train_all, test_all = read_labelled(train_f), read_labelled(test_f)
+
+    def group(structures, names):
+        return [s for s in structures if s.atoms.info.get("config_type") in names]
+
+    pool = group(train_all, SI_TRAIN_GROUPS)
+    n_valid = 2 if quick else max(1, round(0.1 * len(pool)))
+    train, valid = _split(pool, n_valid, opts.seed)
+    max_test = opts.max_test if opts.max_test is not None else (2 if quick else None)
+    if quick:
+        train = _subset(train, 3, opts.seed)
+    tests = [TestSet("test_AIMD_Elastic", _subset(group(test_all, SI_TRAIN_GROUPS), max_test, opts.seed),
+                     "AIMD-NVT and Elastic structures of test.xyz (in distribution)")]
+    for name in SI_TEST_GROUPS:
+        tests.append(TestSet(name, _subset(group(train_all + test_all, (name,)), max_test, opts.seed),
+                             f"all {name} structures of train.xyz and test.xyz (out of distribution)"))
+    methods = [
+        MethodSpec("chgnet-as-is", {"method": "deterministic"}, {"epochs": 0}),
+        MethodSpec("finetune", {"method": "deterministic"}),
+        MethodSpec("blip-finetune", {"method": "blip", **SI_FINETUNE_UQ}),
+    ]
+    if opts.methods:
+        unknown = [m for m in opts.methods if m not in [s.name for s in methods]]
+        if unknown:
+            raise ConfigError(f"finetune-si methods are {', '.join(s.name for s in methods)}; "
+                              f"unknown: {', '.join(unknown)}")
+        methods = [s for s in methods if s.name in opts.methods]
+    budget = _budget(opts, Budget(epochs=10), Budget(epochs=1, minutes=1.0))
+    cfg = {"model": {"backbone": "chgnet", "pretrained": True}, "uq": {},
+           "training": {"seed": opts.seed, "lr": 1e-4, "batch_size": 2 if quick else 4}}
+    if quick:
+        cfg["uq"]["samples"] = 2
+    exp = Experiment("", train, valid, tests, "average", methods, cfg, str(train_f), **_timing(quick))
+    settings = {"n_train": len(train), "n_valid": len(valid),
+                "split": f"train: {'+'.join(SI_TRAIN_GROUPS)} of train.xyz ({len(valid)} of them held out "
+                         f"for validation); test: held-out groups {', '.join(SI_TEST_GROUPS)}",
+                "blip_finetune_uq": SI_FINETUNE_UQ,
+                "test_sets": {t.name: {"n": len(t.structures), "description": t.description} for t in tests}}
+    return Plan([exp], budget, settings)
+
+
+PROTOCOLS = {
+    "ood-ethanol": (ood_ethanol, "train on ethanol MD; test in distribution, on methanol and along "
+                                 "bond-breaking and normal-mode paths"),
+    "data-scarce": (data_scarce, "acetylacetone learning curve, N = 25 ... 450 training structures"),
+    "finetune-si": (finetune_si, "pretrained CHGNet as is / fine-tuned / BLIP fine-tuned on silicon, "
+                                 "tested on held-out defect and surface groups"),
+}
+
+
+def build_plan(name: str, root: Path, opts: Options) -> Plan:
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name][0](root, opts)

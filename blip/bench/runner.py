@@ -1,0 +1,219 @@
+"""Run one experiment: train every method, recalibrate on validation, score and time the test sets.
+
+Every method of an experiment sees the same training/validation split, the same seed and
+the same budget. Recalibration fits one factor per target (energy, forces) on the
+validation split with :func:`blip.uq.recalibration.recalibrate`; scores "after
+recalibration" use the test standard deviations times that factor, which is exactly what
+``BlipModel.predict`` returns once the factor is stored in the model (the calibrated model
+file is written too).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import config as config_mod
+from ..data import resolve_e0s
+from ..evaluate import reference_arrays
+from ..io import save_model
+from ..train.datasets import PreparedData, summarise
+from ..train.loop import Trainer
+from ..uq.metrics import prediction_arrays, regression_metrics
+from ..uq.recalibration import recalibrate
+from .protocols import Budget, Experiment, MethodSpec
+
+#: Metrics that change when sigma is multiplied by a factor (reported before and after).
+SCALED = ("nll", "miscalibration_area", "ence", "coverage_68", "coverage_95", "sharpness", "crps")
+#: Metrics of each target in a row.
+PROBABILISTIC = SCALED + ("spearman",)
+_SCALE_OF = {"energy": "energy", "energy_per_atom": "energy", "forces": "forces"}
+
+
+@dataclass
+class Scored:
+    """Flat arrays of one (method, test set): ``{quantity: {"ref", "pred", "std"}}`` and the factors."""
+
+    arrays: dict
+    scales: dict
+
+
+def log(message: str) -> None:
+    print(f"[blip bench] {message}", file=sys.stderr, flush=True)
+
+
+def method_config(exp: Experiment, spec: MethodSpec, budget: Budget, overrides: list[str], out: Path) -> dict:
+    """Resolved config of one method: experiment sections, then the method's, then --set overrides."""
+    user = copy.deepcopy(exp.config)
+    for section in ("model", "uq", "training"):
+        user.setdefault(section, {}).update(getattr(spec, section))
+    user["data"] = {"train_file": exp.source or None, "e0s": exp.e0s if isinstance(exp.e0s, str) else None}
+    user["output_dir"] = str(out)
+    cfg = config_mod.resolve(user, overrides)
+    t = cfg["training"]
+    if "epochs" not in spec.training:  # e.g. "chgnet-as-is" keeps its 0 epochs
+        t["epochs"] = budget.epochs_for(len(exp.train), int(t["batch_size"]))
+    if budget.minutes is not None:  # Trainer splits max_minutes evenly over ensemble members
+        members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
+        t["max_minutes"] = float(budget.minutes) * members
+    t["patience"] = max(int(t["patience"]), int(t["epochs"]) + 1)  # the budget, not early stopping, ends a run
+    return cfg
+
+
+def prepared(exp: Experiment, cfg: dict) -> PreparedData:
+    e0s = resolve_e0s(exp.e0s, exp.train + exp.valid, cfg["data"]["energy_key"])
+    return PreparedData(exp.train, exp.valid, {}, summarise(exp.train, e0s, float(cfg["model"]["cutoff"])))
+
+
+def warm_up(exp: Experiment, cfg: dict) -> None:
+    """One untimed forward/backward pass, so first-call overheads do not land on the first method."""
+    from ..build import build_potential, dtype_of
+    from ..data import build_graph, collate
+
+    model = build_potential(cfg, prepared(exp, cfg).summary)
+    graphs = [build_graph(s.atoms, float(cfg["model"]["cutoff"]), index=i, energy=s.energy, forces=s.forces)
+              for i, s in enumerate(exp.train[:2])]
+    out = model(collate(graphs, dtype=dtype_of(cfg)), training=True)
+    (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
+
+
+def train(exp: Experiment, spec: MethodSpec, cfg: dict, progress: bool) -> tuple:
+    """Train one method -> (BlipModel, seconds, log summary)."""
+    start = time.perf_counter()
+    model = Trainer(cfg, progress=progress).run(prepared(exp, cfg))
+    seconds = time.perf_counter() - start
+    return model, seconds, _log_summary(Path(cfg["output_dir"]) / "log.csv")
+
+
+def _log_summary(path: Path) -> dict:
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return {"epochs_run": 0, "best_valid_forces_rmse": None}
+    epochs_by_member: dict[str, int] = {}
+    for r in rows:
+        epochs_by_member[r["member"]] = epochs_by_member.get(r["member"], 0) + 1
+    best = min(float(r["valid_forces_rmse"]) for r in rows)
+    return {"epochs_run": min(epochs_by_member.values()), "best_valid_forces_rmse": best}
+
+
+def timed_predict(model, structures, samples, seed: int) -> tuple[dict, float]:
+    """``model.predict`` on the structures' atoms -> (prediction, wall seconds)."""
+    atoms = [s.atoms for s in structures]
+    start = time.perf_counter()
+    pred = model.predict(atoms, samples=samples, seed=seed)
+    return pred, time.perf_counter() - start
+
+
+def score(structures, pred) -> dict:
+    """Flat ``{quantity: {"ref", "pred", "std"}}`` arrays (std = standard deviation, before calibration)."""
+    ref_e, ref_f = reference_arrays(structures)
+    n_atoms = np.array([len(s.atoms) for s in structures])
+    return prediction_arrays(ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"],
+                             pred["forces_std"], n_atoms)
+
+
+def row_metrics(arrays: dict, scales: dict) -> dict:
+    """Row fields of one (method, test set): RMSEs and every probabilistic metric before/after."""
+    row: dict = {}
+    for q in ("energy", "energy_per_atom", "forces"):
+        a = arrays.get(q)
+        err = None if a is None else a["ref"] - a["pred"]
+        raw = regression_metrics(err, a["std"]) if a is not None else {}
+        scale = scales.get(_SCALE_OF[q], 1.0)
+        recal = regression_metrics(err, a["std"] * scale) if a is not None else {}
+        row[f"{q}_rmse"] = raw.get("rmse")
+        row[f"{q}_mae"] = raw.get("mae")
+        if q == "energy_per_atom":
+            continue
+        for m in PROBABILISTIC:
+            row[f"{q}_{m}"] = raw.get(m)
+        for m in SCALED:
+            row[f"{q}_{m}_recal"] = recal.get(m)
+    target = "forces" if "forces" in arrays else "energy"
+    row["uq_target"] = target
+    for m in PROBABILISTIC:
+        row[m] = row[f"{target}_{m}"]
+    for m in SCALED:
+        row[f"{m}_recal"] = row[f"{target}_{m}_recal"]
+    row["scale_energy"] = float(scales.get("energy", 1.0))
+    row["scale_forces"] = float(scales.get("forces", 1.0))
+    return row
+
+
+def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: list[str], runs_dir: Path,
+                   progress: bool, counter: list[int], total: int) -> tuple[list[dict], dict]:
+    """Train, recalibrate, score and time every method of ``exp``.
+
+    Returns (rows, scored) with ``scored[(method, test set)]`` = :class:`Scored` for plots.
+    ``counter`` ([done]) counts trainings across experiments for the log lines.
+    """
+    trained = []
+    for spec in exp.methods:
+        out = runs_dir / (exp.name.replace("=", "") or "run") / spec.name
+        cfg = method_config(exp, spec, budget, overrides, out)
+        if not trained:
+            warm_up(exp, cfg)
+        counter[0] += 1
+        members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
+        log(f"({counter[0]}/{total}) {protocol} {exp.name} {spec.name}: training {len(exp.train)} structures, "
+            f"{cfg['training']['epochs']} epochs x {members} network(s)"
+            + (f", cap {budget.minutes:g} min each" if budget.minutes else ""))
+        model, seconds, summary = train(exp, spec, cfg, progress)
+        rmse = summary["best_valid_forces_rmse"]
+        log(f"      done in {seconds:.0f} s ({summary['epochs_run']} epochs"
+            + (f", best valid force RMSE {1000 * rmse:.1f} meV/Å" if rmse is not None else "") + ")")
+        trained.append((spec, cfg, model, seconds, summary))
+
+    rows, scored = [], {}
+    seed = int(exp.config["training"]["seed"])
+    reference = next((t for t in trained if t[1]["uq"]["method"] == "deterministic"), trained[0])
+    timing = exp.tests[0].structures[:exp.timing_structures]
+    cost_reference = ("deterministic MAP" if reference[1]["uq"]["method"] == "deterministic"
+                      else f"MAP pass of {reference[0].name}")
+    for spec, cfg, model, seconds, summary in trained:
+        ratio = cost_ratio(model, reference[2], timing, seed, exp.timing_repeats)
+        log(f"      {exp.name} {spec.name}: predict cost {ratio:.2f} x {cost_reference} "
+            f"({len(timing)} structures of {exp.tests[0].name}, median of {exp.timing_repeats})")
+        scales = recalibrate(model, exp.valid, seed=seed, source="validation split")
+        model.calibration = dict(scales)
+        save_model(model, Path(cfg["output_dir"]) / "model_calibrated.pt")
+        model.calibration = {"energy": 1.0, "forces": 1.0}
+        log(f"      {exp.name} {spec.name}: recalibration factors (validation) "
+            + ", ".join(f"{q} {s:.3g}" for q, s in scales.items()))
+        for test in exp.tests:
+            pred, pred_seconds = timed_predict(model, test.structures, None, seed)
+            arrays = score(test.structures, pred)
+            scored[(spec.name, test.name)] = Scored(arrays, scales)
+            rows.append({
+                "protocol": protocol, "experiment": exp.name, "method": spec.name,
+                "uq_method": cfg["uq"]["method"], "test_set": test.name, "n_train": len(exp.train),
+                "n_valid": len(exp.valid), "n_structures": len(test.structures),
+                "samples": model.default_samples if model.method != "deterministic" else 0,
+                **row_metrics(arrays, scales),
+                "train_seconds": seconds, "epochs": int(cfg["training"]["epochs"]),
+                "epochs_run": summary["epochs_run"], "predict_seconds": pred_seconds,
+                "predict_cost_ratio": ratio, "cost_reference": cost_reference,
+            })
+    return rows, scored
+
+
+def cost_ratio(model, reference, structures, seed: int, repeats: int = 3) -> float:
+    """Wall time of ``model.predict`` (default samples) over ``reference``'s MAP predict, same structures.
+
+    The two are timed alternately ``repeats`` times (after one untimed warm-up) and
+    the median ratio is returned, so slow drifts of a shared machine's load cancel.
+    """
+    timed_predict(model, structures[:2], None, seed)
+    ratios = []
+    for _ in range(repeats):
+        t_map = timed_predict(reference, structures, 0, seed)[1]
+        t_model = timed_predict(model, structures, None, seed)[1]
+        ratios.append(t_model / t_map)
+    return float(np.median(ratios))

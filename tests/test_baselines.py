@@ -1,0 +1,232 @@
+"""Baselines under the same API: deterministic, MC dropout, ensemble (and BLIP), plus recalibration."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
+
+import blip
+from blip.cli import main
+from blip.io import save_model
+from blip.train.loop import Trainer
+from blip.uq.recalibration import fit_scale
+from conftest import DATA, tiny_config
+
+METHODS = ("blip", "deterministic", "mc_dropout", "ensemble")
+PRED_KEYS = {"energy", "energy_std", "forces", "forces_std", "energy_samples", "forces_samples"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """method -> path of a tiny PaiNN model.pt trained for 2 epochs on 16 acac structures."""
+    paths = {}
+    for method in METHODS:
+        cfg = tiny_config(tmp_path_factory.mktemp(method), uq={"method": method, "samples": 3,
+                                                               "ensemble_size": 2},
+                          data={"max_train": 16}, training={"epochs": 2})
+        Trainer(cfg, progress=False).run()
+        paths[method] = cfg["output_dir"] + "/model.pt"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    return ase.io.read(DATA / "acac_small.xyz", ":")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_python_predict_contract_is_the_same_for_every_method(trained, atoms, method):
+    model = blip.load(trained[method])
+    assert model.method == method
+    assert len(model.members) == (2 if method == "ensemble" else 1)
+    out = model.predict(atoms, samples=3, seed=0)
+    assert set(out) == PRED_KEYS
+    n = len(atoms)
+    assert out["energy"].shape == out["energy_std"].shape == (n,)
+    assert [f.shape for f in out["forces"]] == [(len(a), 3) for a in atoms]
+    assert [f.shape for f in out["forces_std"]] == [(len(a), 3) for a in atoms]
+    # K: the requested samples; an ensemble's members; one pass for the deterministic model
+    k = {"blip": 3, "mc_dropout": 3, "ensemble": 2, "deterministic": 1}[method]
+    assert out["energy_samples"].shape == (k, n)
+    assert [f.shape for f in out["forces_samples"]] == [(k, len(a), 3) for a in atoms]
+    assert np.all(np.isfinite(out["energy"])) and np.all(out["energy_std"] >= 0)
+    if method == "deterministic":
+        assert np.all(out["energy_std"] == 0) and all(np.all(s == 0) for s in out["forces_std"])
+    else:
+        assert np.all(out["energy_std"] > 0) and all(np.all(s > 0) for s in out["forces_std"])
+        # std is the population std (ddof=0) of the samples
+        np.testing.assert_allclose(out["energy_std"], out["energy_samples"].std(0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path, method):
+    small = str(DATA / "acac_small.xyz")
+    pred_file = tmp_path / "pred.xyz"
+    assert main(["predict", trained[method], small, "-o", str(pred_file), "--samples", "3", "--quiet"]) == 0
+    frames = ase.io.read(pred_file, ":")
+    assert len(frames) == 5 and "blip_energy_std" in frames[0].info
+    assert frames[0].arrays["blip_forces_std"].shape == (len(frames[0]), 3)
+
+    metrics_file = tmp_path / "m.json"
+    assert main(["evaluate", trained[method], small, "--samples", "3", "--json", str(metrics_file),
+                 "--quiet"]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert set(metrics) == {"energy", "energy_per_atom", "forces"}
+    assert set(metrics["forces"]) >= {"rmse", "nll", "miscalibration_area", "ence", "spearman", "coverage_95"}
+    if method == "deterministic":
+        assert metrics["forces"]["nll"] is None
+    else:
+        assert np.isfinite(metrics["forces"]["nll"])
+
+    calibrated = tmp_path / "cal.pt"
+    assert main(["calibrate", trained[method], small, "-o", str(calibrated), "--samples", "3", "--quiet"]) == 0
+    model = blip.load(calibrated)
+    assert set(model.calibration) == {"energy", "forces"}
+    if method == "deterministic":
+        assert model.calibration == {"energy": 1.0, "forces": 1.0}  # nothing to scale
+    else:
+        assert all(v > 0 and v != 1.0 for v in model.calibration.values())
+
+
+def test_deterministic_ignores_samples_and_matches_map_of_itself(trained, atoms):
+    model = blip.load(trained["deterministic"])
+    a = model.predict(atoms, samples=0)
+    b = model.predict(atoms, samples=8, seed=3)
+    np.testing.assert_array_equal(a["energy"], b["energy"])
+    assert np.all(b["energy_std"] == 0)
+
+
+def test_mc_dropout_is_reproducible_with_a_seed_and_differs_between_seeds(trained, atoms):
+    model = blip.load(trained["mc_dropout"])
+    a = model.predict(atoms, samples=4, seed=1)
+    b = model.predict(atoms, samples=4, seed=1)
+    c = model.predict(atoms, samples=4, seed=2)
+    np.testing.assert_array_equal(a["energy_samples"], b["energy_samples"])
+    np.testing.assert_array_equal(a["forces_samples"][0], b["forces_samples"][0])
+    assert not np.allclose(a["energy_samples"], c["energy_samples"])
+    # the 4 samples of one seed differ from each other: dropout is on at prediction
+    assert np.all(np.ptp(a["energy_samples"], axis=0) > 0)
+    # samples=0 is the dropout-free pass: zero std, and not one of the dropout samples
+    m = model.predict(atoms, samples=0)
+    assert np.all(m["energy_std"] == 0)
+    assert not np.any(np.isclose(a["energy_samples"], m["energy"][None], rtol=0, atol=1e-9))
+
+
+def test_mc_dropout_rate_is_the_configured_bernoulli_rate(trained):
+    model = blip.load(trained["mc_dropout"])
+    member = model.members[0]
+    assert member.dropout_p == model.config["uq"]["dropout_p"] == 0.1
+    assert member.inference is None and member.layers  # same noisy layers as BLIP, no inference net
+    assert member.layers == blip.load(trained["blip"]).members[0].layers
+
+
+def test_ensemble_is_mean_and_population_std_of_its_members(trained, atoms):
+    model = blip.load(trained["ensemble"])
+    out = model.predict(atoms, seed=0)
+    per_member = []
+    for member in model.members:
+        single = copy.copy(model)
+        single.members = [member]
+        per_member.append(single.predict(atoms)["energy"])
+    per_member = np.array(per_member)
+    np.testing.assert_allclose(out["energy"], per_member.mean(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(out["energy_std"], per_member.std(0), rtol=1e-6, atol=1e-12)
+    assert np.all(out["energy_std"] > 0)  # members were seeded differently
+
+
+def test_ensemble_of_identical_members_has_zero_spread(trained, atoms, tmp_path):
+    model = blip.load(trained["ensemble"])
+    state = model.members[0].state_dict()
+    for member in model.members[1:]:
+        member.load_state_dict(state)
+    save_model(model, tmp_path / "same.pt")
+    out = blip.load(tmp_path / "same.pt").predict(atoms, seed=0)
+    assert np.all(out["energy_std"] == 0)
+    assert all(np.all(s == 0) for s in out["forces_std"])
+    single = copy.copy(model)
+    single.members = model.members[:1]
+    np.testing.assert_allclose(out["energy"], single.predict(atoms)["energy"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [0.25, 3.0])
+def test_fit_scale_recovers_a_known_factor(factor):
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(0.01, 0.5, 20_000)
+    err = factor * sigma * rng.standard_normal(sigma.size)
+    assert fit_scale(err, sigma) == pytest.approx(factor, rel=0.02)
+    assert fit_scale(err, np.zeros_like(sigma)) == 1.0  # no uncertainty: nothing to fit
+
+
+@pytest.mark.parametrize("method", ["blip", "ensemble"])
+def test_calibrate_recovers_a_known_factor_through_the_cli(trained, atoms, tmp_path, method):
+    """Reference labels = mean + c * sigma * z: `blip calibrate` must return c * rms(z) exactly."""
+    model = blip.load(trained[method])
+    pred = model.predict(atoms, samples=3, seed=0)
+    rng = np.random.default_rng(1)
+    c_e, c_f = 2.0, 0.5
+    z_e = rng.standard_normal(len(atoms))
+    z_f = [rng.standard_normal(f.shape) for f in pred["forces"]]
+    labelled = []
+    for i, a in enumerate(atoms):
+        a = a.copy()
+        a.calc = SinglePointCalculator(a, energy=pred["energy"][i] + c_e * pred["energy_std"][i] * z_e[i],
+                                       forces=pred["forces"][i] + c_f * pred["forces_std"][i] * z_f[i])
+        labelled.append(a)
+    valid = tmp_path / "valid.xyz"
+    ase.io.write(valid, labelled, format="extxyz")
+    out = tmp_path / "cal.pt"
+    assert main(["calibrate", trained[method], str(valid), "-o", str(out), "--samples", "3", "--quiet"]) == 0
+    cal = blip.load(out)
+    expect_e = c_e * np.sqrt(np.mean(z_e ** 2))
+    expect_f = c_f * np.sqrt(np.mean(np.concatenate([z.ravel() for z in z_f]) ** 2))
+    assert cal.calibration["energy"] == pytest.approx(expect_e, rel=1e-4)
+    assert cal.calibration["forces"] == pytest.approx(expect_f, rel=1e-4)
+    # every prediction path applies the factor to the spread and leaves the mean alone
+    after = cal.predict(atoms, samples=3, seed=0)
+    np.testing.assert_allclose(after["energy"], pred["energy"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(after["energy_std"], expect_e * pred["energy_std"], rtol=1e-4)
+    np.testing.assert_allclose(after["forces_std"][0], expect_f * pred["forces_std"][0], rtol=1e-4)
+    pred_file = tmp_path / "p.xyz"
+    assert main(["predict", str(out), str(DATA / "acac_small.xyz"), "-o", str(pred_file), "--samples", "3",
+                 "--quiet"]) == 0
+    frames = ase.io.read(pred_file, ":")
+    np.testing.assert_allclose([f.info["blip_energy_std"] for f in frames], after["energy_std"], rtol=1e-6)
+    calc = blip.Calculator(cal, samples=3, seed=0)
+    a0 = atoms[0].copy()
+    a0.calc = calc
+    a0.get_potential_energy()
+    assert calc.results["energy_std"] == pytest.approx(after["energy_std"][0], rel=1e-5)
+
+
+def test_evaluate_report_of_a_calibrated_model_shows_before_and_after(trained, tmp_path):
+    from blip.data import read_labelled
+    from blip.evaluate import evaluate_structures
+    from blip.report import recalibration_markdown
+
+    model = blip.load(trained["mc_dropout"])
+    structures = read_labelled(DATA / "acac_small.xyz")
+    raw_metrics, _ = evaluate_structures(model, structures, samples=3, seed=0)
+    model.calibration = {"energy": 2.0, "forces": 0.5}
+    save_model(model, tmp_path / "cal.pt")
+    cal_metrics, arrays = evaluate_structures(model, structures, samples=3, seed=0)
+    text, pairs = recalibration_markdown(arrays, model.calibration)
+    np.testing.assert_allclose(pairs["forces"]["before"][1], arrays["forces"]["std"] / 0.5)
+    nll_before = float(text.split("| forces | 0.5 | ")[1].split(" → ")[0])
+    assert nll_before == pytest.approx(raw_metrics["forces"]["nll"], rel=1e-3)
+    assert cal_metrics["forces"]["nll"] != pytest.approx(raw_metrics["forces"]["nll"], rel=1e-3)
+
+    out = tmp_path / "report"
+    assert main(["evaluate", str(tmp_path / "cal.pt"), str(DATA / "acac_small.xyz"), "--samples", "3",
+                 "--report", str(out), "--quiet"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Recalibration (before → after)" in md and "| forces | 0.5 |" in md
+    assert (out / "forces_recalibration.png").is_file() and (out / "energy_recalibration.png").is_file()
+    # an uncalibrated model's report has no such section
+    assert main(["evaluate", trained["mc_dropout"], str(DATA / "acac_small.xyz"), "--samples", "3",
+                 "--report", str(tmp_path / "plain"), "--quiet"]) == 0
+    assert "Recalibration" not in (tmp_path / "plain" / "report.md").read_text()

@@ -1,0 +1,140 @@
+"""`blip bench`: every method and every column in results.md / results.json (tiny quick runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ase.io
+import numpy as np
+import pytest
+
+from blip.bench.protocols import Budget
+from blip.cli import main
+from conftest import EXAMPLES
+
+METHODS = ("deterministic", "blip", "mc_dropout", "ensemble")
+COLUMNS = ("method", "test_set", "energy_rmse", "forces_rmse", "forces_nll", "miscalibration_area", "ence",
+           "spearman", "coverage_95", "forces_nll_recal", "miscalibration_area_recal", "ence_recal",
+           "coverage_95_recal", "train_seconds", "predict_cost_ratio", "scale_energy", "scale_forces")
+PROBABILISTIC = ("forces_nll", "miscalibration_area", "ence", "spearman", "coverage_95", "forces_nll_recal",
+                 "miscalibration_area_recal", "ence_recal", "coverage_95_recal")
+
+
+@pytest.fixture(scope="module")
+def data_scarce(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "ds"
+    code = main(["bench", "data-scarce", "--quick", "--data", str(EXAMPLES), "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_data_scarce_quick_writes_every_method_and_column(data_scarce):
+    results = json.loads((data_scarce / "results.json").read_text())
+    rows = results["rows"]
+    assert {(r["method"], r["n_train"]) for r in rows} == {(m, n) for m in METHODS for n in (5, 10)}
+    for r in rows:
+        missing = [c for c in COLUMNS if c not in r]
+        assert not missing, missing
+        assert r["test_set"] == "test_MD_300K" and r["uq_target"] == "forces"
+        assert r["energy_rmse"] > 0 and r["forces_rmse"] > 0 and r["train_seconds"] > 0
+        assert r["predict_cost_ratio"] > 0
+        if r["method"] == "deterministic":
+            assert all(r[c] is None for c in PROBABILISTIC)
+            assert r["scale_forces"] == 1.0
+        else:
+            assert all(isinstance(r[c], float) and np.isfinite(r[c]) for c in PROBABILISTIC), r["method"]
+            assert 0 <= r["coverage_95_recal"] <= 1 and r["scale_forces"] > 0
+            # recalibration minimises the NLL on validation; on test it is at least not absurd
+            assert r["forces_nll_recal"] < 10
+    s = results["settings"]
+    assert s["complete"] and s["quick"] and s["methods"] == list(METHODS)
+    assert "each of the 2 ensemble members gets this budget" in s["budget"]["statement"]
+    assert s["versions"]["torch"] and s["machine"]["cpu_count"]
+    assert s["protocol_settings"]["sizes"] == [5, 10]
+
+
+def test_data_scarce_results_md_and_plots(data_scarce):
+    md = (data_scarce / "results.md").read_text()
+    for header in ("E RMSE [meV]", "F RMSE [meV/Å]", "NLL", "miscal. area", "ENCE", "Spearman", "cov. 95%",
+                   "train [s]", "predict cost [×MAP]", "## N=5", "## N=10", "## Learning curves"):
+        assert header in md, header
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert "same budget for every method" in md and " → " in md
+    plots = data_scarce / "plots"
+    assert (plots / "test_MD_300K_forces_rmse_vs_N.png").is_file()
+    assert (plots / "N10_test_MD_300K_calibration_recal.png").is_file()
+    for link in [line for line in md.splitlines() if line.startswith("![")]:
+        assert (data_scarce / link.split("(")[1].rstrip(")")).is_file()
+
+
+def test_calibrated_models_are_written_and_loadable(data_scarce):
+    import blip
+
+    rows = json.loads((data_scarce / "results.json").read_text())["rows"]
+    row = next(r for r in rows if r["method"] == "blip" and r["n_train"] == 10)
+    model = blip.load(data_scarce / "runs" / "N10" / "blip" / "model_calibrated.pt")
+    assert model.calibration["forces"] == pytest.approx(row["scale_forces"])
+
+
+def _fake_ethanol(root):
+    """An ethanol/ folder made of acetylacetone files: the protocol's layout, not its chemistry."""
+    folder = root / "ethanol"
+    folder.mkdir(parents=True)
+    frames = ase.io.read(EXAMPLES / "acac" / "train_300K.xyz", ":40")
+    ase.io.write(folder / "train.xyz", frames[:30])
+    ase.io.write(folder / "test_MD.xyz", frames[30:36])
+    mixed = frames[36:40]
+    for i, a in enumerate(mixed):
+        a.info["config_type"] = "methanol" if i % 2 else "ethanol"
+    ase.io.write(folder / "test_eth_meth.xyz", mixed)
+    for name, key in (("test_H_removal.xyz", "OH_dist"), ("test_norm_mode_874.xyz", "displacement")):
+        path_frames = []
+        for j, a in enumerate(frames[:5]):
+            b = a.copy()
+            b.info = {key: 0.5 + 0.25 * j}
+            b.info["energy"] = a.get_potential_energy()  # energy only, no forces
+            path_frames.append(b)
+        ase.io.write(folder / name, path_frames)
+    shutil.copy(EXAMPLES / "acac" / "isolated_atoms.xyz", folder / "isolated_atoms.xyz")
+    return root
+
+
+def test_ood_ethanol_quick_scores_paths_energy_only_and_plots_sigma(tmp_path):
+    data = _fake_ethanol(tmp_path / "data")
+    out = tmp_path / "ood"
+    assert main(["bench", "ood-ethanol", "--quick", "--data", str(data), "--out", str(out), "--quiet",
+                 "--methods", "deterministic,blip"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["test_set"] for r in rows} == {"test_MD", "test_eth_meth", "test_H_removal", "test_norm_mode_874"}
+    meth = [r for r in rows if r["test_set"] == "test_eth_meth"]
+    assert all(r["n_structures"] == 2 for r in meth)  # only config_type=methanol is scored
+    path_row = next(r for r in rows if r["test_set"] == "test_H_removal" and r["method"] == "blip")
+    assert path_row["uq_target"] == "energy" and path_row["forces_rmse"] is None
+    assert path_row["nll"] == path_row["energy_nll"] is not None
+    assert (out / "plots" / "test_H_removal_path.png").is_file()
+    assert (out / "plots" / "test_norm_mode_874_path.png").is_file()
+
+
+def test_missing_data_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("BLIP_DATA", raising=False)
+    assert main(["bench", "ood-ethanol", "--quick", "--data", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    monkeypatch.setenv("BLIP_DATA", str(tmp_path))
+    assert main(["bench", "data-scarce", "--quick", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blip: error:") and "acac/train_300K.xyz" in err and len(err.splitlines()) == 1
+
+
+def test_unknown_method_is_a_config_error(capsys):
+    assert main(["bench", "data-scarce", "--quick", "--data", str(EXAMPLES), "--methods", "blip,gp"]) == 2
+    assert "unknown method(s) gp" in capsys.readouterr().err
+
+
+def test_budget_epochs_from_steps():
+    assert Budget(steps=400).epochs_for(25, 8) == 100  # 4 batches per epoch
+    assert Budget(steps=400).epochs_for(450, 8) == 8  # 57 batches per epoch
+    assert Budget(epochs=3).epochs_for(450, 8) == 3
+    assert "5 ensemble members" in Budget(epochs=3, minutes=2).statement(5)
