@@ -90,7 +90,9 @@ class BlipModel:
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
         lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
         (K, n_i, 3). Standard deviations are population (ddof=0) over the K samples, times
-        the calibration factor. ``samples=0`` is the noise-free MAP prediction (std zero).
+        the calibration factor. ``samples=0`` is the noise-free MAP prediction (std zero; for
+        an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
+        is the number of members.
         """
         if hasattr(atoms_list, "get_positions"):
             atoms_list = [atoms_list]
@@ -114,7 +116,7 @@ class BlipModel:
                 e_samples[i] = energy[:, pos]
                 f_samples[i] = forces[:, start:start + n]
                 start += n
-        return self._summarise(e_samples, f_samples, stochastic=samples > 0 or self.method == "ensemble")
+        return self._summarise(e_samples, f_samples, stochastic=samples > 0)
 
     def _summarise(self, e_samples, f_samples, stochastic: bool) -> dict:
         ce, cf = self.calibration["energy"], self.calibration["forces"]
