@@ -163,6 +163,9 @@ def _validate(cfg: dict) -> None:
         raise ConfigError("training.loss must be mse, l1 or huber")
     if cfg["training"]["scheduler"] not in ("cosine", "plateau", "constant"):
         raise ConfigError("training.scheduler must be cosine, plateau or constant")
+    if cfg["model"]["pretrained"] and cfg["model"]["backbone"] != "chgnet":
+        raise ConfigError(f"model.pretrained: no pretrained weights ship for backbone "
+                          f"'{cfg['model']['backbone']}' (only chgnet); set pretrained: false")
     if not isinstance(cfg["data"]["test_files"], dict):
         raise ConfigError("data.test_files must be a mapping name: path")
 

@@ -200,3 +200,5 @@ def test_config_resolution_and_overrides(tmp_path):
     assert config.parse_override("training.lr=0.01") == {"training": {"lr": 0.01}}
     with pytest.raises(ConfigError, match="model.backbone"):
         config.resolve({"model": {"backbone": "schnet"}})
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        config.resolve({"model": {"backbone": "painn", "pretrained": True}})
