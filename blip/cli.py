@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
+from ._files import atomic_path, write_text_atomic
 from .errors import BlipError
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # -- train ---------------------------------------------------------------------------
@@ -69,17 +59,9 @@ def cmd_predict(args) -> int:
         atoms.info["blip_energy_std"] = float(pred["energy_std"][i])
         atoms.arrays["blip_forces"] = pred["forces"][i]
         atoms.arrays["blip_forces_std"] = pred["forces_std"][i]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".xyz", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(args.output, suffix=".xyz") as tmp:
         ase.io.write(tmp, atoms_list, format="extxyz")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    print(f"wrote {len(atoms_list)} structures to {out}", file=sys.stderr)
+    print(f"wrote {len(atoms_list)} structures to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -98,7 +80,7 @@ def cmd_evaluate(args) -> int:
                                           progress=not args.quiet, source=args.input)
     print(format_table(metrics))
     if args.json:
-        _atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
+        write_text_atomic(args.json, json.dumps(metrics, indent=2))
     if args.report:
         paths = write_report(metrics, args.report, arrays)
         if any(float(v) != 1.0 for v in model.calibration.values()):

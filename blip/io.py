@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from ._files import atomic_open
 from .backbones.base import DatasetSummary
 from .errors import CheckpointError
 
@@ -18,19 +17,8 @@ FORMAT_VERSION = 1
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, mode="wb") as handle:
+        torch.save(obj, handle)
 
 
 def model_payload(model) -> dict:

@@ -10,7 +10,6 @@ are ``reference - prediction``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from blip._files import atomic_path, write_text_atomic
 from blip.uq import metrics as M
 
 __all__ = [
@@ -53,12 +53,9 @@ def _new_figure(size=(5.2, 4.6)):
 
 def _save(fig, path) -> Path:
     """Write the PNG via a temporary file so no half-written plot is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=_DPI, format="png")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=_DPI, format="png")
+    return Path(path)
 
 
 def _subsample(n: int, max_points: int | None, seed: int = 0) -> np.ndarray:
@@ -350,9 +347,7 @@ def write_report(metrics: dict, outdir, arrays: dict, title: str = "BLIP evaluat
           "'-' = undefined (no uncertainty). Residual = reference - prediction; "
           "σ is a standard deviation.", ""] + sections
     report = outdir / "report.md"
-    tmp = report.with_name("report.md.tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    os.replace(tmp, report)
+    write_text_atomic(report, "\n".join(md))
     written.append(report)
     return written
 
@@ -497,7 +492,5 @@ def add_recalibration_section(outdir, arrays: dict, calibration: dict) -> list[P
                "other plots are after recalibration.\n\n" + text + "\n\n" + links + "\n")
     report = outdir / "report.md"
     old = report.read_text(encoding="utf-8") if report.is_file() else ""
-    tmp = report.with_name("report.md.tmp")
-    tmp.write_text(old + section, encoding="utf-8")
-    os.replace(tmp, report)
+    write_text_atomic(report, old + section)
     return written + [report]

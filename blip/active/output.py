@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
-from .._files import write_text_atomic
+from .._files import atomic_path, write_text_atomic
 
 CSV_FIELDS = ["strategy", "round", "n_labelled", "n_train", "test", "energy_rmse_meV",
               "energy_per_atom_rmse_meV", "forces_rmse_meV_A", "energy_nll", "forces_nll",
@@ -50,11 +49,9 @@ def plot_learning_curves(rows: list[dict], path) -> Path:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return Path(path)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .. import report
+from .._files import write_text_atomic
 
 # (raw key, recalibrated key or None, header) of the per-test-set tables
 TABLE = (
@@ -30,13 +30,6 @@ TABLE = (
 _MILLI = {"energy_rmse", "forces_rmse"}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _json_safe(value):
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -51,7 +44,7 @@ def _json_safe(value):
 
 def write_json(out: Path, rows: list[dict], settings: dict) -> Path:
     path = out / "results.json"
-    _atomic_write(path, json.dumps(_json_safe({"rows": rows, "settings": settings}), indent=1))
+    write_text_atomic(path, json.dumps(_json_safe({"rows": rows, "settings": settings}), indent=1))
     return path
 
 
@@ -148,7 +141,7 @@ def write_markdown(out: Path, protocol: str, description: str, rows: list[dict],
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     path = out / "results.md"
-    _atomic_write(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 

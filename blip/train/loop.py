@@ -15,6 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
+from .._files import write_text_atomic
 from ..build import build_potential, dtype_of
 from ..data import build_graph, collate
 from ..errors import CheckpointError, ConfigError
@@ -272,7 +273,5 @@ def write_test_metrics(model: BlipModel, data: PreparedData, out: Path, progress
     seed = int(model.config["training"]["seed"])
     for name, structures in data.tests.items():
         results[name], _ = evaluate_structures(model, structures, seed=seed, progress=progress, source=name)
-    tmp = out / ".test_metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "test_metrics.json")
+    write_text_atomic(out / "test_metrics.json", json.dumps(results, indent=2))
     return results
