@@ -62,10 +62,9 @@ DEFAULTS: dict = {
     "output_dir": "runs/blip",
 }
 
-# Backbone-specific keys allowed in the ``model`` section, with their defaults.
-BACKBONE_DEFAULTS: dict[str, dict] = {
-    "painn": {"features": 64, "interactions": 3, "radial": 20},
-}
+# Backbone-specific keys allowed in the ``model`` section, with their defaults. Each module
+# blip/backbones/NAME.py registers its own when imported (see ``backbone_defaults``).
+BACKBONE_DEFAULTS: dict[str, dict] = {}
 
 
 # Optional per-backbone check of the resolved ``model`` section (raises ConfigError).
@@ -131,12 +130,8 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     for text in overrides:
         _deep_update(user, parse_override(text))
     backbone = (user.get("model") or {}).get("backbone", DEFAULTS["model"]["backbone"])
-    if backbone == "mace" or backbone == "chgnet":
-        _import_backbone_module(backbone)
-    if backbone not in BACKBONE_DEFAULTS:
-        raise ConfigError(f"unknown model.backbone '{backbone}'; choose from {', '.join(sorted(BACKBONE_DEFAULTS))}")
     defaults = copy.deepcopy(DEFAULTS)
-    defaults["model"].update(BACKBONE_DEFAULTS[backbone])
+    defaults["model"].update(backbone_defaults(backbone))
     cfg = _merge(defaults, user, "")
     _validate(cfg)
     if backbone in BACKBONE_CHECKS:
@@ -146,10 +141,24 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     return cfg
 
 
-def _import_backbone_module(name: str) -> None:
-    import importlib
+def available_backbones() -> list[str]:
+    """Names of the modules in blip/backbones/ that are backbones (all but ``base``)."""
+    import pkgutil
 
-    importlib.import_module(f"blip.backbones.{name}")
+    from . import backbones
+
+    return sorted(m.name for m in pkgutil.iter_modules(backbones.__path__) if m.name != "base")
+
+
+def backbone_defaults(name: str) -> dict:
+    """The ``model`` keys of backbone ``name``, importing blip/backbones/NAME.py to register them."""
+    if name not in BACKBONE_DEFAULTS:
+        if name not in available_backbones():
+            raise ConfigError(f"unknown model.backbone '{name}'; choose from {', '.join(available_backbones())}")
+        import importlib
+
+        importlib.import_module(f"blip.backbones.{name}")
+    return BACKBONE_DEFAULTS[name]
 
 
 def _validate(cfg: dict) -> None:

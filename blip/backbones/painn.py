@@ -12,9 +12,11 @@ import math
 import torch
 from torch import nn
 
+from ..config import register_backbone_defaults
 from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors
 
 DEFAULTS = {"features": 64, "interactions": 3, "radial": 20}
+register_backbone_defaults("painn", DEFAULTS)
 
 
 def sine_rbf(d: torch.Tensor, n: int, cutoff: float) -> torch.Tensor:
