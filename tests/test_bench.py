@@ -138,3 +138,50 @@ def test_budget_epochs_from_steps():
     assert Budget(steps=400).epochs_for(450, 8) == 8  # 57 batches per epoch
     assert Budget(epochs=3).epochs_for(450, 8) == 3
     assert "5 ensemble members" in Budget(epochs=3, minutes=2).statement(5)
+
+
+def test_energy_split_trains_low_and_tests_high_with_mean_and_std_over_seeds(tmp_path):
+    from blip.bench.protocols import Options, build_plan, energy_ranked
+    from blip.data import resolve_e0s
+
+    plan = build_plan("energy-split", EXAMPLES, Options(quick=True, experiments=["acac"]))
+    exp = plan.experiments[0]
+    e0s = resolve_e0s(exp.e0s, exp.train)
+    highest_train = energy_ranked(exp.train + exp.valid + exp.tests[0].structures, e0s)[-1]
+    lowest_test = energy_ranked(exp.tests[1].structures, e0s)[0]
+    per_atom = {id(s): (s.energy - sum(e0s[int(z)] for z in s.atoms.numbers)) / len(s.atoms)
+                for s in (highest_train, lowest_test)}
+    assert per_atom[id(highest_train)] <= per_atom[id(lowest_test)]
+    assert exp.reference_test == "low_energy"
+
+    out = tmp_path / "es"
+    assert main(["bench", "energy-split", "--quick", "--data", str(EXAMPLES), "--sets", "acac", "--seeds", "2",
+                 "--methods", "deterministic,blip", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["seed"], r["method"], r["test_set"]) for r in results["rows"]} == {
+        (s, m, t) for s in (0, 1) for m in ("deterministic", "blip") for t in ("low_energy", "high_energy")}
+    summary = {(r["method"], r["test_set"]): r for r in results["summary"]}
+    blip_high = summary[("blip", "high_energy")]
+    per_seed = [r["forces_rmse"] for r in results["rows"] if (r["method"], r["test_set"]) == ("blip", "high_energy")]
+    assert blip_high["n_seeds"] == 2 and blip_high["forces_rmse"] == pytest.approx(np.mean(per_seed))
+    assert blip_high["forces_rmse_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert summary[("blip", "low_energy")]["sigma_ratio"] == pytest.approx(1.0)
+    assert blip_high["forces_sigma_ratio"] > 0 and summary[("deterministic", "high_energy")]["sigma_ratio"] is None
+    md = (out / "results.md").read_text()
+    assert "σ ratio" in md and " ± " in md and "seeds 0, 1" in md
+
+
+def test_bundled_ammonia_labels_are_gfn2_xtb():
+    """The shipped xTB data set (benchmarks/make_xtb_dataset.py): labels are raw GFN2-xTB results."""
+    pytest.importorskip("tblite")
+    from tblite.ase import TBLite
+
+    from blip.bench.protocols import PACKAGED_DATA
+
+    frames = ase.io.read(PACKAGED_DATA / "ammonia_gfn2.xyz", ":")
+    assert len(frames) == 800
+    for i in (3, 400, 799):  # MD at 300 K and 1500 K, a distortion
+        atoms = frames[i].copy()
+        atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        assert atoms.get_potential_energy() == pytest.approx(frames[i].get_potential_energy(), abs=1e-5)
+        np.testing.assert_allclose(atoms.get_forces(), frames[i].get_forces(), atol=1e-5)

@@ -12,6 +12,7 @@ models go to ``OUT/runs/`` (or ``--runs-dir``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -49,7 +50,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-test", type=int, default=None, help="score at most this many structures per test set")
     p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods")
     p.add_argument("--backbone", default=None, help="backbone for ood-ethanol / data-scarce (default painn)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits, training and sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the splits, training and sampling (default 0)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="run every experiment for this many seeds (seed, seed+1, ...) and report mean ± std "
+                        "over them (default 3; 1 with --quick)")
+    p.add_argument("--sets", default=None,
+                   help="comma-separated subset of the protocol's experiments, e.g. ethanol,acac for "
+                        "energy-split or N=25,N=50 for data-scarce")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every method, e.g. model.features=32")
     p.add_argument("--runs-dir", default=None, help="where trained models go (default OUT/runs)")
@@ -71,7 +78,9 @@ def cmd_bench(args) -> int:
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,
                    budget_minutes=args.budget_minutes, max_test=args.max_test,
                    methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
-                   backbone=args.backbone, overrides=list(args.set or []))
+                   backbone=args.backbone, overrides=list(args.set or []),
+                   seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
+                   experiments=[e.strip() for e in args.sets.split(",")] if args.sets else None)
     for name in names:
         if args.out is None:
             out = Path("bench") / name
@@ -84,21 +93,30 @@ def cmd_bench(args) -> int:
 
 def run(protocol: str, root: Path, opts: Options, out: Path, runs_dir: Path | None = None,
         progress: bool = True) -> dict:
-    """Run one protocol; write OUT/results.json, results.md and plots; return the results dict."""
+    """Run one protocol for ``opts.seeds`` seeds; write OUT/results.json, results.md and plots.
+
+    Seeds ``opts.seed, opts.seed + 1, ...`` change the splits, the training and the sampling.
+    Rows carry their ``seed``; ``summary`` rows hold the mean and the standard deviation over
+    seeds (``KEY`` and ``KEY_std``) of every number. Plots show the first seed.
+    """
     import torch
 
     from . import results
     from .runner import log, run_experiment
 
+    if opts.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
     start = time.time()
-    plan = build_plan(protocol, root, opts)
+    seeds = list(range(opts.seed, opts.seed + opts.seeds))
+    plans = [build_plan(protocol, root, dataclasses.replace(opts, seed=s)) for s in seeds]
+    plan = plans[0]
     out = Path(out)
     runs_dir = runs_dir or out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     first = plan.experiments[0]
     ensemble_size = _resolved_ensemble_size(first, opts)
     settings = {
-        "protocol": protocol, "quick": opts.quick, "data_dir": str(root), "seed": opts.seed,
+        "protocol": protocol, "quick": opts.quick, "data_dir": str(root), "seed": opts.seed, "seeds": seeds,
         "command": "blip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
         else f"blip bench {protocol}",
         "budget": {"epochs": plan.budget.epochs, "steps": plan.budget.steps,
@@ -114,18 +132,22 @@ def run(protocol: str, root: Path, opts: Options, out: Path, runs_dir: Path | No
     }
     settings.update(_resolved_sections(first, opts))
     description = PROTOCOLS[protocol][1]
-    log(f"{protocol}: {len(plan.experiments)} experiment(s) x {len(first.methods)} methods; "
-        f"{settings['budget']['statement']}; writing {out}")
+    log(f"{protocol}: {len(plan.experiments)} experiment(s) x {len(first.methods)} methods x {len(seeds)} "
+        f"seed(s); {settings['budget']['statement']}; writing {out}")
     rows, scored = [], {}
     counter = [0]
-    total = sum(len(e.methods) for e in plan.experiments)
-    for exp in plan.experiments:
-        new_rows, new_scored = run_experiment(protocol, exp, plan.budget, opts.overrides, runs_dir,
-                                              progress, counter, total)
-        rows += new_rows
-        scored.update({(exp.name, m, t): v for (m, t), v in new_scored.items()})
-        _write(out, protocol, description, rows, settings, start, complete=False, plots=[])
-    plots = results.write_plots(out, plan.experiments, scored, rows)
+    total = len(seeds) * sum(len(e.methods) for e in plan.experiments)
+    for seed, seed_plan in zip(seeds, plans):
+        seed_runs = runs_dir / f"seed{seed}" if len(seeds) > 1 else runs_dir
+        for exp in seed_plan.experiments:
+            new_rows, new_scored = run_experiment(protocol, exp, seed_plan.budget, opts.overrides, seed_runs,
+                                                  progress, counter, total)
+            rows += [{**r, "seed": seed} for r in new_rows]
+            if seed == seeds[0]:
+                scored.update({(exp.name, m, t): v for (m, t), v in new_scored.items()})
+            _write(out, protocol, description, rows, settings, start, complete=False, plots=[])
+    plots = results.write_plots(out, plan.experiments, scored, results.summarise(rows),
+                                learning_curve=bool(plan.settings.get("learning_curve")))
     data = _write(out, protocol, description, rows, settings, start, complete=True, plots=plots)
     log(f"{protocol}: done in {(time.time() - start) / 60:.1f} min; wrote {out / 'results.md'}, "
         f"{out / 'results.json'} and {len(plots)} plots")
@@ -138,10 +160,11 @@ def _write(out, protocol, description, rows, settings, start, complete, plots) -
     settings["wall_seconds"] = time.time() - start
     settings["complete"] = complete
     settings["finished"] = datetime.datetime.now().isoformat(timespec="seconds") if complete else None
-    results.write_json(out, rows, settings)
-    results.write_markdown(out, protocol, description, rows, settings,
+    summary = results.summarise(rows)
+    results.write_json(out, rows, settings, summary)
+    results.write_markdown(out, protocol, description, summary, settings,
                            settings["protocol_settings"].get("test_sets", {}), plots)
-    return {"rows": rows, "settings": settings}
+    return {"rows": rows, "summary": summary, "settings": settings}
 
 
 def _resolved_sections(exp, opts) -> dict:

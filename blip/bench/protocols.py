@@ -57,6 +57,7 @@ class Experiment:
     source: str = ""
     timing_structures: int = 32  # structures of the first test set used to time prediction
     timing_repeats: int = 3  # alternating timings; the median ratio is reported
+    reference_test: str | None = None  # in-distribution test set: sigma ratios are relative to it
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Options:
 
     quick: bool = False
     seed: int = 0
+    seeds: int = 1
     epochs: int | None = None
     steps: int | None = None
     budget_minutes: float | None = None
@@ -97,6 +99,7 @@ class Options:
     methods: list[str] | None = None
     backbone: str | None = None
     overrides: list[str] = field(default_factory=list)
+    experiments: list[str] | None = None  # subset of a protocol's experiments (e.g. energy-split data sets)
 
 
 @dataclass
@@ -231,7 +234,8 @@ def ood_ethanol(root: Path, opts: Options) -> Plan:
                              "displacement along the mode"))
     budget = _budget(opts, Budget(epochs=25), Budget(epochs=1, minutes=0.5))
     cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
-    exp = Experiment("", train, valid, tests, str(e0_f), _methods(opts), cfg, str(train_f), **_timing(quick))
+    exp = Experiment("", train, valid, tests, str(e0_f), _methods(opts), cfg, str(train_f), **_timing(quick),
+                     reference_test="test_MD")
     settings = {"train_file": str(train_f), "n_train": len(train), "n_valid": len(valid),
                 "split": f"{len(valid)} random structures of train.xyz (seed {opts.seed}) are the validation "
                          "set (early stopping, recalibration); the rest is the training set",
@@ -267,7 +271,7 @@ def data_scarce(root: Path, opts: Options) -> Plan:
         train = [rest[i] for i in sorted(order[:n].tolist())]
         experiments.append(Experiment(f"N={n}", train, valid, [test], str(e0_f), _methods(opts), cfg,
                                       str(train_f), **_timing(quick)))
-    settings = {"train_file": str(train_f), "sizes": list(sizes), "n_valid": len(valid),
+    settings = {"train_file": str(train_f), "sizes": list(sizes), "n_valid": len(valid), "learning_curve": True,
                 "split": f"{len(valid)} random structures of train_300K.xyz (seed {opts.seed}) are the "
                          "validation set of every size; training sets are nested (the first N of one "
                          "fixed random order of the rest)",
@@ -279,6 +283,8 @@ def data_scarce(root: Path, opts: Options) -> Plan:
 SI_TRAIN_GROUPS = ("AIMD-NVT", "Elastic")
 SI_TEST_GROUPS = ("Vacancy", "Surface")
 SI_FINETUNE_UQ = {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5}
+SI_INFERENCE_LR = 1e-2  # BLIP's rate heads start from scratch on a pretrained backbone: larger steps
+SI_DROPOUT_P = 0.05  # MC dropout on a pretrained network: small, so the fine-tuned function stays close
 
 
 def finetune_si(root: Path, opts: Options) -> Plan:
@@ -311,6 +317,8 @@ def finetune_si(root: Path, opts: Options) -> Plan:
         MethodSpec("chgnet-as-is", {"method": "deterministic"}, {"epochs": 0}),
         MethodSpec("finetune", {"method": "deterministic"}),
         MethodSpec("blip-finetune", {"method": "blip", **SI_FINETUNE_UQ}),
+        MethodSpec("mc-dropout-finetune", {"method": "mc_dropout", "dropout_p": SI_DROPOUT_P}),
+        MethodSpec("ensemble-finetune", {"method": "ensemble"}),
     ]
     if opts.methods:
         unknown = [m for m in opts.methods if m not in [s.name for s in methods]]
@@ -320,10 +328,12 @@ def finetune_si(root: Path, opts: Options) -> Plan:
         methods = [s for s in methods if s.name in opts.methods]
     budget = _budget(opts, Budget(epochs=10), Budget(epochs=1, minutes=1.0))
     cfg = {"model": {"backbone": "chgnet", "pretrained": True}, "uq": {},
-           "training": {"seed": opts.seed, "lr": 1e-4, "batch_size": 2 if quick else 4}}
+           "training": {"seed": opts.seed, "lr": 1e-4, "inference_lr": SI_INFERENCE_LR,
+                        "batch_size": 2 if quick else 4}}
     if quick:
         cfg["uq"]["samples"] = 2
-    exp = Experiment("", train, valid, tests, "average", methods, cfg, str(train_f), **_timing(quick))
+    exp = Experiment("", train, valid, tests, "average", methods, cfg, str(train_f), **_timing(quick),
+                     reference_test="test_AIMD_Elastic")
     settings = {"n_train": len(train), "n_valid": len(valid),
                 "split": f"train: {'+'.join(SI_TRAIN_GROUPS)} of train.xyz ({len(valid)} of them held out "
                          f"for validation); test: held-out groups {', '.join(SI_TEST_GROUPS)}",
@@ -332,16 +342,96 @@ def finetune_si(root: Path, opts: Options) -> Plan:
     return Plan([exp], budget, settings)
 
 
+# -- energy-split ---------------------------------------------------------------------
+PACKAGED_DATA = Path(__file__).parent / "data"
+#: name -> (folder under --data or None for data shipped with blip, files pooled, E0s)
+ENERGY_SPLIT_SETS = {
+    "ethanol": ("ethanol", ("train.xyz", "test_MD.xyz"), "isolated_atoms.xyz"),
+    "acac": ("acac", ("train_300K.xyz", "test_MD_300K.xyz"), "isolated_atoms.xyz"),
+    "ammonia": (None, ("ammonia_gfn2.xyz",), "average"),
+}
+ENERGY_SPLIT_FRACTION = 0.5  # the lowest-energy half is "in distribution"
+ENERGY_SPLIT_VALID = 50
+ENERGY_SPLIT_ID_TEST = 100
+ENERGY_SPLIT_MAX_TRAIN = 450
+ENERGY_SPLIT_MAX_TEST = 300
+
+
+def energy_ranked(structures: list, e0s: dict) -> list:
+    """Structures sorted by energy per atom above the isolated-atom references (lowest first)."""
+    def key(s):
+        return (s.energy - sum(e0s.get(int(z), 0.0) for z in s.atoms.numbers)) / len(s.atoms)
+
+    return sorted(structures, key=key)
+
+
+def energy_split(root: Path, opts: Options) -> Plan:
+    """Train on the lowest-energy structures, test on held-out low-energy ones and on the high-energy rest."""
+    from ..data import resolve_e0s
+
+    quick = opts.quick
+    names = list(opts.experiments or ENERGY_SPLIT_SETS)
+    unknown = [n for n in names if n not in ENERGY_SPLIT_SETS]
+    if unknown:
+        raise ConfigError(f"energy-split data sets are {', '.join(ENERGY_SPLIT_SETS)}; unknown: {', '.join(unknown)}")
+    budget = _budget(opts, Budget(steps=1500), Budget(epochs=1, minutes=0.5))
+    cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
+    n_valid, n_id = (4, 4) if quick else (ENERGY_SPLIT_VALID, ENERGY_SPLIT_ID_TEST)
+    max_train = 12 if quick else ENERGY_SPLIT_MAX_TRAIN
+    max_test = opts.max_test if opts.max_test is not None else (6 if quick else ENERGY_SPLIT_MAX_TEST)
+    experiments, described = [], {}
+    for name in names:
+        folder_name, files, e0_name = ENERGY_SPLIT_SETS[name]
+        folder = PACKAGED_DATA if folder_name is None else root / folder_name
+        paths = _need(folder, *files)
+        pool = [s for f in paths for s in read_labelled(f)]
+        e0s_spec = e0_name if e0_name == "average" else str(_need(folder, e0_name)[0])
+        ranked = energy_ranked(pool, resolve_e0s(e0s_spec, pool))
+        n_low = int(round(ENERGY_SPLIT_FRACTION * len(ranked)))
+        low, high = ranked[:n_low], ranked[n_low:]
+        order = np.random.default_rng(opts.seed).permutation(len(low))
+        valid = [low[i] for i in sorted(order[:n_valid])]
+        id_test = [low[i] for i in sorted(order[n_valid:n_valid + n_id])]
+        train = [low[i] for i in sorted(order[n_valid + n_id:n_valid + n_id + max_train])]
+        tests = [TestSet("low_energy", _subset(id_test, max_test, opts.seed),
+                         f"{name}: held-out structures of the lowest-energy half (in distribution)"),
+                 TestSet("high_energy", _subset(high, max_test, opts.seed),
+                         f"{name}: the highest-energy half (out of distribution)")]
+        experiments.append(Experiment(name, train, valid, tests, e0s_spec, _methods(opts), cfg,
+                                      str(paths[0]), **_timing(quick), reference_test="low_energy"))
+        described[name] = {"files": [str(p) for p in paths], "n_pool": len(pool), "n_train": len(train),
+                           "n_valid": len(valid), "n_low_energy_test": len(tests[0].structures),
+                           "n_high_energy_test": len(tests[1].structures)}
+    settings = {"data_sets": described,
+                "split": f"structures ranked by energy per atom above the isolated-atom references; the lowest "
+                         f"{ENERGY_SPLIT_FRACTION:.0%} are split at random (seed {opts.seed}) into validation "
+                         f"(early stopping, recalibration), a low-energy test set and training (at most "
+                         f"{max_train}); the high-energy rest is the out-of-distribution test set",
+                "test_sets": {"low_energy": {"description": "held-out low-energy structures (in distribution)"},
+                              "high_energy": {"description": "the high-energy half (out of distribution)"}}}
+    return Plan(experiments, budget, settings)
+
+
 PROTOCOLS = {
     "ood-ethanol": (ood_ethanol, "train on ethanol MD; test in distribution, on methanol and along "
                                  "bond-breaking and normal-mode paths"),
     "data-scarce": (data_scarce, "acetylacetone learning curve, N = 25 ... 450 training structures"),
     "finetune-si": (finetune_si, "pretrained CHGNet as is / fine-tuned / BLIP fine-tuned on silicon, "
                                  "tested on held-out defect and surface groups"),
+    "energy-split": (energy_split, "train on the lowest-energy half of ethanol, acetylacetone and a GFN2-xTB "
+                                   "ammonia set; test on held-out low-energy and on high-energy structures"),
 }
 
 
 def build_plan(name: str, root: Path, opts: Options) -> Plan:
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name][0](root, opts)
+    plan = PROTOCOLS[name][0](root, opts)
+    if opts.experiments:
+        known = [e.name for e in plan.experiments]
+        unknown = [e for e in opts.experiments if e not in known]
+        if unknown or not any(known):
+            raise ConfigError(f"--sets: {name} has the experiments {', '.join(n or '(one)' for n in known)}; "
+                              f"unknown: {', '.join(unknown)}")
+        plan.experiments = [e for e in plan.experiments if e.name in opts.experiments]
+    return plan

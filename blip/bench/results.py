@@ -24,6 +24,7 @@ TABLE = (
     ("ence", "ence_recal", "ENCE"),
     ("spearman", None, "Spearman"),
     ("coverage_95", "coverage_95_recal", "cov. 95%"),
+    ("sigma_ratio", None, "σ ratio"),
     ("train_seconds", None, "train [s]"),
     ("predict_cost_ratio", None, "predict cost [×MAP]"),
 )
@@ -42,22 +43,62 @@ def _json_safe(value):
     return value
 
 
-def write_json(out: Path, rows: list[dict], settings: dict) -> Path:
+#: Row fields that identify a (experiment, method, test set); everything numeric else is averaged.
+GROUP_KEYS = ("protocol", "experiment", "method", "test_set")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (experiment, method, test set): mean over seeds of every number, ``KEY_std`` its
+    standard deviation over seeds (ddof=1; 0 for one seed), ``n_seeds``. Other fields: first seed's."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    summary = []
+    for members in groups.values():
+        out = {k: v for k, v in members[0].items() if k != "seed"}
+        for key, value in members[0].items():
+            if key == "seed" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            values = [m.get(key) for m in members]
+            if any(v is None or not math.isfinite(float(v)) for v in values):
+                out[key], out[f"{key}_std"] = None, None
+                continue
+            arr = np.asarray(values, dtype=float)
+            same_int = isinstance(value, int) and all(v == value for v in values)  # sizes, counts
+            out[key] = value if same_int else float(arr.mean())
+            out[f"{key}_std"] = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+        out["n_seeds"] = len(members)
+        out["seeds"] = [m.get("seed") for m in members]
+        summary.append(out)
+    return summary
+
+
+def write_json(out: Path, rows: list[dict], settings: dict, summary: list[dict] | None = None) -> Path:
     path = out / "results.json"
-    write_text_atomic(path, json.dumps(_json_safe({"rows": rows, "settings": settings}), indent=1))
+    data = {"rows": rows, "summary": summary if summary is not None else summarise(rows), "settings": settings}
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=1))
     return path
 
 
-def _cell(row: dict, key: str) -> str:
-    v = row.get(key)
-    if v is None:
-        return "–"
+def _number(key: str, v: float) -> str:
     v = float(v) * (1000.0 if key in _MILLI else 1.0)
     if key == "train_seconds":
         return f"{v:.0f}"
-    if key == "predict_cost_ratio":
-        return f"{v:.1f}"
+    if key in ("predict_cost_ratio", "sigma_ratio"):
+        return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _cell(row: dict, key: str) -> str:
+    """A number as shown in results.md (meV for RMSEs), with ' ± std' over seeds when there are several."""
+    v = row.get(key)
+    if v is None:
+        return "–"
+    text = _number(key, v)
+    spread = row.get(f"{key}_std")
+    if row.get("n_seeds", 1) > 1 and spread is not None:
+        text += f" ± {_number(key, spread)}"
+    return text
 
 
 def table(rows: list[dict]) -> str:
@@ -92,7 +133,9 @@ _LEGEND = (
     "energy-only sets), miscalibration area, ENCE, Spearman rank "
     "correlation of |error| with σ and the coverage of the central 95% interval, all on the "
     "target named in each heading. 'a → b': before → after recalibration (one σ factor per "
-    "target fitted on the validation split; Spearman does not change). train: wall seconds "
+    "target fitted on the validation split; Spearman does not change). σ ratio: mean σ on this "
+    "test set over mean σ on the in-distribution reference test set of the experiment (the same "
+    "before and after recalibration). train: wall seconds "
     "of all networks of the method (an ensemble trains all its members). predict cost: wall "
     "time of predict with uncertainty (default samples; all members for the ensemble) over "
     "the deterministic model's MAP predict on the same structures (the first {n} of the first "
@@ -108,13 +151,14 @@ def write_markdown(out: Path, protocol: str, description: str, rows: list[dict],
              f"* uq: {s['uq']}",
              f"* training: {s['training']}",
              f"* split: {s['protocol_settings'].get('split', '')}",
-             f"* data: `{s['data_dir']}`; seed {s['seed']}; "
+             f"* data: `{s['data_dir']}`; seeds {', '.join(map(str, s.get('seeds', [s['seed']])))}"
+             f"{' (tables: mean ± standard deviation over seeds)' if len(s.get('seeds', [])) > 1 else ''}; "
              f"{'QUICK smoke-test settings' if s['quick'] else 'full settings'}",
              f"* machine: {s['machine']['cpu_count']} CPU cores, torch threads {s['machine']['torch_threads']}; "
              f"wall time {s['wall_seconds'] / 60:.1f} min" + ("" if s["complete"] else " (INCOMPLETE run)"),
              ""]
     experiments = list(dict.fromkeys(r["experiment"] for r in rows))
-    if len(experiments) > 1:
+    if s["protocol_settings"].get("learning_curve"):
         test_names = list(dict.fromkeys(r["test_set"] for r in rows))
         lines += ["## Learning curves", ""]
         for t in test_names:
@@ -145,7 +189,8 @@ def write_markdown(out: Path, protocol: str, description: str, rows: list[dict],
     return path
 
 
-def write_plots(out: Path, experiments: list, scored: dict, rows: list[dict]) -> list[Path]:
+def write_plots(out: Path, experiments: list, scored: dict, rows: list[dict],
+                learning_curve: bool = False) -> list[Path]:
     """Calibration curves per test set with forces, σ along paths, learning curves."""
     plots_dir = out / "plots"
     written: list[Path] = []
@@ -179,7 +224,7 @@ def write_plots(out: Path, experiments: list, scored: dict, rows: list[dict]) ->
                     test.coordinate, ref, series, plots_dir / f"{tag}{test.name}_path.png",
                     xlabel=test.coordinate_label or "path coordinate",
                     title=f"{test.name}: energy and σ (after recalibration) along the path"))
-    if len(experiments) > 1:
+    if learning_curve:
         written += _learning_curves(plots_dir, rows)
     return written
 

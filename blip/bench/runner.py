@@ -132,6 +132,7 @@ def row_metrics(arrays: dict, scales: dict) -> dict:
         row[f"{q}_mae"] = raw.get("mae")
         if q == "energy_per_atom":
             continue
+        row[f"{q}_mean_std"] = float(np.mean(a["std"])) if a is not None else None
         for m in PROBABILISTIC:
             row[f"{q}_{m}"] = raw.get(m)
         for m in SCALED:
@@ -178,6 +179,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
     cost_reference = ("deterministic MAP" if reference[1]["uq"]["method"] == "deterministic"
                       else f"MAP pass of {reference[0].name}")
     for spec, cfg, model, seconds, summary in trained:
+        first_row = len(rows)
         ratio = cost_ratio(model, reference[2], timing, seed, exp.timing_repeats)
         log(f"      {exp.name} {spec.name}: predict cost {ratio:.2f} x {cost_reference} "
             f"({len(timing)} structures of {exp.tests[0].name}, median of {exp.timing_repeats})")
@@ -201,7 +203,21 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
                 "epochs_run": summary["epochs_run"], "predict_seconds": pred_seconds,
                 "predict_cost_ratio": ratio, "cost_reference": cost_reference,
             })
+        add_sigma_ratios(rows[first_row:], exp.reference_test)
     return rows, scored
+
+
+def add_sigma_ratios(rows: list[dict], reference_test: str | None) -> None:
+    """``{energy,forces}_sigma_ratio``: mean sigma of each test set over that of ``reference_test``.
+
+    Rows are one method's; the ratio does not change under recalibration (one factor per target).
+    """
+    ref = next((r for r in rows if r["test_set"] == reference_test), None)
+    for r in rows:
+        for q in ("energy", "forces"):
+            num, den = r.get(f"{q}_mean_std"), None if ref is None else ref.get(f"{q}_mean_std")
+            r[f"{q}_sigma_ratio"] = num / den if num is not None and den else None
+        r["sigma_ratio"] = r[f"{r['uq_target']}_sigma_ratio"]
 
 
 def cost_ratio(model, reference, structures, seed: int, repeats: int = 3) -> float:
