@@ -25,11 +25,8 @@ def build_potential(cfg: dict, summary: DatasetSummary) -> BayesianPotential:
     """One network for ``cfg["uq"]["method"]`` (an ensemble member for "ensemble")."""
     uq = cfg["uq"]
     method = "deterministic" if uq["method"] == "ensemble" else uq["method"]
-    potential = BayesianPotential(
-        build_backbone(cfg["model"], summary), method=method, prior_p=uq["prior_p"],
-        p_min=uq["p_min"], p_max=uq["p_max"], p_init=uq["p_init"],
-        inference_hidden=uq["inference_hidden"], dropout_p=uq["dropout_p"],
-    )
+    potential = BayesianPotential(build_backbone(cfg["model"], summary), method=method,
+                                  **{k: uq[k] for k in BayesianPotential.SETTINGS})
     return potential.to(dtype_of(cfg))
 
 

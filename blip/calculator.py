@@ -2,13 +2,15 @@
 
     import blip
     atoms.calc = blip.Calculator("model.pt", samples=16, seed=0)
-    atoms.get_potential_energy()            # mean energy, eV
+    atoms.get_potential_energy()            # energy of the noise-free (MAP) model, eV
     atoms.calc.results["forces_std"]        # (n, 3) standard deviation, eV/A
 
 Result keys (units eV, eV/Angstrom; energies per structure):
 
-* ``energy``, ``free_energy`` (float) and ``forces`` (n, 3): means over the K samples
-  (``mode="map"``: the noise-free MAP prediction).
+* ``energy``, ``free_energy`` (float) and ``forces`` (n, 3): the prediction, as
+  ``BlipModel.predict`` gives it: the noise-free (MAP) pass for BLIP and MC dropout with
+  ``uq.predict_mean: map`` (the default), else the mean over the K samples; an ensemble's
+  member mean.
 * ``energy_std`` (float), ``forces_std`` (n, 3): **standard deviations** over the samples
   (population, ddof=0), times the model's calibration factor.
 * ``energy_var`` (float), ``forces_var`` (n, 3): **population variances**, exactly ``std**2``
@@ -35,7 +37,7 @@ PER_ATOM_KEYS = ("forces_std", "forces_var")
 
 
 class BlipCalculator(Calculator):
-    """ASE calculator for a BLIP model: mean energy and forces plus their spread.
+    """ASE calculator for a BLIP model: energy and forces plus their spread.
 
     model: a :class:`blip.predictor.BlipModel` or the path of a model file.
     samples: Monte-Carlo samples K per call (default: the model's ``uq.samples``; 0 = MAP).

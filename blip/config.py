@@ -28,14 +28,26 @@ DEFAULTS: dict = {
     },
     "uq": {
         "method": "blip",
-        "samples": 16,
-        "prior_p": 0.1,
-        "beta": 1.0,
-        "p_min": 1e-5,
-        "p_max": 0.8,
-        "p_init": 0.05,
-        "inference_hidden": 32,
-        "dropout_p": 0.1,
+        "samples": 16,               # K Monte-Carlo samples per prediction
+        "prior_p": 0.001,            # dropout rate of the prior (KL target) on training data
+        "beta": 1.0,                 # weight of the KL
+        "p_min": 1e-5,               # bounds of the predicted rates
+        "p_max": 0.5,
+        "p_init": 0.001,             # rate of every row at the start of training
+        "inference_hidden": 32,      # hidden width of each rate head
+        "rate_inputs": "hidden",     # hidden: each MLP's own input features + species; species: base only
+        "distance": True,            # rates rise with the Mahalanobis distance from the training features
+        "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
+        "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
+        "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
+        "contrastive": {             # noise-contrastive prior on perturbed, unlabelled copies of batches
+            "weight": 1.0,           # 0 switches it off
+            "every": 2,              # one contrastive pass every N steps (weighted by N)
+            "prior_p": 0.5,          # the rate their KL pulls towards
+            "rattle": [0.05, 0.3],   # Gaussian displacement standard deviation, Angstrom (half of the copies)
+            "strain": [0.1, 0.3],    # distances scaled by 1 + s or 1 / (1 + s) (the other half)
+        },
+        "dropout_p": 0.1,            # MC dropout baseline
         "ensemble_size": 5,
         "recalibrate": True,
     },
@@ -166,6 +178,22 @@ def _validate(cfg: dict) -> None:
 
     if cfg["uq"]["method"] not in METHODS:
         raise ConfigError(f"uq.method '{cfg['uq']['method']}' is not one of {', '.join(METHODS)}")
+    from .model import RATE_INPUTS, WEIGHT_NOISE
+
+    uq = cfg["uq"]
+    if uq["weight_noise"] not in WEIGHT_NOISE:
+        raise ConfigError(f"uq.weight_noise '{uq['weight_noise']}' is not one of {', '.join(WEIGHT_NOISE)}")
+    if uq["predict_mean"] not in ("map", "samples"):
+        raise ConfigError("uq.predict_mean must be 'map' (noise-free pass) or 'samples' (mean of the samples)")
+    if uq["rate_inputs"] not in RATE_INPUTS:
+        raise ConfigError(f"uq.rate_inputs '{uq['rate_inputs']}' is not one of {', '.join(RATE_INPUTS)}")
+    ncp = uq["contrastive"]
+    if not 0.0 < float(ncp["prior_p"]) < 1.0 or float(ncp["weight"]) < 0 or int(ncp["every"]) < 1:
+        raise ConfigError("uq.contrastive: need 0 < prior_p < 1, weight >= 0 and every >= 1")
+    for key in ("rattle", "strain"):
+        span = ncp[key]
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and 0 <= float(span[0]) <= float(span[1])):
+            raise ConfigError(f"uq.contrastive.{key}: expected [low, high] with 0 <= low <= high, got {span!r}")
     if cfg["model"]["dtype"] not in ("float32", "float64"):
         raise ConfigError("model.dtype must be float32 or float64")
     if cfg["training"]["loss"] not in ("mse", "l1", "huber"):

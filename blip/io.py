@@ -12,7 +12,7 @@ from .backbones.base import DatasetSummary
 from .errors import CheckpointError
 
 FORMAT = "blip-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: noise rates from hidden features (inference heads per layer, feature statistics)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -53,7 +53,24 @@ def read_payload(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a BLIP model file (foreign checkpoint?)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer BLIP (format {payload['format_version']})")
+    if payload.get("format_version", 0) < FORMAT_VERSION:
+        if payload["config"]["uq"]["method"] == "blip":
+            raise CheckpointError(f"{path}: a BLIP model written by BLIP {payload.get('blip_version', '0.1')} "
+                                  f"(format {payload.get('format_version')}), whose inference net this version "
+                                  "no longer builds; retrain it with this version")
+        payload["config"] = _with_new_keys(payload["config"])  # baselines load unchanged
     return payload
+
+
+def _with_new_keys(cfg: dict) -> dict:
+    """An older file's config with the keys added since filled in from today's defaults."""
+    from .config import DEFAULTS, deep_update
+
+    import copy
+
+    merged = copy.deepcopy(DEFAULTS)
+    merged["model"].update(cfg.get("model", {}))
+    return deep_update(merged, cfg)
 
 
 def load(path: str | Path, device: str = "cpu"):

@@ -7,8 +7,13 @@ from torch import nn
 
 from .backbones.base import Backbone
 from .bayes import InferenceNet, NoiseContext, NoiseState, kl_divergence, make_generators, wrap
+from .bayes.wrap import rate_slots
 
 METHODS = ("blip", "deterministic", "mc_dropout", "ensemble")
+RATE_INPUTS = ("hidden", "species")  # what the inference net sees beside the base features
+#: uq.weight_noise -> noise kind: independent weight noise (local reparameterisation), or noise
+#: shared by the outputs of each input channel (Gaussian dropout of the layer's input)
+WEIGHT_NOISE = {"independent": "gaussian", "per_input": "gaussian_inputs"}
 
 
 class BayesianPotential(nn.Module):
@@ -19,14 +24,28 @@ class BayesianPotential(nn.Module):
     method "deterministic" (and ensemble members): no noise layers at all.
     """
 
-    def __init__(self, backbone: Backbone, method: str = "blip", prior_p: float = 0.5,
-                 p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
-                 inference_hidden: int = 32, dropout_p: float = 0.1):
+    #: uq config keys this class reads (see blip/config.py for what they mean)
+    SETTINGS = ("prior_p", "p_min", "p_max", "p_init", "inference_hidden", "dropout_p", "rate_inputs", "distance",
+                "detach_rate_inputs", "weight_noise")
+
+    def __init__(self, backbone: Backbone, method: str = "blip", **uq):
+        """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults."""
         super().__init__()
+        from .config import DEFAULTS
+
+        unknown = set(uq) - set(self.SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown uq setting(s) {', '.join(sorted(unknown))}")
+        u = {k: DEFAULTS["uq"][k] for k in self.SETTINGS} | uq
         if method not in METHODS:
             raise ValueError(f"unknown uq.method {method!r}; choose from {', '.join(METHODS)}")
+        if u["rate_inputs"] not in RATE_INPUTS:
+            raise ValueError(f"unknown uq.rate_inputs {u['rate_inputs']!r}; choose from {', '.join(RATE_INPUTS)}")
+        if u["weight_noise"] not in WEIGHT_NOISE:
+            raise ValueError(f"unknown uq.weight_noise {u['weight_noise']!r}; choose from {', '.join(WEIGHT_NOISE)}")
         self.backbone, self.method = backbone, method
-        self.prior_p, self.dropout_p = prior_p, dropout_p
+        self.noise_kind = WEIGHT_NOISE[u["weight_noise"]]
+        self.prior_p, self.dropout_p = float(u["prior_p"]), float(u["dropout_p"])
         self.noise_state = NoiseState()
         self.layers: dict[str, list[str]] = {}
         self.inference = None
@@ -34,23 +53,47 @@ class BayesianPotential(nn.Module):
             self.layers = wrap(backbone, backbone.noisy_layers(), self.noise_state,
                                backbone.extra_noisy_factories())
         if method == "blip":
-            dims = backbone.domain_feature_dims()
-            slots = {d: len(names) for d, names in self.layers.items()}
-            self.inference = InferenceNet(dims, slots, inference_hidden, p_min, p_max, p_init)
+            layer_dims = {}  # domain -> {rate slot: width of its input features}
+            for d, shared in rate_slots(backbone, self.layers).items():
+                layer_dims[d] = {slot: backbone.get_submodule(self.layers[d][slot]).rate_features_dim
+                                 for slot in sorted(set(shared.values()))}
+            self.inference = InferenceNet(
+                backbone.domain_feature_dims(), layer_dims, backbone.domain_group_counts(),
+                int(u["inference_hidden"]), float(u["p_min"]), float(u["p_max"]), float(u["p_init"]),
+                use_hidden=u["rate_inputs"] == "hidden", distance=bool(u["distance"]),
+                detach=bool(u["detach_rate_inputs"]))
 
     @property
     def stochastic(self) -> bool:
         return self.method in ("blip", "mc_dropout")
 
-    def _context(self, batch: dict, generators) -> tuple[NoiseContext, dict]:
+    def _context(self, batch: dict, generators, update: bool, training: bool = False) -> NoiseContext:
+        """Noise context of one pass; ``update``: feature statistics follow this batch;
+        ``training``: a training step (rate inputs may enter detached, ``uq.detach_rate_inputs``)."""
         feats = self.backbone.domain_features(batch)
         counts = {d: c for d, (_, c) in feats.items()}
         if self.method == "blip":
-            rates = self.inference({d: f for d, (f, _) in feats.items()})
-            return NoiseContext(rates, counts, generators, "gaussian"), rates
-        rates = {d: torch.full((f.shape[0], len(self.layers[d])), self.dropout_p, dtype=f.dtype, device=f.device)
-                 for d, (f, _) in feats.items() if d in self.layers}
-        return NoiseContext(rates, counts, generators, "bernoulli"), {}
+            base = {d: f for d, (f, _) in feats.items()}
+            groups = self.backbone.domain_groups(batch) if self.inference.wants_features else {}
+            inference = self.inference
+
+            def provider(domain, slot, rows, features):
+                return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training)
+
+            return NoiseContext(provider, counts, generators, self.noise_kind, wants_features=inference.wants_features)
+        p = self.dropout_p
+        dtype = batch["positions"].dtype
+
+        def fixed(domain, slot, rows, features):
+            return torch.full((rows,), p, dtype=dtype, device=batch["positions"].device)
+
+        return NoiseContext(fixed, counts, generators, "bernoulli")
+
+    def _generators(self, batch: dict, seed: int | None):
+        if seed is None:
+            return None
+        replica = batch.get("replica", torch.zeros_like(batch["structure_index"]))
+        return make_generators(seed, replica, batch["structure_index"])
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
                 forces: bool = True, training: bool = False) -> dict[str, torch.Tensor]:
@@ -59,7 +102,8 @@ class BayesianPotential(nn.Module):
         sample: draw noise (a Monte-Carlo sample); False gives the noise-free MAP pass.
         seed: with ``batch["replica"]`` and ``batch["structure_index"]``, makes the noise of each
         (replica, structure) block reproducible; None draws from torch's global generator.
-        training: keep the graph for a loss on the forces (create_graph).
+        training: a training step: keep the graph for a loss on the forces (create_graph), and
+        let BLIP's feature statistics follow the batches (moving average).
         """
         batch = self.backbone.prepare(dict(batch))
         positions = batch["positions"]
@@ -69,18 +113,48 @@ class BayesianPotential(nn.Module):
         out: dict[str, torch.Tensor] = {}
         ctx = None
         if sample and self.stochastic:
-            generators = None
-            if seed is not None:
-                replica = batch.get("replica", torch.zeros_like(batch["structure_index"]))
-                generators = make_generators(seed, replica, batch["structure_index"])
-            ctx, rates = self._context(batch, generators)
-            if rates:
-                out["kl"] = kl_divergence(rates, self.prior_p)
-                out["rates"] = rates
+            ctx = self._context(batch, self._generators(batch, seed), update=training, training=training)
         with self.noise_state.use(ctx):
             energy = self.backbone.energy(batch)
         out["energy"] = energy
+        if ctx is not None and self.method == "blip":
+            out["rates"] = dict(ctx.used)
+            out["kl"] = kl_divergence(ctx.used, self.prior_p)
         if forces:
             (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=training)
             out["forces"] = -grad
         return out
+
+    def rates(self, batch: dict, seed: int | None = None, transform=None) -> dict[tuple[str, int], torch.Tensor]:
+        """Rates p (rows,) of every noisy layer in one sampled pass, without forces.
+
+        The backbone runs without gradients; the rates keep theirs (into the inference net), so a
+        loss on them (the noise-contrastive KL) trains the inference net only. Feature statistics
+        are not updated. ``transform(batch) -> batch`` runs after the backbone's ``prepare``
+        (e.g. perturbed positions on the original graph, see :mod:`blip.train.contrastive`).
+        """
+        batch = self.backbone.prepare(dict(batch))
+        if transform is not None:
+            batch = transform(batch)
+        ctx = self._context(batch, self._generators(batch, seed), update=False)
+        with torch.no_grad(), self.noise_state.use(ctx):
+            self.backbone.energy(batch)
+        return dict(ctx.used)
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, batches, seed: int = 0) -> None:
+        """Exact feature statistics of the inference net from sampled passes over ``batches``."""
+        if self.inference is None or not self.inference.wants_features:
+            return
+        densities = self.inference.densities_list()
+        for d in densities:
+            d.begin_fit()
+        try:
+            for batch in batches:
+                batch = self.backbone.prepare(dict(batch))
+                ctx = self._context(batch, self._generators(batch, seed), update=True)
+                with self.noise_state.use(ctx):
+                    self.backbone.energy(batch)
+        finally:
+            for d in densities:
+                d.end_fit()

@@ -90,7 +90,9 @@ class BlipModel:
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
         lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
         (K, n_i, 3). Standard deviations are population (ddof=0) over the K samples, times
-        the calibration factor. ``samples=0`` is the noise-free MAP prediction (std zero; for
+        the calibration factor. ``energy`` and ``forces`` are the noise-free (MAP) pass when
+        ``uq.predict_mean`` is "map" (the default), else the sample means; the ensemble always
+        gives its member mean. ``samples=0`` is the noise-free MAP prediction (std zero; for
         an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
         is the number of members.
         """
@@ -103,22 +105,26 @@ class BlipModel:
         self._check(atoms_list, source)
         graphs = [build_graph(a, self.cutoff, index=i) for i, a in enumerate(atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
-        e_samples = [None] * len(graphs)
-        f_samples = [None] * len(graphs)
+        map_mean = samples > 0 and self.predicts_map
+        e_samples, f_samples = [None] * len(graphs), [None] * len(graphs)
+        e_map, f_map = [None] * len(graphs), [None] * len(graphs)
         chunks = list(_chunks(graphs, k_eff, MAX_EDGES_PER_PASS))
         for chunk in tqdm(chunks, desc="predict", disable=not progress, unit="batch"):
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
-            energy, forces = self.sample_batch(batch, samples, seed)
-            energy, forces = energy.cpu().double().numpy(), forces.cpu().double().numpy()
-            start = 0
-            for pos, i in enumerate(chunk):
-                n = int(batch["n_atoms"][pos])
-                e_samples[i] = energy[:, pos]
-                f_samples[i] = forces[:, start:start + n]
-                start += n
-        return self._summarise(e_samples, f_samples, stochastic=samples > 0)
+            _scatter(batch, chunk, *self.sample_batch(batch, samples, seed), e_samples, f_samples)
+            if map_mean:
+                _scatter(batch, chunk, *self.sample_batch(batch, 0, seed), e_map, f_map)
+        means = ([e[0] for e in e_map], [f[0] for f in f_map]) if map_mean else None
+        return self._summarise(e_samples, f_samples, stochastic=samples > 0, means=means)
 
-    def _summarise(self, e_samples, f_samples, stochastic: bool) -> dict:
+    @property
+    def predicts_map(self) -> bool:
+        """Whether the predicted energies and forces are the noise-free (MAP) pass, not the sample mean."""
+        return self.method in ("blip", "mc_dropout") and self.config["uq"].get("predict_mean", "samples") == "map"
+
+    def _summarise(self, e_samples, f_samples, stochastic: bool, means=None) -> dict:
+        """Means, calibrated standard deviations and samples; ``means`` (energies, forces) replace the
+        sample means as the prediction (the spread stays that of the samples)."""
         ce, cf = self.calibration["energy"], self.calibration["forces"]
         energy_samples = np.stack(e_samples, axis=1)  # (K, N)
         e_mean = energy_samples.mean(0)
@@ -128,6 +134,8 @@ class BlipModel:
             f_samples = [m + cf * (f - m) for m, f in zip(f_mean, f_samples)]
             e_std = energy_samples.std(0)
             f_std = [f.std(0) for f in f_samples]
+            if means is not None:
+                e_mean, f_mean = np.asarray(means[0]), list(means[1])
         else:
             e_std = np.zeros_like(e_mean)
             f_std = [np.zeros_like(f) for f in f_mean]
@@ -143,6 +151,17 @@ class BlipModel:
         for i, atoms in enumerate(atoms_list):
             if not np.all(np.isfinite(atoms.get_positions())):
                 raise DataError(source, "positions contain NaN or inf", i)
+
+
+def _scatter(batch, chunk, energy, forces, e_out: list, f_out: list) -> None:
+    """Split (K, G) energies and (K, N, 3) forces of a batch into per-structure numpy arrays."""
+    energy, forces = energy.cpu().double().numpy(), forces.cpu().double().numpy()
+    start = 0
+    for pos, i in enumerate(chunk):
+        n = int(batch["n_atoms"][pos])
+        e_out[i] = energy[:, pos]
+        f_out[i] = forces[:, start:start + n]
+        start += n
 
 
 def _chunks(graphs: list[dict], replicas: int, max_edges: int):

@@ -33,7 +33,7 @@ def test_kl_averages_layers_not_rows():
 
 
 def _ctx(p, rows, generators=None, kind="gaussian"):
-    return NoiseContext({"node": torch.full((rows, 1), p, dtype=torch.float64)},
+    return NoiseContext.fixed({"node": torch.full((rows, 1), p, dtype=torch.float64)},
                         {"node": torch.tensor([rows])}, generators, kind)
 
 
@@ -78,9 +78,9 @@ def test_blockwise_noise_does_not_depend_on_batch_neighbours():
         return g
 
     rates = torch.full((5, 1), 0.3, dtype=torch.float64)
-    with state.use(NoiseContext({"node": rates}, {"node": torch.tensor([2, 3])}, [gen(1), gen(2)])):
+    with state.use(NoiseContext.fixed({"node": rates}, {"node": torch.tensor([2, 3])}, [gen(1), gen(2)])):
         both = noisy(h)
-    with state.use(NoiseContext({"node": rates[2:]}, {"node": torch.tensor([3])}, [gen(2)])):
+    with state.use(NoiseContext.fixed({"node": rates[2:]}, {"node": torch.tensor([3])}, [gen(2)])):
         second = noisy(h[2:])
     assert torch.equal(both[2:], second)
 
@@ -97,10 +97,15 @@ def test_wrap_selects_by_pattern_and_keeps_state_dict_names():
 
 
 def test_inference_net_starts_at_p_init_and_respects_bounds():
-    net = InferenceNet({"node": 3}, {"node": 2}, p_min=1e-5, p_max=0.1, p_init=5e-5)
-    p = net({"node": torch.randn(10, 3)})["node"]
-    assert p.shape == (10, 2)
-    assert torch.allclose(p, torch.full_like(p, 5e-5), rtol=0.05)
-    with torch.no_grad():
-        net.nets["node"][2].bias.fill_(10.0)
-    assert float(net({"node": torch.randn(4, 3)})["node"].max().detach()) == pytest.approx(0.1)
+    torch.manual_seed(0)
+    base, groups = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    for use_hidden in (False, True):
+        net = InferenceNet({"node": 3}, {"node": {0: 4, 1: 5}}, {"node": 2}, p_min=1e-5, p_max=0.1, p_init=5e-5,
+                           use_hidden=use_hidden, distance=False)
+        for slot, width in enumerate((4, 5)):
+            p = net.rate("node", slot, base, torch.randn(10, width), groups)
+            assert p.shape == (10,)
+            assert torch.allclose(p, torch.full_like(p, 5e-5), rtol=0.05)
+        with torch.no_grad():
+            net.heads["node"]["1"].net[2].bias.fill_(10.0)
+        assert float(net.rate("node", 1, base, torch.randn(10, 5), groups).max().detach()) == pytest.approx(0.1)

@@ -56,9 +56,9 @@ def wrapped(chgnet, dtype=torch.float64, p=None, method="blip"):
                               p_min=1e-5, p_max=0.1, p_init=5e-5).to(dtype)
     if p is not None:
         torch.manual_seed(0)
-        for net in model.inference.nets.values():
-            torch.nn.init.normal_(net[2].weight, std=0.3)
-            torch.nn.init.constant_(net[2].bias, math.log(p / (1 - p)))
+        for head in model.inference.heads_list():
+            torch.nn.init.normal_(head.net[2].weight, std=0.3)
+            torch.nn.init.constant_(head.net[2].bias, math.log(p / (1 - p)) - head.logit0)
     return model
 
 

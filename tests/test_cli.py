@@ -91,9 +91,14 @@ def test_python_api_contract(tiny_model_path):
     assert out["energy_samples"].shape == (5, 3)
     assert [f.shape for f in out["forces"]] == [(len(a), 3) for a in atoms]
     np.testing.assert_allclose(out["energy_std"], out["energy_samples"].std(0))
-    np.testing.assert_allclose(out["energy"], out["energy_samples"].mean(0))
     map_out = model.predict(atoms, samples=0)
     assert np.all(map_out["energy_std"] == 0) and all(np.all(s == 0) for s in map_out["forces_std"])
+    # uq.predict_mean: map (default) predicts the noise-free pass, "samples" the sample mean
+    np.testing.assert_allclose(out["energy"], map_out["energy"], rtol=0, atol=1e-9)
+    model.config["uq"]["predict_mean"] = "samples"
+    out = model.predict(atoms, samples=5, seed=0)
+    np.testing.assert_allclose(out["energy"], out["energy_samples"].mean(0))
+    assert not np.allclose(out["energy"], map_out["energy"], rtol=0, atol=1e-6)
 
 
 def test_evaluate_json_and_report(tiny_model_path, tmp_path):

@@ -41,10 +41,12 @@ def _backbone(summary, **changes):
 
 
 def _potential(summary, method="blip"):
-    model = BayesianPotential(_backbone(summary), method=method, p_init=0.2, dropout_p=0.3).double()
+    """With noise on the radial MLPs too (``edge_noise``), so both noisy layer types are tested."""
+    model = BayesianPotential(_backbone(summary, edge_noise=True), method=method, p_init=0.2,
+                              dropout_p=0.3).double()
     if model.inference is not None:  # rates that vary between rows
-        for net in model.inference.nets.values():
-            torch.nn.init.normal_(net[2].weight, std=0.5)
+        for head in model.inference.heads_list():
+            torch.nn.init.normal_(head.net[2].weight, std=0.5)
     return model
 
 
@@ -72,7 +74,7 @@ def _run(model, atoms_list, sample, seed=11):
 
 def test_noisy_layers_are_messages_and_updates_readouts_stay_deterministic(blip_mace_model):
     layers = blip_mace_model.layers
-    assert layers["node"] == ["model.interactions.0.linear_up", "model.interactions.0.linear",
+    assert layers["node"] == ["model.interactions.0.linear",
                               "model.interactions.1.linear_up", "model.interactions.1.linear",
                               "model.products.0.linear", "model.products.1.linear"]
     assert layers["edge"] == [f"model.interactions.{n}.conv_tp_weights.layer{k}" for n in (0, 1) for k in (0, 1, 2)]
@@ -80,7 +82,12 @@ def test_noisy_layers_are_messages_and_updates_readouts_stay_deterministic(blip_
     assert all(isinstance(modules[n], NoisyIrrepsLinear) for n in layers["node"])
     assert all(isinstance(modules[n], NoisyFCLayer) for n in layers["edge"])
     assert type(modules["model.readouts.0.linear"]) is o3.Linear
-    assert blip_mace_model.inference.nets["edge"][0].in_features == 4 + 2 * 3
+    assert blip_mace_model.inference.heads["edge"]["0"].net[0].in_features == 4 + 2 * 3 + 4
+
+
+def test_radial_mlps_are_deterministic_by_default(acac_summary):
+    layers = BayesianPotential(_backbone(acac_summary), method="blip").layers
+    assert set(layers) == {"node"} and len(layers["node"]) == 5
 
 
 # ---------------------------------------------------------------- symmetries of every sample
@@ -196,7 +203,7 @@ def _context(domain, rows, kind, seed=3):
     gen = torch.Generator().manual_seed(seed)
     rates = {domain: torch.rand(rows, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.1}
     counts = {domain: torch.tensor([rows])}
-    return NoiseContext(rates, counts, [torch.Generator().manual_seed(seed)], kind)
+    return NoiseContext.fixed(rates, counts, [torch.Generator().manual_seed(seed)], kind)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "bernoulli"])
@@ -229,7 +236,7 @@ def test_noisy_fc_layer_is_exact_at_map_and_has_local_reparameterisation_varianc
     assert torch.equal(last(hidden(x)), net(x))
     rows = 40000
     xs = hidden(x)[:1].detach().expand(rows, 7).contiguous()
-    ctx = NoiseContext({"edge": torch.full((rows, 2), 0.2, dtype=torch.float64)}, {"edge": torch.tensor([rows])})
+    ctx = NoiseContext.fixed({"edge": torch.full((rows, 2), 0.2, dtype=torch.float64)}, {"edge": torch.tensor([rows])})
     with state.use(ctx):
         y = last(xs)
     w = net.layer1.weight.detach() / 7 ** 0.5

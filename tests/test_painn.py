@@ -16,8 +16,8 @@ def potential(acac_summary):
     model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
                               p_init=0.2).double()
     # Make the inference net depend on its inputs so that rates vary between rows.
-    for net in model.inference.nets.values():
-        torch.nn.init.normal_(net[2].weight, std=0.5)
+    for head in model.inference.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=0.5)
     return model
 
 

@@ -61,6 +61,18 @@ class Backbone(nn.Module):
         """Domain -> (invariant features (rows, d), rows per graph (G,))."""
         raise NotImplementedError
 
+    def domain_group_counts(self) -> dict[str, int]:
+        """Domain -> number of row groups with their own feature statistics (default: one)."""
+        return {}
+
+    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Domain -> group of every row (rows,) long, in ``range(domain_group_counts()[domain])``.
+
+        Domains left out have a single group. Species for atoms and species pairs for edges
+        keep the feature statistics of, e.g., H apart from those of C.
+        """
+        return {}
+
     def energy(self, batch: dict) -> torch.Tensor:
         """Total energy per graph (G,), eV; differentiable w.r.t. batch["positions"]."""
         raise NotImplementedError
@@ -94,6 +106,13 @@ class SpeciesMap(nn.Module):
         """Sum of isolated-atom energies per graph (G,), eV."""
         out = torch.zeros(n_graphs, dtype=self.e0.dtype, device=numbers.device)
         return out.index_add(0, batch, self.e0[numbers])
+
+
+def species_groups(species: SpeciesMap, batch: dict) -> dict[str, torch.Tensor]:
+    """Groups of the ``node`` (species) and ``edge`` (ordered species pair) domains."""
+    z = species.index(batch["numbers"])
+    i, j = batch["edge_index"]
+    return {"node": z, "edge": z[i] * species.n + z[j]}
 
 
 def edge_vectors(batch: dict) -> torch.Tensor:

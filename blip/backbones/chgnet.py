@@ -223,6 +223,21 @@ class CHGNetBackbone(Backbone):
             rf"chgnet\.angle_layers\.\d+\.twoBody_bond\.{gated}": "angle",
         }
 
+    def domain_group_counts(self) -> dict[str, int]:
+        n = self.species.n
+        return {"atom": n, "atom_edge": n * n, "bond": n * n, "angle": n}
+
+    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Species of atoms, ordered species pairs of directed pairs, unordered pairs of bonds,
+        and the centre species of angles."""
+        n = self.species.n
+        z = self.species.index(batch["numbers"])
+        ag, bg = batch["chgnet_atom_graph"], batch["chgnet_bond_graph"]
+        bond = ag[batch["chgnet_u2d"]]
+        zi, zj = z[bond[:, 0]], z[bond[:, 1]]
+        return {"atom": z, "atom_edge": z[ag[:, 0]] * n + z[ag[:, 1]],
+                "bond": torch.minimum(zi, zj) * n + torch.maximum(zi, zj), "angle": z[bg[:, 0]]}
+
     def domain_feature_dims(self) -> dict[str, int]:
         n, r = self.species.n, self.radial
         return {"atom": n + r, "atom_edge": r + 2 * n, "bond": r + n, "angle": 1 + 2 * r + n}

@@ -6,13 +6,15 @@ The model is mace-torch's own ``ScaleShiftMACE`` (first interaction
 
 Noise (irreps-safe, see :mod:`blip.bayes.irreps`):
 
-* message functions: the radial MLP that makes the tensor-product weights,
-  ``interactions.N.conv_tp_weights.layerK`` (edge rows, local reparameterisation);
-  ``interactions.N.linear_up`` (node features before they are sent, node rows) and
-  ``interactions.N.linear`` (aggregated messages, node rows), Gaussian dropout on irreps
-  channels;
+* message functions: ``interactions.N.linear_up`` for N >= 1 (node features before they
+  are sent, node rows; interaction 0's acts on the species embedding alone, so its noise
+  could not depend on the structure and it stays deterministic) and ``interactions.N.linear``
+  (aggregated messages, node rows), Gaussian dropout on irreps channels;
 * update functions: ``products.N.linear`` (node rows), Gaussian dropout on irreps channels;
-* deterministic: embedding, skip connections, symmetric contractions, readouts.
+* deterministic: embedding, skip connections, symmetric contractions, readouts, and the
+  radial MLPs that make the tensor-product weights (``interactions.N.conv_tp_weights``)
+  unless ``edge_noise`` is set (then edge rows, local reparameterisation): noise on a function
+  of distances alone adds spread that does not grow away from the training data.
 
 Edge convention: our ``edge_index = [i, j]`` with ``r_ij = pos[j] - pos[i] + shifts`` is
 MACE's ``[sender, receiver]`` with ``vectors = pos[receiver] - pos[sender] + shifts``, so
@@ -50,7 +52,7 @@ else:
 from ..bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear
 from ..config import register_backbone_defaults
 from ..errors import ConfigError
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, species_groups
 
 DEFAULTS = {
     "hidden_irreps": None,  # e.g. "32x0e + 32x1o"; None: built from num_channels and max_L
@@ -62,6 +64,7 @@ DEFAULTS = {
     "max_ell": 3,
     "radial_mlp": [32, 32],
     "mlp_irreps": "16x0e",
+    "edge_noise": False,  # noise on the radial MLPs too (edge rows)
 }
 
 POLYNOMIAL_CUTOFF_P = 5  # mace-torch's default envelope exponent
@@ -76,8 +79,9 @@ class MaceBackbone(Backbone):
 
     def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, hidden_irreps: str = "32x0e + 32x1o",
                  correlation: int = 3, num_interactions: int = 2, num_radial: int = 8, max_ell: int = 3,
-                 radial_mlp: list[int] = (32, 32), mlp_irreps: str = "16x0e"):
+                 radial_mlp: list[int] = (32, 32), mlp_irreps: str = "16x0e", edge_noise: bool = False):
         super().__init__()
+        self.edge_noise = bool(edge_noise)
         self.cutoff, self.elements = float(cutoff), sorted(int(z) for z in summary.elements)
         self.num_radial = int(num_radial)
         self.species = SpeciesMap(self.elements)
@@ -105,15 +109,23 @@ class MaceBackbone(Backbone):
 
     # -- BLIP protocol --------------------------------------------------------------
     def noisy_layers(self) -> dict[str, str]:
-        return {
-            r"model\.interactions\.\d+\.linear_up": "node",
-            r"model\.interactions\.\d+\.conv_tp_weights\.layer\d+": "edge",
+        layers = {
+            r"model\.interactions\.[1-9]\d*\.linear_up": "node",  # interaction 0's acts on species embeddings
             r"model\.interactions\.\d+\.linear": "node",
             r"model\.products\.\d+\.linear": "node",
         }
+        if self.edge_noise:
+            layers[r"model\.interactions\.\d+\.conv_tp_weights\.layer\d+"] = "edge"
+        return layers
 
     def extra_noisy_factories(self) -> dict:
         return {o3.Linear: NoisyIrrepsLinear, E3nnDenseLayer: NoisyFCLayer}
+
+    def domain_group_counts(self) -> dict[str, int]:
+        return {"node": self.species.n, "edge": self.species.n ** 2}
+
+    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        return species_groups(self.species, batch)
 
     def domain_feature_dims(self) -> dict[str, int]:
         n = self.species.n
@@ -183,6 +195,12 @@ def hidden_irreps_of(cfg: dict) -> o3.Irreps:
     return irreps
 
 
+def _flag(cfg: dict, key: str) -> bool:
+    if not isinstance(cfg[key], bool):
+        raise ConfigError(f"model.{key}: expected true or false, got {cfg[key]!r}")
+    return cfg[key]
+
+
 def settings_of(cfg: dict) -> dict:
     """Validated constructor arguments from the resolved ``model`` section; ConfigError names the key."""
     mlp = _irreps(cfg, "mlp_irreps")
@@ -200,6 +218,7 @@ def settings_of(cfg: dict) -> dict:
         "max_ell": _positive_int(cfg, "max_ell"),
         "radial_mlp": list(radial),
         "mlp_irreps": str(mlp),
+        "edge_noise": _flag(cfg, "edge_noise"),
     }
 
 

@@ -1,8 +1,9 @@
 """PaiNN (Schuett et al. 2021), compact, as the BLIP paper's backbone.
 
-Noise goes on the message MLP ``phi`` (evaluated per atom, as in the original, so
-node rows), the radial ``filter`` (edge rows) and the update MLP (node rows); the
-vector-mixing matrices U and V stay deterministic.
+Noise goes on the message MLP ``phi`` (evaluated per atom, as in the original, so node
+rows) and the update MLP (node rows); the vector-mixing matrices U and V stay
+deterministic, and so does the radial ``filter`` unless ``edge_noise`` is set (noise on a
+function of distances alone adds spread that does not grow away from the training data).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from ..config import register_backbone_defaults
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, species_groups
 
-DEFAULTS = {"features": 64, "interactions": 3, "radial": 20}
+DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False}
 register_backbone_defaults("painn", DEFAULTS)
 
 
@@ -77,8 +78,9 @@ class PaiNN(Backbone):
     """Energy = sum_i (scale * readout(s_i) + shift) + sum_i E0(Z_i); eV."""
 
     def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, features: int = 64,
-                 interactions: int = 3, radial: int = 20):
+                 interactions: int = 3, radial: int = 20, edge_noise: bool = False):
         super().__init__()
+        self.edge_noise = bool(edge_noise)
         self.cutoff, self.elements, self.radial = float(cutoff), sorted(summary.elements), radial
         self.species = SpeciesMap(self.elements, summary.e0s)
         self.embedding = nn.Embedding(len(self.elements), features)
@@ -88,11 +90,21 @@ class PaiNN(Backbone):
         self.register_buffer("shift", torch.tensor(float(summary.energy_shift)))
 
     def noisy_layers(self) -> dict[str, str]:
-        return {
-            r"interactions\.\d+\.message\.phi\.\d+": "node",
-            r"interactions\.\d+\.message\.filter": "edge",
-            r"interactions\.\d+\.update\.mlp\.\d+": "node",
-        }
+        """Message MLP phi of interactions >= 1 (interaction 0's acts on the species embedding
+        alone, so its noise could not depend on the structure) and the update MLPs (node rows);
+        with ``edge_noise`` also the radial filters (edge rows)."""
+        layers = {r"interactions\.\d+\.update\.mlp\.\d+": "node"}
+        if len(self.interactions) > 1:
+            layers[r"interactions\.[1-9]\d*\.message\.phi\.\d+"] = "node"
+        if self.edge_noise:
+            layers[r"interactions\.\d+\.message\.filter"] = "edge"
+        return layers
+
+    def domain_group_counts(self) -> dict[str, int]:
+        return {"node": self.species.n, "edge": self.species.n ** 2}
+
+    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        return species_groups(self.species, batch)
 
     def domain_feature_dims(self) -> dict[str, int]:
         n = self.species.n
@@ -127,4 +139,4 @@ class PaiNN(Backbone):
 def build(cfg: dict, summary: DatasetSummary) -> PaiNN:
     """Build from the resolved ``model`` config section."""
     return PaiNN(summary, cutoff=cfg["cutoff"], features=cfg["features"],
-                 interactions=cfg["interactions"], radial=cfg["radial"])
+                 interactions=cfg["interactions"], radial=cfg["radial"], edge_noise=bool(cfg["edge_noise"]))

@@ -1,4 +1,18 @@
-"""The inference ("posterior") network and the KL divergence to the prior."""
+"""The inference ("posterior") network that gives every noisy layer its dropout rates, and the KL.
+
+Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edge, ...):
+
+* the domain's base features from the backbone (one-hot species; radial basis of edges), always;
+* ``hidden``: the layer's own invariant input features, whitened by the training statistics
+  of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
+* ``distance``: ``u = log(1 + m)`` with ``m`` the Mahalanobis distance of those features
+  from the training data (about 1 on training rows).
+
+``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
+``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
+from the training data the distance term dominates and rates grow monotonically with it.
+``p = clamp(sigmoid(logit), p_min, p_max)``.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +20,111 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .density import FeatureDensity
+
+HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
+_U0 = math.log(2.0)  # u = log(1 + m) at m = 1, a typical training row
+U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
+# from the data) count as far away
+
+
+class RateHead(nn.Module):
+    """Logit of one noisy layer's rate from (rows, d_in) inputs and optionally a distance (rows,)."""
+
+    def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.normal_(self.net[2].weight, std=1e-3)
+        nn.init.zeros_(self.net[2].bias)
+        self.logit0 = float(logit0)
+        self.distance = distance
+        if distance:
+            self.slope = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus(slope) = 1 at the start
+
+    def forward(self, inputs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net(inputs).squeeze(-1)
+        if not self.distance:
+            return self.logit0 + out
+        return self.logit0 + HEAD_BOUND * torch.tanh(out / HEAD_BOUND) + F.softplus(self.slope) * (u - _U0)
 
 
 class InferenceNet(nn.Module):
-    """Maps invariant features of each domain to one dropout rate per noisy layer.
+    """Rates of every noisy layer: ``rate(domain, slot, base, features, groups) -> p (rows,)``.
 
-    feature_dims: domain -> feature width d; slots: domain -> number of noisy layers.
-    forward({domain: (rows, d)}) -> {domain: p of shape (rows, slots)}, with
-    ``p = clamp(sigmoid(logit), p_min, p_max)``; starts near ``p_init`` everywhere.
+    base_dims: domain -> width of the base features; layer_dims: domain -> {rate slot: width of
+    the input features of the layer(s) using that rate}; groups: domain -> number of row groups (species,
+    species pairs) of the feature statistics. ``hidden`` / ``distance`` choose the inputs
+    (module docstring); ``detach``: in training steps the features enter detached (no gradient
+    through them into the backbone, and the training forces ignore d(rate)/d(positions); every
+    prediction keeps the full derivative, so each sample's forces are exact).
     """
 
-    def __init__(self, feature_dims: dict[str, int], slots: dict[str, int], hidden: int = 32,
-                 p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05):
+    def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, list[int]], groups: dict[str, int],
+                 hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
+                 use_hidden: bool = True, distance: bool = True, detach: bool = False):
         super().__init__()
         if not 0.0 < p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
-        self.nets = nn.ModuleDict()
-        for domain, n_slots in slots.items():
-            net = nn.Sequential(nn.Linear(feature_dims[domain], hidden), nn.SiLU(), nn.Linear(hidden, n_slots))
-            nn.init.normal_(net[2].weight, std=1e-3)
-            nn.init.constant_(net[2].bias, math.log(p_init / (1.0 - p_init)))
-            self.nets[domain] = net
+        self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
+        logit0 = math.log(p_init / (1.0 - p_init))
+        self.heads = nn.ModuleDict()
+        self.densities = nn.ModuleDict()
+        for domain, dims in layer_dims.items():
+            self.heads[domain] = nn.ModuleDict({
+                str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance)
+                for slot, d in dims.items()})
+            if self.wants_features:
+                self.densities[domain] = nn.ModuleDict({str(slot): FeatureDensity(groups.get(domain, 1), d)
+                                                        for slot, d in dims.items()})
 
-    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {d: torch.sigmoid(net(features[d])).clamp(self.p_min, self.p_max) for d, net in self.nets.items()}
+    @property
+    def wants_features(self) -> bool:
+        return self.use_hidden or self.distance
+
+    def rate(self, domain: str, slot: int, base: torch.Tensor, features: torch.Tensor | None,
+             groups: torch.Tensor | None, update: bool = False, training: bool = False) -> torch.Tensor:
+        """Dropout rate p (rows,) of one layer; ``update`` adds the features to its statistics;
+        ``training``: a training step, where ``detach`` applies."""
+        head = self.heads[domain][str(slot)]
+        with torch.enable_grad():  # the rates train even when the backbone pass does not
+            if not self.wants_features:
+                return self._clamp(head(base))
+            density = self.densities[domain][str(slot)]
+            if update:
+                density.update(features, groups)
+            if self.detach and training:
+                features = features.detach()
+            z = torch.nan_to_num(density.standardise(features, groups), nan=0.0, posinf=1e6, neginf=-1e6)
+            u = torch.log1p((z * z).mean(dim=1)).clamp(max=U_MAX) if self.distance else None
+            inputs = torch.cat([base, z], dim=1) if self.use_hidden else base
+            return self._clamp(head(inputs, u))
+
+    def _clamp(self, logit: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logit).clamp(self.p_min, self.p_max)
+
+    def heads_list(self) -> list[RateHead]:
+        return [h for domain in self.heads.values() for h in domain.values()]
+
+    def densities_list(self) -> list[FeatureDensity]:
+        return [d for domain in self.densities.values() for d in domain.values()]
 
 
-def kl_divergence(rates: dict[str, torch.Tensor], prior_p: float) -> torch.Tensor:
+def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:
     """Mean KL between the multiplicative-noise posterior and prior, a scalar.
 
     Per element ``0.5 * ((alpha + 1) / alpha0 + log(alpha0) - log(alpha) - 1) - 0.5 / alpha0``:
     the closed form of DESIGN.md section 1 minus its alpha-independent constant
     ``0.5 / alpha0``, so it is exactly zero at ``alpha == alpha0`` and positive elsewhere
     (same gradients). Averaged over rows for each layer, then over layers.
-    rates: domain -> p of shape (rows, slots).
+    rates: layer -> p of shape (rows,) or (rows, slots).
     """
     alpha0 = prior_p / (1.0 - prior_p)
     per_layer = []
     for p in rates.values():
+        p = p if p.dim() == 2 else p[:, None]
         alpha = p / (1.0 - p)
         kl = 0.5 * (alpha / alpha0 - 1.0 - torch.log(alpha / alpha0))
         per_layer.append(kl.mean(dim=0))

@@ -52,18 +52,33 @@ def irreps_channel_index(irreps) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def channel_multipliers(ctx: NoiseContext, domain: str, slot: int, rows: int, channels: int,
+def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, rows: int, channels: int,
                         like: torch.Tensor) -> torch.Tensor:
-    """One multiplicative noise factor per (row, channel), shape (rows, channels).
+    """One multiplicative noise factor per (row, channel), shape (rows, channels); ``p`` (rows, 1).
 
     gaussian: ``1 + sqrt(alpha_row) * xi`` (mean 1, variance alpha); bernoulli: ``keep / (1 - p)``.
     """
     if ctx.kind == "bernoulli":
-        p = ctx.rate(domain, slot)[:, None]
         keep = (ctx.uniform(domain, rows, (channels,), like) >= p).to(like.dtype)
         return keep / (1.0 - p)
-    alpha = ctx.alpha(domain, slot)[:, None]
-    return 1.0 + torch.sqrt(alpha) * ctx.standard_normal(domain, rows, (channels,), like)
+    return 1.0 + torch.sqrt(p / (1.0 - p)) * ctx.standard_normal(domain, rows, (channels,), like)  # both Gaussian kinds
+
+
+def even_scalar_channels(irreps) -> torch.Tensor:
+    """Whether each channel of an irreps layout is an even scalar (0e), shape (channels,) bool."""
+    flags = []
+    for mul, ir in irreps:
+        flags.extend([int(ir.l) == 0 and int(ir.p) == 1] * int(mul))
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def invariant_summary(x: torch.Tensor, channel_of: torch.Tensor, even_scalar: torch.Tensor) -> torch.Tensor:
+    """Invariant features of irreps rows (rows, channels): the value of every 0e channel and the
+    norm of every other (channel, irrep) block, which no rotation or inversion changes."""
+    squares = torch.zeros((x.shape[0], even_scalar.numel()), dtype=x.dtype, device=x.device)
+    squares = squares.index_add(1, channel_of, x * x)
+    scalar_value = torch.zeros_like(squares).index_add(1, channel_of, x)  # = x for one-column channels
+    return torch.where(even_scalar, scalar_value, torch.sqrt(squares + _TINY))
 
 
 class NoisyIrrepsLinear(nn.Module):
@@ -86,9 +101,16 @@ class NoisyIrrepsLinear(nn.Module):
         self.irreps_in, self.irreps_out = linear.irreps_in, linear.irreps_out
         self.register_buffer("channel_of", irreps_channel_index(linear.irreps_in), persistent=False)
         self.channels = int(self.channel_of.max()) + 1 if self.channel_of.numel() else 0
+        self.register_buffer("even_scalar", even_scalar_channels(linear.irreps_in), persistent=False)
         self.domain, self.slot = domain, slot
+        self.rate_slot = slot  # wrap() points the later layers of an MLP at the first one
         self._linear = (linear,)  # a tuple: not a submodule, so no duplicate parameters
         self._state = state  # plain attribute: shared, not a submodule
+
+    @property
+    def rate_features_dim(self) -> int:
+        """Width of the invariant features given to the rate provider: one per input channel."""
+        return self.channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._state.ctx
@@ -96,7 +118,11 @@ class NoisyIrrepsLinear(nn.Module):
             if x.dim() != 2 or x.shape[1] != self.channel_of.numel():
                 raise RuntimeError(f"noisy irreps layer on domain '{self.domain}' expects "
                                    f"(rows, {self.channel_of.numel()}), got {tuple(x.shape)}")
-            factors = channel_multipliers(ctx, self.domain, self.slot, x.shape[0], self.channels, x)
+            features = None
+            if ctx.wants_features and self.rate_slot == self.slot:
+                features = invariant_summary(x, self.channel_of, self.even_scalar)
+            p = ctx.rate(self.domain, self.rate_slot, x.shape[0], features)[:, None]
+            factors = channel_multipliers(ctx, p, self.domain, x.shape[0], self.channels, x)
             x = x * factors[:, self.channel_of]
         return self._linear[0](x, self.weight, self.bias)
 
@@ -121,6 +147,7 @@ class NoisyFCLayer(nn.Module):
         self.h_in, self.h_out = int(layer.h_in), int(layer.h_out)
         self.var_in, self.var_out = float(layer.var_in), float(layer.var_out)
         self.domain, self.slot = domain, slot
+        self.rate_slot = slot  # wrap() points the later layers of an MLP at the first one
         self._state = state
 
     def _normalised_weight(self) -> torch.Tensor:
@@ -133,6 +160,10 @@ class NoisyFCLayer(nn.Module):
             return self.act(x) * self.var_out ** 0.5
         return x
 
+    def _rate_features(self, ctx, x: torch.Tensor) -> torch.Tensor | None:
+        """The input as rate features, for the first noisy layer of the MLP (later ones reuse its rate)."""
+        return x if ctx.wants_features and self.rate_slot == self.slot else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._state.ctx
         w = self._normalised_weight()
@@ -140,15 +171,22 @@ class NoisyFCLayer(nn.Module):
             return self._activate(x @ w)
         if x.dim() != 2:
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(x.shape)}")
+        p = ctx.rate(self.domain, self.rate_slot, x.shape[0], self._rate_features(ctx, x))[:, None]
         if ctx.kind == "bernoulli":
-            p = ctx.rate(self.domain, self.slot)[:, None]
             keep = (ctx.uniform(self.domain, x.shape[0], (x.shape[1],), x) >= p).to(x.dtype)
             return self._activate((x * keep / (1.0 - p)) @ w)
+        if ctx.kind == "gaussian_inputs":  # as NoisyLinear: one factor per input channel
+            xi = ctx.standard_normal(self.domain, x.shape[0], (self.h_in,), x)
+            return self._activate((x * (1.0 + torch.sqrt(p / (1.0 - p)) * xi)) @ w)
         mean = x @ w
         var = (x * x) @ (w * w)
         eps = ctx.standard_normal(self.domain, x.shape[0], (self.h_out,), x)
-        alpha = ctx.alpha(self.domain, self.slot)[:, None]
-        return self._activate(mean + torch.sqrt(alpha * var + _TINY) * eps)
+        return self._activate(mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps)
+
+    @property
+    def rate_features_dim(self) -> int:
+        """Width of the invariant features given to the rate provider (its scalar input)."""
+        return self.h_in
 
     def extra_repr(self) -> str:
         return f"{self.h_in}->{self.h_out}, act={self.act is not None}, domain={self.domain}, slot={self.slot}"

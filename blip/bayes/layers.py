@@ -16,9 +16,13 @@ class NoisyLinear(nn.Module):
 
     Sampled with the local reparameterisation trick:
     ``y = W h + b + sqrt(alpha * (h**2) @ (W**2).T) * eps`` with one ``alpha`` per row
-    (node, edge, ...) broadcast over output channels; no noise on the bias.
+    (node, edge, ...) broadcast over output channels; no noise on the bias. Kind
+    "gaussian_inputs" shares the weight noise of each input channel over the outputs
+    (Gaussian dropout of the input, ``y = W (h * (1 + sqrt(alpha) xi)) + b``): the same
+    variance of every output and the same KL, with one matmul instead of two.
     In the "bernoulli" kind (MC dropout baseline) inputs are dropped with rate ``p``
-    and rescaled by ``1 / (1 - p)``. Parameters keep the names ``weight`` and ``bias``
+    and rescaled by ``1 / (1 - p)``. The input must be invariant (scalar features): it is
+    what the layer gives the rate provider, so that rates may depend on it. Parameters keep the names ``weight`` and ``bias``
     so a state dict of the unwrapped model loads unchanged.
 
     Input (rows, in_features) -> output (rows, out_features).
@@ -30,7 +34,17 @@ class NoisyLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.domain, self.slot = domain, slot
+        self.rate_slot = slot  # wrap() points the later layers of an MLP at the first one
         self._state = state  # plain attribute: shared, not a submodule
+
+    @property
+    def rate_features_dim(self) -> int:
+        """Width of the invariant features this layer gives the rate provider (its input)."""
+        return self.in_features
+
+    def _rate_features(self, ctx, h: torch.Tensor) -> torch.Tensor | None:
+        """The input as rate features, for the first noisy layer of an MLP (later ones reuse its rate)."""
+        return h if ctx.wants_features and self.rate_slot == self.slot else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         ctx = self._state.ctx
@@ -38,15 +52,17 @@ class NoisyLinear(nn.Module):
             return F.linear(h, self.weight, self.bias)
         if h.dim() != 2:
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(h.shape)}")
+        p = ctx.rate(self.domain, self.rate_slot, h.shape[0], self._rate_features(ctx, h))[:, None]
         if ctx.kind == "bernoulli":
-            p = ctx.rate(self.domain, self.slot)[:, None]
             keep = (ctx.uniform(self.domain, h.shape[0], (h.shape[1],), h) >= p).to(h.dtype)
             return F.linear(h * keep / (1.0 - p), self.weight, self.bias)
+        if ctx.kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
+            xi = ctx.standard_normal(self.domain, h.shape[0], (h.shape[1],), h)
+            return F.linear(h * (1.0 + torch.sqrt(p / (1.0 - p)) * xi), self.weight, self.bias)
         mean = F.linear(h, self.weight, self.bias)
         var = F.linear(h * h, self.weight * self.weight)
         eps = ctx.standard_normal(self.domain, h.shape[0], (self.out_features,), h)
-        alpha = ctx.alpha(self.domain, self.slot)[:, None]
-        return mean + torch.sqrt(alpha * var + _TINY) * eps
+        return mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}"

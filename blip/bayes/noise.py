@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,29 +33,50 @@ def make_generators(seed: int, replicas: torch.Tensor, structure_index: torch.Te
     return gens
 
 
+#: ``provider(domain, slot, rows, features) -> p (rows,)``: the dropout rate of one noisy layer.
+#: ``features`` are the invariant features of that layer's input (rows, d), or None when the
+#: provider does not ask for them (``wants_features`` False).
+RateProvider = Callable[[str, int, int, "torch.Tensor | None"], torch.Tensor]
+
+
 @dataclass
 class NoiseContext:
     """Noise rates and random numbers for one forward pass.
 
-    rates: domain -> dropout rate ``p`` of shape (rows, n_layers_in_domain).
+    provider: gives each noisy layer its dropout rate ``p`` (rows,) when the layer runs; rates
+    may depend on the layer's own input, so they are computed lazily, layer by layer.
+    wants_features: whether layers pass their invariant input features to the provider.
     rows_per_graph: domain -> (G,) number of rows of each graph, in batch order.
     generators: one per graph, or None to draw from torch's global generator (training).
     kind: "gaussian" (BLIP, multiplicative Gaussian noise) or "bernoulli" (MC dropout).
+    used: (domain, slot) -> the rates ``p`` (rows,) of every layer that ran (for the KL).
     """
 
-    rates: dict[str, torch.Tensor]
+    provider: RateProvider
     rows_per_graph: dict[str, torch.Tensor] = field(default_factory=dict)
     generators: list[torch.Generator] | None = None
     kind: str = "gaussian"
+    wants_features: bool = False
+    used: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
-    def alpha(self, domain: str, slot: int) -> torch.Tensor:
-        """Variance ratio ``alpha = p / (1 - p)`` of one layer, shape (rows,)."""
-        p = self.rates[domain][:, slot]
-        return p / (1.0 - p)
+    @classmethod
+    def fixed(cls, rates: dict[str, torch.Tensor], rows_per_graph: dict | None = None,
+              generators: list | None = None, kind: str = "gaussian") -> "NoiseContext":
+        """A context with given rates: domain -> p of shape (rows, layers of the domain)."""
+        return cls(lambda domain, slot, rows, features: rates[domain][:, slot], rows_per_graph or {},
+                   generators, kind)
 
-    def rate(self, domain: str, slot: int) -> torch.Tensor:
-        """Dropout rate ``p`` of one layer, shape (rows,)."""
-        return self.rates[domain][:, slot]
+    def rate(self, domain: str, slot: int, rows: int, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Dropout rate ``p`` of the layers with rate slot ``slot``, shape (rows,); recorded in ``used``.
+
+        A later layer of an MLP asks without features and gets the rate its first layer computed.
+        """
+        key = (domain, slot)
+        if features is None and key in self.used:
+            return self.used[key]
+        p = self.provider(domain, slot, rows, features)
+        self.used[key] = p
+        return p
 
     def standard_normal(self, domain: str, rows: int, tail: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """N(0, 1) draws of shape (rows, *tail), block-wise per graph when generators are set."""

@@ -39,12 +39,15 @@ def wrap(
     patterns: regex (matched against the whole module name) -> domain (e.g. "node", "edge").
     factories: module type -> factory; ``nn.Linear`` -> :class:`NoisyLinear` by default.
     Returns domain -> names of its noisy layers; a layer's slot is its position in that list.
+    Noisy layers inside one ``nn.Sequential`` (an MLP) share one rate: ``rate_slot`` of every
+    layer is the slot of the MLP's first noisy layer (its own slot elsewhere).
     Raises ValueError if a pattern matches no layer a factory can wrap.
     """
     factories = {**DEFAULT_FACTORIES, **(factories or {})}
     compiled = [(re.compile(p), d) for p, d in patterns.items()]
     layers: dict[str, list[str]] = {}
     matched = {p: 0 for p in patterns}
+    first_in_mlp: dict[tuple[str, str], int] = {}  # (domain, parent Sequential) -> slot of its first noisy layer
     for name, module in list(backbone.named_modules()):
         hits = [(rx, d) for rx, d in compiled if rx.fullmatch(name)]
         if not hits:
@@ -56,8 +59,19 @@ def wrap(
         matched[rx.pattern] += 1
         slot = len(layers.setdefault(domain, []))
         layers[domain].append(name)
-        _set_submodule(backbone, name, factory(module, domain, slot, state))
+        noisy = factory(module, domain, slot, state)
+        parent = name.rpartition(".")[0]
+        if isinstance(backbone.get_submodule(parent) if parent else backbone, nn.Sequential):
+            noisy.rate_slot = first_in_mlp.setdefault((domain, parent), slot)
+        _set_submodule(backbone, name, noisy)
     missing = [p for p, n in matched.items() if n == 0]
     if missing:
         raise ValueError(f"noisy-layer patterns matched no wrappable layer: {missing}")
     return layers
+
+
+def rate_slots(backbone: nn.Module, layers: dict[str, list[str]]) -> dict[str, dict[int, int]]:
+    """Domain -> {slot: slot whose rate it uses}. The noisy layers of one MLP (an ``nn.Sequential``)
+    share the rate of its first noisy layer, which the inference net computes from the MLP's input."""
+    return {d: {slot: backbone.get_submodule(n).rate_slot for slot, n in enumerate(names)}
+            for d, names in layers.items()}

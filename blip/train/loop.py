@@ -21,11 +21,19 @@ from ..data import build_graph, collate
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_torch_save, save_model
 from ..predictor import BlipModel
+from ..bayes import kl_divergence
+from .contrastive import perturbed_batch
 from .datasets import PreparedData, prepare_data
 from .loss import data_loss
 
-LOG_FIELDS = ["member", "epoch", "lr", "train_loss", "train_data_loss", "kl", "mean_p",
+LOG_FIELDS = ["member", "epoch", "lr", "train_loss", "train_data_loss", "kl", "mean_p", "contrastive_kl",
+              "contrastive_mean_p",
               "valid_loss", "valid_energy_rmse_per_atom", "valid_forces_rmse", "time_s"]
+
+
+def _mean_rate(rates: dict) -> float:
+    """Mean dropout rate over the rows of every noisy layer (each layer weighs the same)."""
+    return float(torch.stack([p.detach().mean() for p in rates.values()]).mean())
 
 
 def seed_everything(seed: int) -> None:
@@ -101,19 +109,37 @@ class Trainer:
         return time.time() - self.member_start > self.budget_s / self.n_members()
 
     # -- one epoch ------------------------------------------------------------------
+    def _contrastive_kl(self, model, batch, rng):
+        """KL of the noise rates of perturbed, unlabelled copies of ``batch`` towards the
+        contrastive prior (see :mod:`blip.train.contrastive`); trains the inference net only."""
+        ncp = self.uq["contrastive"]
+        rates = model.rates(batch, transform=lambda b: perturbed_batch(b, rng, tuple(ncp["rattle"]),
+                                                                       tuple(ncp["strain"])))
+        return kl_divergence(rates, float(ncp["prior_p"])), _mean_rate(rates)
+
     def _train_epoch(self, model, opt, ema, graphs, rng) -> dict:
         model.train()
         order = rng.permutation(len(graphs))
         bs = int(self.tcfg["batch_size"])
-        beta = float(self.uq["beta"]) if model.method == "blip" else 0.0
-        totals = {"train_loss": 0.0, "train_data_loss": 0.0, "kl": 0.0, "mean_p": 0.0}
-        steps = 0
+        blip = model.method == "blip"
+        beta = float(self.uq["beta"]) if blip else 0.0
+        ncp_weight = float(self.uq["contrastive"]["weight"]) if blip else 0.0
+        ncp_every = int(self.uq["contrastive"]["every"])
+        totals = {"train_loss": 0.0, "train_data_loss": 0.0, "kl": 0.0, "mean_p": 0.0, "contrastive_kl": 0.0,
+                  "contrastive_mean_p": 0.0}
+        steps = ncp_steps = 0
         for start in range(0, len(order), bs):
             batch = collate([graphs[i] for i in order[start:start + bs]], dtype=self.dtype, device=self.device)
             out = model(batch, sample=True, training=True)
             loss_data = data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
                                   float(self.tcfg["forces_weight"]))
             loss = loss_data + beta * out["kl"] if "kl" in out else loss_data
+            if ncp_weight > 0 and steps % ncp_every == 0:  # weighted by `every`: the same objective on average
+                ncp_kl, ncp_p = self._contrastive_kl(model, batch, rng)
+                loss = loss + ncp_every * ncp_weight * ncp_kl
+                totals["contrastive_kl"] += float(ncp_kl.detach())
+                totals["contrastive_mean_p"] += ncp_p
+                ncp_steps += 1
             if not torch.isfinite(loss):
                 raise FloatingPointError("training loss became NaN/inf; lower training.lr")
             opt.zero_grad(set_to_none=True)
@@ -126,11 +152,11 @@ class Trainer:
             totals["train_data_loss"] += float(loss_data.detach())
             if "kl" in out:
                 totals["kl"] += float(out["kl"].detach())
-                totals["mean_p"] += float(torch.cat([p.detach().flatten() for p in out["rates"].values()]).mean())
+                totals["mean_p"] += _mean_rate(out["rates"])
             steps += 1
             if self.out_of_time():
                 break
-        return {k: v / max(steps, 1) for k, v in totals.items()}
+        return {k: v / max(ncp_steps if k.startswith("contrastive") else steps, 1) for k, v in totals.items()}
 
     def _validate(self, model, graphs) -> dict:
         """MAP (noise-free) validation loss and RMSEs: energy per atom (eV), forces (eV/A)."""
@@ -170,7 +196,7 @@ class Trainer:
                                       state if state and state["member"] == member else None, members_best)
             members_best.append(best)
             state = None
-        return self._final_model(members_best, data)
+        return self._final_model(members_best, data, train_graphs)
 
     def _state_to(self, s):
         return {k: v.to(self.device) for k, v in s.items()}
@@ -240,11 +266,15 @@ class Trainer:
             raise CheckpointError(f"{path}: not a BLIP training checkpoint")
         return state
 
-    def _blip_model(self, states, data) -> BlipModel:
+    def _blip_model(self, states, data, train_graphs=None) -> BlipModel:
+        """Model from member states; with ``train_graphs`` BLIP's feature statistics are refitted
+        exactly on the training set for the final weights."""
         members = []
         for s in states:
             m = build_potential(self.cfg, data.summary).to(self.device)
             m.load_state_dict(s)
+            if train_graphs is not None:
+                m.fit_feature_statistics(self._batches(train_graphs), seed=int(self.tcfg["seed"]))
             members.append(m)
         info = {"trained_seconds": time.time() - self.start_time, "n_train": len(data.train),
                 "n_valid": len(data.valid)}
@@ -255,8 +285,13 @@ class Trainer:
             return  # an ensemble is written once all its members exist
         save_model(self._blip_model(states, data), self.out / "model.pt")
 
-    def _final_model(self, states, data) -> BlipModel:
-        model = self._blip_model(states, data)
+    def _batches(self, graphs):
+        bs = max(1, 4 * int(self.tcfg["batch_size"]))
+        for start in range(0, len(graphs), bs):
+            yield collate(graphs[start:start + bs], dtype=self.dtype, device=self.device)
+
+    def _final_model(self, states, data, train_graphs) -> BlipModel:
+        model = self._blip_model(states, data, train_graphs)
         save_model(model, self.out / "model.pt")
         return model
 

@@ -1,0 +1,207 @@
+"""Out-of-distribution mechanisms: feature statistics, distance-aware rates, the noise-contrastive prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from blip.backbones.painn import PaiNN
+from blip.bayes.density import FeatureDensity
+from blip.data import build_graph, collate
+from blip.model import BayesianPotential
+from blip.train.contrastive import perturbed_batch
+from blip.train.loss import data_loss
+
+
+def _batch(atoms_list, dtype=torch.float64, labels=None):
+    graphs = []
+    for i, a in enumerate(atoms_list):
+        s = labels[i] if labels else None
+        graphs.append(build_graph(a, 5.0, index=i, energy=s.energy if s else None, forces=s.forces if s else None))
+    return collate(graphs, dtype=dtype)
+
+
+@pytest.fixture
+def potential(acac_summary, acac_small):
+    """Tiny BLIP-PaiNN whose rates depend on hidden features and their distance from acac_small."""
+    torch.manual_seed(0)
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
+                              p_init=0.05, weight_noise="per_input").double()
+    for head in model.inference.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=0.5)
+    model.fit_feature_statistics([_batch([s.atoms for s in acac_small])])
+    return model
+
+
+def test_density_distance_is_about_one_on_its_own_data_and_grows_away_from_it():
+    torch.manual_seed(0)
+    groups = torch.randint(0, 2, (4000,))
+    x = torch.randn(4000, 6, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 0.5, 1, 1], dtype=torch.float64)
+    x = x + 5.0 * groups[:, None]  # two well-separated groups
+    density = FeatureDensity(2, 6).double()
+    density.begin_fit()
+    density.update(x[:2000], groups[:2000])
+    density.update(x[2000:], groups[2000:])
+    density.end_fit()
+    assert float(density.distance(x, groups).mean()) == pytest.approx(1.0, abs=0.05)
+    # the group's own statistics: a point of group 1 at group 0's mean is far away
+    assert float(density.distance(x[groups == 0][:10], torch.ones(10, dtype=torch.long)).min()) > 5.0
+    far = x[:10] + 10.0
+    assert float(density.distance(far, groups[:10]).min()) > 20.0
+
+
+def test_moving_average_statistics_approach_the_exact_ones():
+    torch.manual_seed(1)
+    x = torch.randn(20000, 4, dtype=torch.float64) @ torch.tensor([[1.0, 0.5, 0, 0], [0, 1, 0, 0],
+                                                                     [0, 0, 2, 0], [0, 0, 0, 0.3]],
+                                                                    dtype=torch.float64) + 3.0
+    groups = torch.zeros(20000, dtype=torch.long)
+    ema = FeatureDensity(1, 4, momentum=0.05).double()
+    for chunk in x.split(25):  # every 4th batch enters the moving average
+        ema.update(chunk, groups[:chunk.shape[0]])
+    torch.testing.assert_close(ema.mean[0], x.mean(0), atol=0.1, rtol=0)
+    torch.testing.assert_close(ema.cov[0], torch.cov(x.T), atol=0.15, rtol=0)
+
+
+def test_rates_of_a_fixed_seed_sample_are_invariant_to_rotation_and_translation(potential, acac_small):
+    atoms = acac_small[0].atoms
+    moved = atoms.copy()
+    moved.positions = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).apply(atoms.positions) + [1.0, -2.0, 0.5]
+
+    def rates(a):
+        out = potential(_batch([a]), sample=True, seed=3, forces=False)
+        return {k: v.detach() for k, v in out["rates"].items()}
+
+    ref, rot = rates(atoms), rates(moved)
+    # rates of phi (interaction 1 only: interaction 0 acts on species embeddings) and the update MLPs
+    assert ref.keys() == rot.keys() and len(ref) == 1 + 2  # no edge noise by default
+    assert max(float(v.std()) for v in ref.values()) > 1e-3  # rates do vary between rows
+    for key in ref:
+        torch.testing.assert_close(rot[key], ref[key], atol=1e-10, rtol=1e-8)
+
+
+def test_noise_free_rates_permute_with_the_atoms(potential, acac_small):
+    """With the noise switched off everywhere but in the rates, rates follow their atoms."""
+    atoms = acac_small[1].atoms
+    perm = np.random.default_rng(1).permutation(len(atoms))
+    inf = potential.inference
+    captured = []
+    original = inf.rate
+
+    def record(domain, slot, base, features, groups, update=False, training=False):
+        p = original(domain, slot, base, features, groups, update, training)
+        if domain == "node":
+            captured.append(p.detach())
+        return torch.zeros_like(p)  # no noise: the features are the noise-free ones
+
+    inf.rate = record
+    try:
+        potential.rates(_batch([atoms]))
+        first = captured[:]
+        captured.clear()
+        potential.rates(_batch([atoms[perm]]))
+    finally:
+        inf.rate = original
+    for a, b in zip(first, captured):
+        torch.testing.assert_close(b, a[perm], atol=1e-10, rtol=1e-8)
+
+
+def test_contrastive_pass_trains_only_the_inference_net_and_leaves_the_data_loss_alone(potential, acac_small):
+    from blip.bayes import kl_divergence
+
+    structures = acac_small[:3]
+    labelled = _batch([s.atoms for s in structures], labels=structures)
+    before = data_loss(potential(labelled), labelled, "mse", 1.0, 100.0).detach()
+    state = {k: v.clone() for k, v in potential.state_dict().items()}
+
+    copies = perturbed_batch(labelled, np.random.default_rng(0), (0.1, 0.3), (0.1, 0.3))
+    assert "energy" not in copies and "forces" not in copies  # unlabelled
+    assert not torch.allclose(copies["positions"], labelled["positions"])
+    kl = kl_divergence(potential.rates(copies), 0.5)
+    kl.backward()
+    assert all(p.grad is None or not p.grad.any() for p in potential.backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in potential.inference.parameters())
+    # the contrastive pass changed no weight, no feature statistic and not the labelled batch ...
+    for key, value in potential.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert "energy" in labelled and "forces" in labelled
+    # ... so the data loss of the labelled structures is the same
+    after = data_loss(potential(labelled), labelled, "mse", 1.0, 100.0).detach()
+    assert float(after) == float(before)
+
+
+def test_perturbed_copies_are_rattled_or_scaled_copies_on_the_same_graph(acac_small):
+    batch = _batch([s.atoms for s in acac_small])
+    copies = perturbed_batch(batch, np.random.default_rng(3), (0.2, 0.2), (0.25, 0.25))
+    assert torch.equal(copies["edge_index"], batch["edge_index"])
+    for g in range(batch["n_atoms"].shape[0]):
+        atoms = batch["batch"] == g
+        before, after = batch["positions"][atoms], copies["positions"][atoms]
+        d0, d1 = torch.pdist(before), torch.pdist(after)
+        ratio = d1 / d0
+        scaled = torch.allclose(ratio, ratio[0].expand_as(ratio), atol=1e-9)
+        if scaled:  # every distance scaled by 1.25 or 1 / 1.25 about the centre
+            assert float(ratio[0]) == pytest.approx(1.25) or float(ratio[0]) == pytest.approx(1 / 1.25)
+        else:  # rattled with a standard deviation of 0.2 A per coordinate
+            assert float((after - before).std()) == pytest.approx(0.2, rel=0.35)
+
+
+def test_trained_model_is_more_uncertain_on_a_distorted_structure(tmp_path):
+    """A tiny BLIP trained on a few acac structures: force sigma on strongly rattled copies of
+    training structures exceeds that on the training structures themselves by a clear margin."""
+    import blip
+    from blip.train.loop import Trainer
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, training={"epochs": 6, "batch_size": 4, "seed": 0}, data={"max_train": 16})
+    model = Trainer(cfg, progress=False).run()
+    train_atoms = [a for a in blip.data.read_structures(cfg["data"]["train_file"])[:6]]
+    rng = np.random.default_rng(0)
+    distorted = []
+    for a in train_atoms:
+        b = a.copy()
+        b.positions += rng.normal(scale=0.3, size=b.positions.shape)
+        distorted.append(b)
+    near = model.predict(train_atoms, samples=16, seed=0)
+    far = model.predict(distorted, samples=16, seed=0)
+    sigma_near = np.mean([f.mean() for f in near["forces_std"]])
+    sigma_far = np.mean([f.mean() for f in far["forces_std"]])
+    assert sigma_far > 2.0 * sigma_near, (sigma_far, sigma_near)
+
+
+def test_rates_reach_p_max_far_from_the_training_features():
+    """Whatever the bounded head says, the distance term takes the rate to p_max far from the data."""
+    from blip.bayes import InferenceNet
+
+    torch.manual_seed(0)
+    net = InferenceNet({"node": 2}, {"node": {0: 4}}, {"node": 1}, p_min=1e-5, p_max=0.5, p_init=1e-3).double()
+    for head in net.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=2.0)  # a head that varies strongly
+    x = torch.randn(500, 4, dtype=torch.float64)
+    groups = torch.zeros(500, dtype=torch.long)
+    density = net.densities["node"]["0"]
+    density.begin_fit()
+    density.update(x, groups)
+    density.end_fit()
+    base = torch.zeros(50, 2, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(torch.randn(50, 4, dtype=torch.float64), dim=1)
+    mean_rate = [float(net.rate("node", 0, base, t * directions, groups[:50]).mean().detach())
+                 for t in (0.0, 3.0, 10.0, 100.0, 1e4)]
+    assert mean_rate == sorted(mean_rate)  # grows with the distance on average
+    assert mean_rate[0] < 0.05 and mean_rate[-1] == pytest.approx(0.5)
+
+
+def test_strained_periodic_copies_scale_every_edge_vector():
+    from ase.build import bulk
+
+    from blip.backbones.base import edge_vectors
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    batch = collate([build_graph(atoms, 5.0)], dtype=torch.float64)
+    copies = perturbed_batch(batch, np.random.default_rng(0), (0.0, 0.0), (0.2, 0.2))  # strain or no-op rattle
+    ratio = edge_vectors(copies).norm(dim=1) / edge_vectors(batch).norm(dim=1)
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), atol=1e-12)
+    assert float(ratio[0]) in (pytest.approx(1.0), pytest.approx(1.2), pytest.approx(1 / 1.2))
+    torch.testing.assert_close(copies["cell"], batch["cell"] * ratio[0])
