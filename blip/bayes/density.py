@@ -3,9 +3,10 @@
 One :class:`FeatureDensity` per noisy layer holds, for each group of rows (a species for
 atoms, a species pair for edges), the mean and the covariance of that layer's invariant
 input features over the training set. ``distance(x, groups)`` is the squared Mahalanobis
-distance divided by the feature width, about 1 for training rows and growing without
-bound away from them; it is invariant to rotations, translations and permutations
-because the features are.
+distance divided by the feature width: about 1 for training rows (less where the
+covariance, shrunk towards its mean variance, has few large directions) and growing
+without bound away from them; it is invariant to rotations, translations and
+permutations because the features are.
 
 Statistics are collected in two ways: an exponential moving average during training
 (``update``), and an exact pass over the training set at the end (``begin_fit``,
@@ -44,9 +45,10 @@ class FeatureDensity(nn.Module):
         self.register_buffer("cov", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("whiten", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("seen", torch.zeros(self.groups))  # rows seen per group (EMA: > 0 once seen)
+        # moving-average bookkeeping, buffers so that a checkpoint resumes it exactly
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._exact: tuple | None = None  # float64 (count, sum, sum of outer products) of an exact fit
-        self._updates = 0
-        self._calls = 0
 
     # -- statistics ---------------------------------------------------------------------
     @torch.no_grad()
@@ -57,8 +59,8 @@ class FeatureDensity(nn.Module):
         the whitening is refreshed every ``REFRESH_EVERY`` updates (eigendecompositions are not free).
         """
         if self._exact is None:
-            self._calls += 1
-            if self._calls % UPDATE_STRIDE != 1 and self.seen.any():
+            self.calls += 1
+            if int(self.calls) % UPDATE_STRIDE != 1 and self.seen.any():
                 return  # the moving average takes every UPDATE_STRIDE-th batch: statistics drift slowly
         x = x.detach().double()
         count, total, outer = _group_sums(x, groups, self.groups)
@@ -81,8 +83,8 @@ class FeatureDensity(nn.Module):
         self.cov[present] = new_cov.to(self.cov.dtype)
         first = bool((self.seen[present] == 0).any())
         self.seen[present] += n.to(self.seen.dtype)
-        self._updates += 1
-        if first or self._updates % REFRESH_EVERY == 0:
+        self.updates += 1
+        if first or int(self.updates) % REFRESH_EVERY == 0:
             self._refresh()
 
     def begin_fit(self) -> None:

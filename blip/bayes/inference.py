@@ -5,8 +5,9 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
 * the domain's base features from the backbone (one-hot species; radial basis of edges), always;
 * ``hidden``: the layer's own invariant input features, whitened by the training statistics
   of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
-* ``distance``: ``u = log(1 + m)`` with ``m`` the Mahalanobis distance of those features
-  from the training data (about 1 on training rows).
+* ``distance``: ``u = log(1 + m)`` with ``m`` the squared Mahalanobis distance of those
+  features from the training data over their width (at most about 1 on training rows; the
+  shrinkage of the covariance makes it smaller where features vary in few directions).
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
 ``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 from .density import FeatureDensity
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
-_U0 = math.log(2.0)  # u = log(1 + m) at m = 1, a typical training row
+_U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
 U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
 # from the data) count as far away
 
@@ -61,7 +62,7 @@ class InferenceNet(nn.Module):
     prediction keeps the full derivative, so each sample's forces are exact).
     """
 
-    def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, list[int]], groups: dict[str, int],
+    def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
                  use_hidden: bool = True, distance: bool = True, detach: bool = False):
         super().__init__()

@@ -22,8 +22,9 @@ class NoisyLinear(nn.Module):
     variance of every output and the same KL, with one matmul instead of two.
     In the "bernoulli" kind (MC dropout baseline) inputs are dropped with rate ``p``
     and rescaled by ``1 / (1 - p)``. The input must be invariant (scalar features): it is
-    what the layer gives the rate provider, so that rates may depend on it. Parameters keep the names ``weight`` and ``bias``
-    so a state dict of the unwrapped model loads unchanged.
+    what the layer gives the rate provider, so that rates may depend on it. Parameters
+    keep the names ``weight`` and ``bias`` so a state dict of the unwrapped model loads
+    unchanged.
 
     Input (rows, in_features) -> output (rows, out_features).
     """

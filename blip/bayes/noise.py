@@ -1,7 +1,8 @@
 """Noise context: where the noise rates and the random numbers of one forward pass live.
 
 A forward pass of a wrapped backbone runs inside a :class:`NoiseContext`. Every
-noisy layer asks it for the rate of its domain and for standard-normal draws.
+noisy layer asks it for its rate (computed on demand from the layer's input) and for
+standard-normal draws.
 Random numbers are drawn block-wise, one generator per graph of the batch, seeded
 from ``(seed, replica, structure_index)``: a Monte-Carlo sample therefore does not
 depend on which other structures or replicas share the batch.
@@ -48,7 +49,8 @@ class NoiseContext:
     wants_features: whether layers pass their invariant input features to the provider.
     rows_per_graph: domain -> (G,) number of rows of each graph, in batch order.
     generators: one per graph, or None to draw from torch's global generator (training).
-    kind: "gaussian" (BLIP, multiplicative Gaussian noise) or "bernoulli" (MC dropout).
+    kind: "gaussian" (BLIP, independent multiplicative weight noise, local reparameterisation),
+    "gaussian_inputs" (BLIP, weight noise shared per input channel) or "bernoulli" (MC dropout).
     used: (domain, slot) -> the rates ``p`` (rows,) of every layer that ran (for the KL).
     """
 

@@ -141,7 +141,8 @@ class Trainer:
                 totals["contrastive_mean_p"] += ncp_p
                 ncp_steps += 1
             if not torch.isfinite(loss):
-                raise FloatingPointError("training loss became NaN/inf; lower training.lr")
+                raise FloatingPointError("training loss (data, KL or contrastive KL) became NaN/inf; "
+                                         "lower training.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.tcfg["grad_clip"]:
@@ -215,6 +216,8 @@ class Trainer:
             best_state = resume["best_state"]
             rng.bit_generator.state = resume["rng"]
             torch.set_rng_state(resume["torch_rng"])
+            if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resume["cuda_rng"])
         if epochs == 0:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bar = tqdm(range(first_epoch, epochs), desc=f"train member {member}" if self.n_members() > 1 else "train",
@@ -244,6 +247,9 @@ class Trainer:
             if stop:
                 break
         bar.close()
+        if best_state is None:
+            raise FloatingPointError(f"member {member}: every validation loss was NaN or inf, so there is no "
+                                     "model to keep; lower training.lr or check the data")
         return best_state
 
     def _save_checkpoint(self, member, epoch, model, ema, opt, best_loss, best_state, bad_epochs, rng, finished):
@@ -251,7 +257,9 @@ class Trainer:
             "format": "blip-checkpoint", "member": member, "epoch": epoch,
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "best_loss": best_loss, "best_state": best_state, "bad_epochs": bad_epochs,
-            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "finished": finished,
+            "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "finished": finished,
         }, self.out / "checkpoint.pt")
 
     def _load_resume(self):
@@ -259,7 +267,7 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"{path}: no checkpoint to resume from")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=False)  # moved to the device when used
         except Exception as exc:
             raise CheckpointError(f"{path}: corrupt checkpoint ({type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != "blip-checkpoint":
