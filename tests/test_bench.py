@@ -78,6 +78,20 @@ def test_calibrated_models_are_written_and_loadable(data_scarce):
     assert model.calibration["forces"] == pytest.approx(row["scale_forces"])
 
 
+def test_resume_reuses_finished_runs_and_reports_their_epoch_times(data_scarce, tmp_path):
+    """--resume on a finished bench trains nothing more: same models, same scores."""
+    out = tmp_path / "again"
+    before = {(r["method"], r["n_train"]): r for r in json.loads((data_scarce / "results.json").read_text())["rows"]}
+    assert main(["bench", "data-scarce", "--quick", "--data", str(EXAMPLES), "--out", str(out), "--quiet",
+                 "--runs-dir", str(data_scarce / "runs"), "--resume"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        b = before[(r["method"], r["n_train"])]
+        assert r["forces_rmse"] == pytest.approx(b["forces_rmse"], rel=1e-6)
+        assert r["epochs_run"] == b["epochs_run"]
+        assert 0 < r["train_seconds"] <= b["train_seconds"]  # epoch times only, no set-up
+
+
 def _fake_ethanol(root):
     """An ethanol/ folder made of acetylacetone files: the protocol's layout, not its chemistry."""
     folder = root / "ethanol"

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every method, e.g. model.features=32")
     p.add_argument("--runs-dir", default=None, help="where trained models go (default OUT/runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted bench: every run picks up its checkpoint in the runs "
+                        "folder (finished runs are reused; train seconds come from their log.csv)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is much faster on a busy machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines stay)")
@@ -78,7 +81,8 @@ def cmd_bench(args) -> int:
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,
                    budget_minutes=args.budget_minutes, max_test=args.max_test,
                    methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
-                   backbone=args.backbone, overrides=list(args.set or []),
+                   backbone=args.backbone,
+                   overrides=list(args.set or []) + (["training.resume=true"] if args.resume else []),
                    seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
                    experiments=[e.strip() for e in args.sets.split(",")] if args.sets else None)
     for name in names:

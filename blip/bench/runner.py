@@ -84,23 +84,32 @@ def warm_up(exp: Experiment, cfg: dict) -> None:
 
 
 def train(exp: Experiment, spec: MethodSpec, cfg: dict, progress: bool) -> tuple:
-    """Train one method -> (BlipModel, seconds, log summary)."""
+    """Train one method -> (BlipModel, seconds, log summary).
+
+    With ``training.resume`` (``blip bench --resume``) a run picks up its checkpoint, so
+    the seconds are the sum of the epoch times in its log.csv, not this call's wall time.
+    """
+    out = Path(cfg["output_dir"])
+    resume = bool(cfg["training"]["resume"])
+    run_cfg = {**cfg, "training": {**cfg["training"], "resume": resume and (out / "checkpoint.pt").is_file()}}
     start = time.perf_counter()
-    model = Trainer(cfg, progress=progress).run(prepared(exp, cfg))
+    model = Trainer(run_cfg, progress=progress).run(prepared(exp, run_cfg))
     seconds = time.perf_counter() - start
-    return model, seconds, _log_summary(Path(cfg["output_dir"]) / "log.csv")
+    summary = _log_summary(out / "log.csv")
+    return model, summary["epoch_seconds"] if resume else seconds, summary
 
 
 def _log_summary(path: Path) -> dict:
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
-        return {"epochs_run": 0, "best_valid_forces_rmse": None}
+        return {"epochs_run": 0, "best_valid_forces_rmse": None, "epoch_seconds": 0.0}
     epochs_by_member: dict[str, int] = {}
     for r in rows:
         epochs_by_member[r["member"]] = epochs_by_member.get(r["member"], 0) + 1
     best = min(float(r["valid_forces_rmse"]) for r in rows)
-    return {"epochs_run": min(epochs_by_member.values()), "best_valid_forces_rmse": best}
+    return {"epochs_run": min(epochs_by_member.values()), "best_valid_forces_rmse": best,
+            "epoch_seconds": sum(float(r["time_s"]) for r in rows)}
 
 
 def timed_predict(model, structures, samples, seed: int) -> tuple[dict, float]:
