@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone
-from .bayes import InferenceNet, NoiseContext, NoiseState, kl_divergence, make_generators, wrap
+from .bayes import InferenceNet, NoiseContext, NoiseState, kl_divergence, wrap
+from .bayes.noise import positions_in_graph, row_keys
 from .bayes.wrap import rate_slots
 
 METHODS = ("blip", "deterministic", "mc_dropout", "ensemble")
@@ -67,11 +68,13 @@ class BayesianPotential(nn.Module):
     def stochastic(self) -> bool:
         return self.method in ("blip", "mc_dropout")
 
-    def _context(self, batch: dict, generators, update: bool, training: bool = False) -> NoiseContext:
-        """Noise context of one pass; ``update``: feature statistics follow this batch;
-        ``training``: a training step (rate inputs may enter detached, ``uq.detach_rate_inputs``)."""
+    def _context(self, batch: dict, seed: int | None, update: bool, training: bool = False) -> NoiseContext:
+        """Noise context of one pass; ``seed``: reproducible counter-based draws (None: global RNG);
+        ``update``: feature statistics follow this batch; ``training``: a training step (rate
+        inputs may enter detached, ``uq.detach_rate_inputs``)."""
         feats = self.backbone.domain_features(batch)
         counts = {d: c for d, (_, c) in feats.items()}
+        keys = None if seed is None else self._noise_keys(batch, counts, seed)
         if self.method == "blip":
             base = {d: f for d, (f, _) in feats.items()}
             groups = self.backbone.domain_groups(batch) if self.inference.wants_features else {}
@@ -80,20 +83,22 @@ class BayesianPotential(nn.Module):
             def provider(domain, slot, rows, features):
                 return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training)
 
-            return NoiseContext(provider, counts, generators, self.noise_kind, wants_features=inference.wants_features)
+            return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features)
         p = self.dropout_p
         dtype = batch["positions"].dtype
 
         def fixed(domain, slot, rows, features):
             return torch.full((rows,), p, dtype=dtype, device=batch["positions"].device)
 
-        return NoiseContext(fixed, counts, generators, "bernoulli")
+        return NoiseContext(fixed, keys, "bernoulli")
 
-    def _generators(self, batch: dict, seed: int | None):
-        if seed is None:
-            return None
+    def _noise_keys(self, batch: dict, counts: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """Domain -> counter key of every row (rows,), from (seed, replica, structure, row identity)."""
         replica = batch.get("replica", torch.zeros_like(batch["structure_index"]))
-        return make_generators(seed, replica, batch["structure_index"])
+        ids = self.backbone.domain_row_ids(batch)
+        return {d: row_keys(seed, replica, batch["structure_index"], counts[d],
+                            ids[d] if d in ids else positions_in_graph(counts[d])[:, None])
+                for d in self.layers}
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
                 forces: bool = True, training: bool = False) -> dict[str, torch.Tensor]:
@@ -113,7 +118,7 @@ class BayesianPotential(nn.Module):
         out: dict[str, torch.Tensor] = {}
         ctx = None
         if sample and self.stochastic:
-            ctx = self._context(batch, self._generators(batch, seed), update=training, training=training)
+            ctx = self._context(batch, seed, update=training, training=training)
         with self.noise_state.use(ctx):
             energy = self.backbone.energy(batch)
         out["energy"] = energy
@@ -136,7 +141,7 @@ class BayesianPotential(nn.Module):
         batch = self.backbone.prepare(dict(batch))
         if transform is not None:
             batch = transform(batch)
-        ctx = self._context(batch, self._generators(batch, seed), update=False)
+        ctx = self._context(batch, seed, update=False)
         with torch.no_grad(), self.noise_state.use(ctx):
             self.backbone.energy(batch)
         return dict(ctx.used)
@@ -152,7 +157,7 @@ class BayesianPotential(nn.Module):
         try:
             for batch in batches:
                 batch = self.backbone.prepare(dict(batch))
-                ctx = self._context(batch, self._generators(batch, seed), update=True)
+                ctx = self._context(batch, seed, update=True)
                 with self.noise_state.use(ctx):
                     self.backbone.energy(batch)
         finally:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from blip.bayes import InferenceNet, NoiseContext, NoiseState, NoisyLinear, kl_divergence, wrap
+from blip.bayes.noise import positions_in_graph, row_keys
 
 
 def test_kl_zero_at_prior_and_positive_elsewhere():
@@ -32,9 +33,8 @@ def test_kl_averages_layers_not_rows():
     assert float(kl_divergence(rates, 0.5)) == pytest.approx(single / 2, rel=1e-6)
 
 
-def _ctx(p, rows, generators=None, kind="gaussian"):
-    return NoiseContext.fixed({"node": torch.full((rows, 1), p, dtype=torch.float64)},
-                        {"node": torch.tensor([rows])}, generators, kind)
+def _ctx(p, rows, kind="gaussian"):
+    return NoiseContext.fixed({"node": torch.full((rows, 1), p, dtype=torch.float64)}, kind=kind)
 
 
 def test_noisy_linear_map_is_exact_and_noise_has_local_reparameterisation_variance():
@@ -66,23 +66,21 @@ def test_bernoulli_kind_drops_inputs_with_rate_p():
     assert set(kept.tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
 
 
-def test_blockwise_noise_does_not_depend_on_batch_neighbours():
+def test_counter_noise_of_a_structure_does_not_depend_on_batch_neighbours():
     lin = nn.Linear(3, 2).double()
     state = NoiseState()
     noisy = NoisyLinear(lin, "node", 0, state)
     h = torch.randn(5, 3, dtype=torch.float64)
-
-    def gen(seed):
-        g = torch.Generator()
-        g.manual_seed(seed)
-        return g
-
     rates = torch.full((5, 1), 0.3, dtype=torch.float64)
-    with state.use(NoiseContext.fixed({"node": rates}, {"node": torch.tensor([2, 3])}, [gen(1), gen(2)])):
+    counts = torch.tensor([2, 3])
+    both_keys = row_keys(11, torch.tensor([0, 0]), torch.tensor([7, 9]), counts, positions_in_graph(counts)[:, None])
+    alone_keys = row_keys(11, torch.tensor([0]), torch.tensor([9]), counts[1:], torch.arange(3)[:, None])
+    with state.use(NoiseContext.fixed({"node": rates}, {"node": both_keys})):
         both = noisy(h)
-    with state.use(NoiseContext.fixed({"node": rates[2:]}, {"node": torch.tensor([3])}, [gen(2)])):
+    with state.use(NoiseContext.fixed({"node": rates[2:]}, {"node": alone_keys})):
         second = noisy(h[2:])
     assert torch.equal(both[2:], second)
+    assert not torch.allclose(both, lin(h))
 
 
 def test_wrap_selects_by_pattern_and_keeps_state_dict_names():

@@ -199,3 +199,28 @@ def test_bundled_ammonia_labels_are_gfn2_xtb():
         atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
         assert atoms.get_potential_energy() == pytest.approx(frames[i].get_potential_energy(), abs=1e-5)
         np.testing.assert_allclose(atoms.get_forces(), frames[i].get_forces(), atol=1e-5)
+
+
+def test_cost_quick_reports_every_ratio(tmp_path):
+    out = tmp_path / "cost"
+    assert main(["bench", "cost", "--quick", "--backbone", "painn", "--sets", "acac", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    predict = data["rows"]
+    assert {(r["method"], r["samples"]) for r in predict} == {("blip", 1), ("blip", 2), ("mc_dropout", 1),
+                                                              ("mc_dropout", 2), ("ensemble", 2)}
+    assert all(r["system"] == "acac" and r["n_atoms"] == 30 and r["ratio"] > 0 for r in predict)
+    train = {r["method"]: r for r in data["settings"]["train_step"]}
+    assert train["deterministic"]["ratio"] == 1.0 and train["blip"]["seconds_per_step"] > 0
+    assert [(r["samples"], r["every"]) for r in data["settings"]["md"]] == [(2, 5)]
+    md = (out / "results.md").read_text()
+    assert "| blip | 2 |" in md and "| ensemble | 2 |" in md and "Training step" in md
+
+
+def test_cost_marginal_slope_is_the_least_squares_line():
+    from blip.bench.cost import marginal_cost
+
+    rows = [{"method": "blip", "samples": k, "ratio": 1.5 + 0.9 * k} for k in (1, 4, 8, 16)]
+    rows[0]["ratio"] = 100.0  # K < 4 is left out of the fit
+    fit = marginal_cost(rows, "blip")
+    assert fit["slope"] == pytest.approx(0.9) and fit["intercept"] == pytest.approx(1.5)
+    assert marginal_cost(rows, "mc_dropout") == {"slope": None, "intercept": None}

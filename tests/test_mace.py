@@ -13,6 +13,7 @@ import blip
 from blip.backbones import mace as blip_mace  # imports mace-torch before e3nn (see the module)
 from blip.backbones.base import DatasetSummary
 from blip.bayes import NoiseContext, NoiseState
+from blip.bayes.noise import row_keys
 from blip.bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, irreps_channel_index
 from blip.build import build_backbone
 from blip.cli import main
@@ -202,8 +203,8 @@ def test_map_energy_and_forces_equal_mace_torch_on_its_own_inputs(acac_small, sy
 def _context(domain, rows, kind, seed=3):
     gen = torch.Generator().manual_seed(seed)
     rates = {domain: torch.rand(rows, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.1}
-    counts = {domain: torch.tensor([rows])}
-    return NoiseContext.fixed(rates, counts, [torch.Generator().manual_seed(seed)], kind)
+    keys = {domain: row_keys(seed, torch.tensor([0]), torch.tensor([0]), torch.tensor([rows]), torch.arange(rows)[:, None])}
+    return NoiseContext.fixed(rates, keys, kind)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "bernoulli"])
@@ -236,7 +237,7 @@ def test_noisy_fc_layer_is_exact_at_map_and_has_local_reparameterisation_varianc
     assert torch.equal(last(hidden(x)), net(x))
     rows = 40000
     xs = hidden(x)[:1].detach().expand(rows, 7).contiguous()
-    ctx = NoiseContext.fixed({"edge": torch.full((rows, 2), 0.2, dtype=torch.float64)}, {"edge": torch.tensor([rows])})
+    ctx = NoiseContext.fixed({"edge": torch.full((rows, 2), 0.2, dtype=torch.float64)})
     with state.use(ctx):
         y = last(xs)
     w = net.layer1.weight.detach() / 7 ** 0.5

@@ -61,6 +61,18 @@ class Backbone(nn.Module):
         """Domain -> (invariant features (rows, d), rows per graph (G,))."""
         raise NotImplementedError
 
+    def domain_row_ids(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Domain -> identity of every row within its structure, (rows, m) long.
+
+        Sampling noise is a hash of it (see :mod:`blip.bayes.noise`), so a row keeps its draws
+        when other rows come or go. Default: ``node`` rows are atoms (index in the structure),
+        ``edge`` rows are directed edges ``(i, j, cell shift)``. A domain left out is keyed by
+        its rows' positions within the structure, which is reproducible but shifts when rows
+        are inserted before them.
+        """
+        return {"node": local_atom_index(batch)[:, None],
+                "edge": edge_ids(batch, batch["edge_index"][0], batch["edge_index"][1], batch["unit_shifts"])}
+
     def domain_group_counts(self) -> dict[str, int]:
         """Domain -> number of row groups with their own feature statistics (default: one)."""
         return {}
@@ -113,6 +125,20 @@ def species_groups(species: SpeciesMap, batch: dict) -> dict[str, torch.Tensor]:
     z = species.index(batch["numbers"])
     i, j = batch["edge_index"]
     return {"node": z, "edge": z[i] * species.n + z[j]}
+
+
+def local_atom_index(batch: dict) -> torch.Tensor:
+    """Index of every atom within its own structure, (N,) long."""
+    n_atoms = batch["n_atoms"]
+    start = torch.cumsum(n_atoms, 0) - n_atoms
+    return torch.arange(batch["batch"].shape[0], device=n_atoms.device) - start[batch["batch"]]
+
+
+def edge_ids(batch: dict, i: torch.Tensor, j: torch.Tensor, unit_shifts: torch.Tensor) -> torch.Tensor:
+    """Identity of directed edges i -> j + cell shift within their structure, (E, 5) long:
+    local index of i and j, and the integer cell shift (E, 3)."""
+    local = local_atom_index(batch)
+    return torch.cat([local[i][:, None], local[j][:, None], unit_shifts.to(torch.long)], dim=1)
 
 
 def edge_vectors(batch: dict) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..config import register_backbone_defaults
 from ..errors import ConfigError, DataError
-from .base import Backbone, DatasetSummary, SpeciesMap
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_ids, local_atom_index
 from .painn import cosine_cutoff, sine_rbf
 
 DEFAULTS = {
@@ -270,6 +270,16 @@ class CHGNetBackbone(Backbone):
                      rows[:, 1]),
             "angle": (torch.cat([geo["cos_angle"][:, None], rbf_i, rbf_j, onehot[bg[:, 0]]], dim=1), rows[:, 2]),
         }
+
+    def domain_row_ids(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Identities of CHGNet's rows within their structure (see ``Backbone.domain_row_ids``):
+        atoms by index; pairs by (centre, neighbour, image); a bond by its first pair; an angle
+        by its centre atom and the (neighbour, image) of both of its pairs."""
+        ag, bg = batch["chgnet_atom_graph"], batch["chgnet_bond_graph"]
+        local = local_atom_index(batch)
+        pair = edge_ids(batch, ag[:, 0], ag[:, 1], torch.round(batch["chgnet_image"]).long())
+        return {"atom": local[:, None], "atom_edge": pair, "bond": pair[batch["chgnet_u2d"]],
+                "angle": torch.cat([local[bg[:, 0]][:, None], pair[bg[:, 2]][:, 1:], pair[bg[:, 4]][:, 1:]], dim=1)}
 
     # -- graphs ---------------------------------------------------------------------
     def prepare(self, batch: dict) -> dict:

@@ -2,8 +2,8 @@
 
 from .inference import InferenceNet, kl_divergence
 from .layers import NoisyLinear
-from .noise import NoiseContext, NoiseState, graph_seed, make_generators
+from .noise import NoiseContext, NoiseState
 from .wrap import wrap
 
 __all__ = ["InferenceNet", "kl_divergence", "NoisyLinear", "NoiseContext", "NoiseState",
-           "graph_seed", "make_generators", "wrap"]
+           "wrap"]

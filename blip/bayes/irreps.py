@@ -52,16 +52,16 @@ def irreps_channel_index(irreps) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, rows: int, channels: int,
+def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, slot: int, rows: int, channels: int,
                         like: torch.Tensor) -> torch.Tensor:
     """One multiplicative noise factor per (row, channel), shape (rows, channels); ``p`` (rows, 1).
 
     gaussian: ``1 + sqrt(alpha_row) * xi`` (mean 1, variance alpha); bernoulli: ``keep / (1 - p)``.
     """
     if ctx.kind == "bernoulli":
-        keep = (ctx.uniform(domain, rows, (channels,), like) >= p).to(like.dtype)
+        keep = (ctx.uniform(domain, slot, rows, channels, like) >= p).to(like.dtype)
         return keep / (1.0 - p)
-    return 1.0 + torch.sqrt(p / (1.0 - p)) * ctx.standard_normal(domain, rows, (channels,), like)  # both Gaussian kinds
+    return 1.0 + torch.sqrt(p / (1.0 - p)) * ctx.standard_normal(domain, slot, rows, channels, like)  # both Gaussian kinds
 
 
 def even_scalar_channels(irreps) -> torch.Tensor:
@@ -122,7 +122,7 @@ class NoisyIrrepsLinear(nn.Module):
             if ctx.wants_features and self.rate_slot == self.slot:
                 features = invariant_summary(x, self.channel_of, self.even_scalar)
             p = ctx.rate(self.domain, self.rate_slot, x.shape[0], features)[:, None]
-            factors = channel_multipliers(ctx, p, self.domain, x.shape[0], self.channels, x)
+            factors = channel_multipliers(ctx, p, self.domain, self.slot, x.shape[0], self.channels, x)
             x = x * factors[:, self.channel_of]
         return self._linear[0](x, self.weight, self.bias)
 
@@ -173,14 +173,14 @@ class NoisyFCLayer(nn.Module):
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(x.shape)}")
         p = ctx.rate(self.domain, self.rate_slot, x.shape[0], self._rate_features(ctx, x))[:, None]
         if ctx.kind == "bernoulli":
-            keep = (ctx.uniform(self.domain, x.shape[0], (x.shape[1],), x) >= p).to(x.dtype)
+            keep = (ctx.uniform(self.domain, self.slot, x.shape[0], x.shape[1], x) >= p).to(x.dtype)
             return self._activate((x * keep / (1.0 - p)) @ w)
         if ctx.kind == "gaussian_inputs":  # as NoisyLinear: one factor per input channel
-            xi = ctx.standard_normal(self.domain, x.shape[0], (self.h_in,), x)
+            xi = ctx.standard_normal(self.domain, self.slot, x.shape[0], self.h_in, x)
             return self._activate((x * (1.0 + torch.sqrt(p / (1.0 - p)) * xi)) @ w)
         mean = x @ w
         var = (x * x) @ (w * w)
-        eps = ctx.standard_normal(self.domain, x.shape[0], (self.h_out,), x)
+        eps = ctx.standard_normal(self.domain, self.slot, x.shape[0], self.h_out, x)
         return self._activate(mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps)
 
     @property

@@ -55,14 +55,14 @@ class NoisyLinear(nn.Module):
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(h.shape)}")
         p = ctx.rate(self.domain, self.rate_slot, h.shape[0], self._rate_features(ctx, h))[:, None]
         if ctx.kind == "bernoulli":
-            keep = (ctx.uniform(self.domain, h.shape[0], (h.shape[1],), h) >= p).to(h.dtype)
+            keep = (ctx.uniform(self.domain, self.slot, h.shape[0], h.shape[1], h) >= p).to(h.dtype)
             return F.linear(h * keep / (1.0 - p), self.weight, self.bias)
         if ctx.kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
-            xi = ctx.standard_normal(self.domain, h.shape[0], (h.shape[1],), h)
+            xi = ctx.standard_normal(self.domain, self.slot, h.shape[0], h.shape[1], h)
             return F.linear(h * (1.0 + torch.sqrt(p / (1.0 - p)) * xi), self.weight, self.bias)
         mean = F.linear(h, self.weight, self.bias)
         var = F.linear(h * h, self.weight * self.weight)
-        eps = ctx.standard_normal(self.domain, h.shape[0], (self.out_features,), h)
+        eps = ctx.standard_normal(self.domain, self.slot, h.shape[0], self.out_features, h)
         return mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps
 
     def extra_repr(self) -> str:

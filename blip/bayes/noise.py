@@ -2,36 +2,123 @@
 
 A forward pass of a wrapped backbone runs inside a :class:`NoiseContext`. Every
 noisy layer asks it for its rate (computed on demand from the layer's input) and for
-standard-normal draws.
-Random numbers are drawn block-wise, one generator per graph of the batch, seeded
-from ``(seed, replica, structure_index)``: a Monte-Carlo sample therefore does not
-depend on which other structures or replicas share the batch.
+standard-normal (or, for MC dropout, uniform) draws.
+
+Sampling draws are counter-based: every number is a hash of what it acts on, computed on
+the tensor's device with integer arithmetic, no generator and no loop over graphs:
+``(seed, replica, structure index, row identity, domain, layer, channel) -> N(0, 1)``.
+A row's identity is the backbone's (``Backbone.domain_row_ids``): the atom's index in its
+structure for atoms, ``(i, j, cell shift)`` for edges. So a sample does not depend on which
+other structures or replicas share the batch, is the same on CPU and CUDA (up to float
+rounding of log / cos), and stays a smooth potential when an edge enters or leaves the
+neighbour list: the other rows keep their draws. Training passes (no seed) draw from
+torch's global generator instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
-
-def graph_seed(seed: int, replica: int, structure_index: int) -> int:
-    """Seed of the generator for one (sample, structure) block; a 63-bit integer."""
-    state = np.random.SeedSequence([int(seed), int(replica), int(structure_index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+_MASK32 = 0xFFFFFFFF
 
 
-def make_generators(seed: int, replicas: torch.Tensor, structure_index: torch.Tensor) -> list[torch.Generator]:
-    """One CPU generator per graph of a (replicated) batch; shapes (G,) and (G,)."""
-    gens = []
-    for k, idx in zip(replicas.tolist(), structure_index.tolist()):
-        g = torch.Generator()
-        g.manual_seed(graph_seed(seed, k, idx))
-        gens.append(g)
-    return gens
+def _int32(value: int) -> int:
+    """A 32-bit pattern as the signed int32 with the same bits."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_MUL1, _MUL2 = _int32(0x7FEB352D), _int32(0x846CA68B)  # "lowbias32" multipliers
+_GOLDEN = _int32(0x9E3779B9)  # 2**32 / golden ratio: separates the words hashed in sequence
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xor-shift-multiply, "lowbias32"), elementwise, in place.
+
+    ``x``: int32 tensor, read as 32-bit patterns; returns it. Products wrap modulo 2**32 and
+    right shifts are masked, so the bits are those of the unsigned hash on every device.
+    """
+    x ^= (x >> 16) & 0xFFFF
+    x.mul_(_MUL1)
+    x ^= (x >> 15) & 0x1FFFF
+    x.mul_(_MUL2)
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def hash_words(key: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Fold integer ``words`` (rows, m) (any integer dtype; low 32 bits used) into ``key`` (rows,) int32."""
+    for c in range(words.shape[1]):
+        word = (words[:, c] & _MASK32).to(torch.int32) if words.dtype == torch.long else words[:, c].to(torch.int32)
+        key = mix32(key ^ (word + _int32(_GOLDEN * (c + 1))))
+    return key
+
+
+def row_keys(seed: int, replica: torch.Tensor, structure_index: torch.Tensor, rows_per_graph: torch.Tensor,
+             ids: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row (rows,) int32 from (seed, replica, structure index, row identity).
+
+    replica, structure_index, rows_per_graph: (G,) long; ids: (rows, m) long, the identity of
+    every row within its structure (rows ordered graph by graph).
+    """
+    seed = int(seed)
+    graph_words = torch.stack([torch.full_like(replica, seed & _MASK32), torch.full_like(replica, (seed >> 32) & _MASK32),
+                               replica, structure_index], dim=1)
+    graph_key = hash_words(torch.zeros(replica.shape, dtype=torch.int32, device=replica.device), graph_words)
+    key = torch.repeat_interleave(graph_key, rows_per_graph, output_size=ids.shape[0])
+    return hash_words(key, ids)
+
+
+def positions_in_graph(rows_per_graph: torch.Tensor) -> torch.Tensor:
+    """Position of every row within its graph, (rows,) long; ``rows_per_graph`` (G,) long."""
+    start = torch.cumsum(rows_per_graph, 0) - rows_per_graph
+    total = int(rows_per_graph.sum())
+    return torch.arange(total, device=rows_per_graph.device) - torch.repeat_interleave(start, rows_per_graph,
+                                                                                       output_size=total)
+
+
+def stream_word(domain: str, slot: int) -> int:
+    """32-bit identity of one noisy layer (its domain's name and slot), as an int32 value."""
+    return _int32(zlib.crc32(domain.encode()) * 0x01000193 + int(slot) * 0x9E3779B9)
+
+
+def _unit_interval(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """32-bit hashes (int32) -> uniforms in the open interval (0, 1): 32 bits in float64, 24 otherwise."""
+    if dtype == torch.float64:
+        return ((bits.to(torch.long) & _MASK32).to(dtype) + 0.5) * 2.0 ** -32
+    return ((bits >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(2.0 ** -24)
+
+
+def _element_bits(keys: torch.Tensor, stream: int, columns: int) -> torch.Tensor:
+    """Hashes (rows, columns) int32 of (row key, layer stream, column)."""
+    column = mix32(torch.arange(columns, dtype=torch.int32, device=keys.device) * 2 + stream)  # (columns,)
+    return mix32(keys[:, None] ^ column[None, :])
+
+
+def counter_uniform(keys: torch.Tensor, stream: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """U(0, 1) draws (rows, channels) from row ``keys`` (rows,) int32 and a layer ``stream``."""
+    return _unit_interval(_element_bits(keys, stream, channels), dtype).to(dtype)
+
+
+def counter_normal(keys: torch.Tensor, stream: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 1) draws (rows, channels) from row ``keys`` (rows,) int32 and a layer ``stream``.
+
+    Box-Muller on two uniforms per pair of channels (one hashed from the other): channel c
+    and c + ceil(channels / 2) are the cosine and sine of one pair, independent normals.
+    |draw| < 5.9 in float32 and < 6.7 in float64 (the resolution of the uniforms).
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    pairs = (channels + 1) // 2
+    bits = _element_bits(keys, stream, pairs)
+    radius = _unit_interval(bits, work).log_().mul_(-2.0).sqrt_()
+    angle = _unit_interval(mix32(bits ^ _GOLDEN), work).mul_(2.0 * math.pi)
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :channels].to(dtype)
 
 
 #: ``provider(domain, slot, rows, features) -> p (rows,)``: the dropout rate of one noisy layer.
@@ -47,26 +134,23 @@ class NoiseContext:
     provider: gives each noisy layer its dropout rate ``p`` (rows,) when the layer runs; rates
     may depend on the layer's own input, so they are computed lazily, layer by layer.
     wants_features: whether layers pass their invariant input features to the provider.
-    rows_per_graph: domain -> (G,) number of rows of each graph, in batch order.
-    generators: one per graph, or None to draw from torch's global generator (training).
+    keys: domain -> (rows,) counter keys of its rows (:func:`row_keys`): reproducible draws;
+    None draws from torch's global generator (training).
     kind: "gaussian" (BLIP, independent multiplicative weight noise, local reparameterisation),
     "gaussian_inputs" (BLIP, weight noise shared per input channel) or "bernoulli" (MC dropout).
     used: (domain, slot) -> the rates ``p`` (rows,) of every layer that ran (for the KL).
     """
 
     provider: RateProvider
-    rows_per_graph: dict[str, torch.Tensor] = field(default_factory=dict)
-    generators: list[torch.Generator] | None = None
+    keys: dict[str, torch.Tensor] | None = None
     kind: str = "gaussian"
     wants_features: bool = False
     used: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def fixed(cls, rates: dict[str, torch.Tensor], rows_per_graph: dict | None = None,
-              generators: list | None = None, kind: str = "gaussian") -> "NoiseContext":
+    def fixed(cls, rates: dict[str, torch.Tensor], keys: dict | None = None, kind: str = "gaussian") -> "NoiseContext":
         """A context with given rates: domain -> p of shape (rows, layers of the domain)."""
-        return cls(lambda domain, slot, rows, features: rates[domain][:, slot], rows_per_graph or {},
-                   generators, kind)
+        return cls(lambda domain, slot, rows, features: rates[domain][:, slot], keys, kind)
 
     def rate(self, domain: str, slot: int, rows: int, features: torch.Tensor | None = None) -> torch.Tensor:
         """Dropout rate ``p`` of the layers with rate slot ``slot``, shape (rows,); recorded in ``used``.
@@ -80,24 +164,27 @@ class NoiseContext:
         self.used[key] = p
         return p
 
-    def standard_normal(self, domain: str, rows: int, tail: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """N(0, 1) draws of shape (rows, *tail), block-wise per graph when generators are set."""
-        if self.generators is None:
-            return torch.randn((rows, *tail), dtype=like.dtype, device=like.device)
-        return self._blockwise(domain, rows, tail, like, torch.randn)
+    def standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``."""
+        keys = self._keys(domain, rows)
+        if keys is None:
+            return torch.randn((rows, channels), dtype=like.dtype, device=like.device)
+        return counter_normal(keys, stream_word(domain, slot), channels, like.dtype)
 
-    def uniform(self, domain: str, rows: int, tail: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """U(0, 1) draws of shape (rows, *tail), block-wise per graph when generators are set."""
-        if self.generators is None:
-            return torch.rand((rows, *tail), dtype=like.dtype, device=like.device)
-        return self._blockwise(domain, rows, tail, like, torch.rand)
+    def uniform(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """U(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``."""
+        keys = self._keys(domain, rows)
+        if keys is None:
+            return torch.rand((rows, channels), dtype=like.dtype, device=like.device)
+        return counter_uniform(keys, stream_word(domain, slot), channels, like.dtype)
 
-    def _blockwise(self, domain, rows, tail, like, draw):
-        counts = self.rows_per_graph[domain].tolist()
-        if sum(counts) != rows:
-            raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {sum(counts)}")
-        parts = [draw((n, *tail), generator=g, dtype=like.dtype) for n, g in zip(counts, self.generators)]
-        return torch.cat(parts).to(like.device)
+    def _keys(self, domain: str, rows: int) -> torch.Tensor | None:
+        if self.keys is None:
+            return None
+        keys = self.keys[domain]
+        if keys.shape[0] != rows:
+            raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {keys.shape[0]}")
+        return keys
 
 
 class NoiseState:

@@ -34,7 +34,9 @@ def register(subparsers) -> None:
         description="Train every method on the same splits, seeds and budget; recalibrate on "
                     "validation; write OUT/results.md, OUT/results.json and plots. Protocols: "
                     + "; ".join(f"{k}: {v[1]}" for k, v in PROTOCOLS.items()))
-    p.add_argument("protocol", choices=[*PROTOCOLS, "all"], help="benchmark protocol ('all': each in OUT/NAME)")
+    p.add_argument("protocol", choices=[*PROTOCOLS, "cost", "all"],
+                   help="benchmark protocol ('all': each in OUT/NAME); 'cost': prediction, training and MD "
+                        "cost as ratios to the MAP pass (--backbone painn,mace; --sets acac,Si64,Si1000)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a handful of structures, a tiny model, 1 epoch")
     p.add_argument("--out", default=None, help="output folder (default: bench/PROTOCOL)")
@@ -49,7 +51,10 @@ def register(subparsers) -> None:
                    help="optimizer steps per network; epochs = ceil(steps / batches per epoch)")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many structures per test set")
     p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods")
-    p.add_argument("--backbone", default=None, help="backbone for ood-ethanol / data-scarce (default painn)")
+    p.add_argument("--backbone", default=None,
+                   help="backbone for ood-ethanol / data-scarce (default painn); comma-separated for cost "
+                        "(default painn,mace)")
+    p.add_argument("--repeats", type=int, default=None, help="cost: interleaved timing repeats (default 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the splits, training and sampling (default 0)")
     p.add_argument("--seeds", type=int, default=None,
                    help="run every experiment for this many seeds (seed, seed+1, ...) and report mean ± std "
@@ -77,6 +82,16 @@ def cmd_bench(args) -> int:
         if args.threads < 1:
             raise ConfigError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.protocol == "cost":
+        from . import cost
+
+        backbones = [b.strip() for b in (args.backbone or "painn,mace").split(",")]
+        unknown = sorted(set(backbones) - set(cost.MODELS))
+        if unknown:
+            raise ConfigError(f"bench cost: unknown backbone(s) {', '.join(unknown)}; choose from {', '.join(cost.MODELS)}")
+        cost.run(Path(args.out or "bench/cost"), backbones, quick=args.quick, repeats=args.repeats,
+                 system_names=[x.strip() for x in args.sets.split(",")] if args.sets else None)
+        return 0
     root = data_dir(args.data)
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,
                    budget_minutes=args.budget_minutes, max_test=args.max_test,

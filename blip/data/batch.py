@@ -15,7 +15,7 @@ import torch
 __all__ = ["collate", "replicate", "iterate_batches", "ATOM_KEYS", "EDGE_KEYS", "GRAPH_KEYS"]
 
 ATOM_KEYS = frozenset({"positions", "numbers", "batch", "forces"})
-EDGE_KEYS = frozenset({"edge_index", "shifts"})
+EDGE_KEYS = frozenset({"edge_index", "shifts", "unit_shifts"})
 GRAPH_KEYS = frozenset(
     {"cell", "pbc", "n_atoms", "n_edges", "structure_index", "energy", "replica"}
 )

@@ -57,7 +57,7 @@ def build_graph(
 
     Returns ``positions`` (n, 3) float64, ``numbers`` (n,) int64, ``edge_index``
     (2, E) int64 with local indices, ``shifts`` (E, 3) float64 Cartesian
-    (``S @ cell``), and per-graph arrays with a leading axis of 1: ``cell``
+    (``S @ cell``), ``unit_shifts`` (E, 3) int64 (``S``, which cell image j is taken from), and per-graph arrays with a leading axis of 1: ``cell``
     (1, 3, 3) (zeros if no direction is periodic), ``pbc`` (1, 3) bool,
     ``n_atoms``, ``n_edges``, ``structure_index`` (1,) int64, plus ``energy``
     (1,) eV and ``forces`` (n, 3) eV/A when given. ``source`` and ``index``
@@ -79,6 +79,7 @@ def build_graph(
         "numbers": np.array(atoms.numbers, dtype=np.int64),
         "edge_index": np.stack([i, j]).reshape(2, -1),
         "shifts": (S.astype(np.float64) @ cell).reshape(-1, 3),
+        "unit_shifts": S.astype(np.int64).reshape(-1, 3),
         "cell": cell[None],
         "pbc": pbc[None],
         "n_atoms": np.array([n], dtype=np.int64),

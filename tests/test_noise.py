@@ -1,0 +1,143 @@
+"""Counter-based sampling noise: a hash of what the noise acts on, not a position in a stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from scipy import stats
+
+from blip.build import build_backbone
+from blip.backbones.base import DatasetSummary
+from blip.bayes.noise import counter_normal, counter_uniform, mix32, positions_in_graph, row_keys, stream_word
+from blip.config import resolve
+from blip.data import build_graph, collate
+from blip.model import BayesianPotential
+from conftest import DATA
+
+SUMMARY = DatasetSummary(elements=[1, 6, 8], e0s={1: -13.6, 6: -1026.9, 8: -2037.8})
+SMALL = {"painn": {"features": 8, "interactions": 2, "radial": 6},
+         "mace": {"hidden_irreps": "4x0e + 4x1o", "correlation": 2, "num_interactions": 2, "num_radial": 4,
+                  "max_ell": 1, "radial_mlp": [8], "mlp_irreps": "4x0e"}}
+
+
+def _potential(backbone: str, cutoff: float = 3.0, **uq) -> BayesianPotential:
+    """A tiny BLIP potential in float64 with noise on every layer type, radial ones included."""
+    torch.manual_seed(0)
+    cfg = resolve({"model": {"backbone": backbone, "cutoff": cutoff, "edge_noise": True, **SMALL[backbone]}})
+    return BayesianPotential(build_backbone(cfg["model"], SUMMARY), **uq).double()
+
+
+def _mix32_reference(x: np.ndarray) -> np.ndarray:
+    """The same hash in numpy uint64, where overflow is defined behaviour."""
+    m = np.uint64(0xFFFFFFFF)
+    x = x.astype(np.uint64)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & m
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & m
+    return x ^ (x >> np.uint64(16))
+
+
+def test_mix32_matches_unsigned_reference_even_where_int64_products_wrap():
+    values = np.concatenate([[0, 1, 2 ** 31, 2 ** 32 - 1], np.random.default_rng(0).integers(0, 2 ** 32, 5000)])
+    as_int32 = torch.as_tensor(values.astype(np.uint32).view(np.int32))
+    ours = mix32(as_int32.clone()).numpy().view(np.uint32)
+    np.testing.assert_array_equal(ours.astype(np.uint64), _mix32_reference(values))
+    assert len(np.unique(ours)) == len(np.unique(values))  # a bijection on 32 bits
+
+
+def _keys(n_rows: int, seed: int = 5, replica: int = 0, structure: int = 0) -> torch.Tensor:
+    return row_keys(seed, torch.tensor([replica]), torch.tensor([structure]), torch.tensor([n_rows]),
+                    torch.arange(n_rows)[:, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counter_normals_are_standard_normal(dtype):
+    z = counter_normal(_keys(4000), stream_word("node", 0), 64, dtype)  # 256k draws
+    assert z.dtype == dtype and torch.isfinite(z).all()
+    x = z.double().flatten().numpy()
+    assert abs(x.mean()) < 0.01 and abs(x.var() - 1) < 0.01  # standard errors 0.002 and 0.003
+    assert stats.kstest(x, "norm").statistic < 0.005  # 1 % critical value 0.0032
+    u = counter_uniform(_keys(4000), stream_word("node", 0), 64, dtype).double().flatten().numpy()
+    assert 0 < u.min() and u.max() < 1 and stats.kstest(u, "uniform").statistic < 0.005
+
+
+def test_blocks_layers_and_channels_draw_uncorrelated_numbers():
+    n, stream = 20000, stream_word("node", 0)
+    base = counter_normal(_keys(n), stream, 2, torch.float64)
+    others = {
+        "other replica": counter_normal(_keys(n, replica=1), stream, 2, torch.float64)[:, 0],
+        "other structure": counter_normal(_keys(n, structure=1), stream, 2, torch.float64)[:, 0],
+        "other seed": counter_normal(_keys(n, seed=6), stream, 2, torch.float64)[:, 0],
+        "other layer": counter_normal(_keys(n), stream_word("node", 1), 2, torch.float64)[:, 0],
+        "other domain": counter_normal(_keys(n), stream_word("edge", 0), 2, torch.float64)[:, 0],
+        "next channel": base[:, 1],
+        "next row": torch.roll(base[:, 0], 1),
+    }
+    for name, other in others.items():
+        r = float(torch.corrcoef(torch.stack([base[:, 0], other]))[0, 1])
+        assert abs(r) < 4 / n ** 0.5, (name, r)  # 4 standard errors
+        assert not torch.equal(base[:, 0], other), name
+
+
+def test_row_keys_do_not_depend_on_batch_position():
+    counts = torch.tensor([3, 4, 2])
+    ids = positions_in_graph(counts)[:, None]
+    assert ids.flatten().tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    batched = row_keys(1, torch.tensor([0, 2, 0]), torch.tensor([8, 5, 5]), counts, ids)
+    alone = row_keys(1, torch.tensor([2]), torch.tensor([5]), torch.tensor([4]), torch.arange(4)[:, None])
+    assert torch.equal(batched[3:7], alone)
+    assert len(set(batched.tolist())) == 9
+
+
+def _molecule_leaving_cutoff(distance: float) -> Atoms:
+    """Four atoms; the last moves away along x so that its edges cross a 3 A cutoff."""
+    return Atoms("CHHO", positions=[[0, 0, 0], [1.1, 0, 0], [-0.4, 1.0, 0], [distance, 0.3, 0.2]])
+
+
+@pytest.mark.parametrize("backbone", ["painn", "mace"])
+def test_fixed_seed_sample_stays_smooth_when_an_edge_leaves_the_neighbour_list(backbone):
+    """The sample's energy along the path jumps no more than the noise-free energy does."""
+    model = _potential(backbone, p_init=0.3)
+    grid = np.linspace(2.7, 3.3, 121)  # the O-C edge leaves at 3.0 A, O-H ones near it
+    graphs = [build_graph(_molecule_leaving_cutoff(x), 3.0, index=0) for x in grid]
+    assert len({g["edge_index"].shape[1] for g in graphs}) > 1
+    energies = {}
+    for mode in ("map", "sample"):
+        e = [float(model(collate([g], torch.float64), sample=mode == "sample", seed=3, forces=False)["energy"].detach())
+             for g in graphs]
+        energies[mode] = np.array(e)
+    assert np.abs(energies["sample"] - energies["map"]).max() > 1e-4  # the noise is there
+    jumps = {m: np.abs(np.diff(e)).max() for m, e in energies.items()}
+    assert jumps["sample"] < 3 * jumps["map"] + 1e-6, jumps
+
+
+@pytest.mark.parametrize("backbone", ["painn", "mace", "chgnet"])
+def test_row_identities_are_unique_within_each_structure(backbone):
+    """The noise key of a row is its identity: two rows of a structure must never share one."""
+    import ase.io
+    from ase.build import bulk
+
+    if backbone == "chgnet":
+        from blip.backbones.chgnet import CHGNetBackbone, load_chgnet
+
+        si = bulk("Si", "diamond", a=5.43, cubic=True)
+        si.rattle(0.05, seed=0)
+        frames = [si, bulk("Si", "diamond", a=5.43)]
+        potential = BayesianPotential(CHGNetBackbone(load_chgnet("0.3.0", pretrained=False, cutoff=6.0),
+                                                     DatasetSummary(elements=[14])))
+    else:
+        frames = ase.io.read(DATA / "acac_small.xyz", ":2")
+        potential = _potential(backbone, cutoff=4.0)
+    cutoff = float(potential.backbone.cutoff)
+    batch = potential.backbone.prepare(collate([build_graph(a, cutoff, index=i) for i, a in enumerate(frames)]))
+    feats = potential.backbone.domain_features(batch)
+    ids = potential.backbone.domain_row_ids(batch)
+    assert set(potential.layers) <= set(ids)
+    for domain, (_, counts) in feats.items():
+        graph = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        rows = torch.cat([graph[:, None], ids[domain]], dim=1)
+        assert ids[domain].shape[0] == int(counts.sum())
+        assert torch.unique(rows, dim=0).shape[0] == rows.shape[0], domain
