@@ -5,7 +5,9 @@ potential, so NVE conserves energy). Every ``every`` steps the same structure is
 evaluated with K samples, giving the energy std (eV) and the max per-atom force std:
 ``max_i sqrt(sum_c std_ic**2)`` (eV/A), the norm of atom i's vector of per-component
 standard deviations. Above ``max_force_std`` the run stops (or, with ``flag_only``, only
-marks the frame); the offending frame is always written.
+marks the frame); the offending frame is always written. Adaptive checks: once the latest
+check is above ``adaptive`` x ``max_force_std``, every step is checked until it falls back,
+so sparse checks cost little in familiar territory and still stop a run promptly.
 
 Trajectory frames (extxyz) carry ``energy`` and ``forces`` (MAP, eV and eV/A) and the info
 keys ``step``, ``time_fs``, ``temperature_K``, ``kinetic_energy``, ``total_energy`` (eV),
@@ -43,7 +45,8 @@ class MDSettings:
     ensemble: str = "nvt"  # "nvt" (Langevin) or "nve" (velocity Verlet)
     friction_per_fs: float = 0.01  # Langevin friction, 1/fs
     max_force_std: float | None = None  # threshold on the max per-atom force std, eV/A
-    every: int = 10  # uncertainty check interval (steps); between checks MAP only
+    every: int = 20  # uncertainty check interval (steps); between checks MAP only
+    adaptive: float | None = 0.5  # check every step while the last check is above this x max_force_std
     log_every: int | None = None  # frame interval (default: every)
     flag_only: bool = False  # mark uncertain frames instead of stopping
     samples: int | None = None  # K of the checks (default: the model's uq.samples)
@@ -67,6 +70,8 @@ class MDSettings:
             raise ConfigError("md: --every and --log-every must be >= 1")
         if self.max_force_std is not None and self.max_force_std <= 0:
             raise ConfigError("md: --max-force-std must be > 0 eV/A")
+        if self.adaptive is not None and not 0 <= self.adaptive <= 1:
+            raise ConfigError("md: --adaptive must be between 0 (off) and 1")
 
     @property
     def temperature_limit(self) -> float:
@@ -208,7 +213,7 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
             problem = _fault(energy, forces, atoms.get_positions(), temperature, s.temperature_limit)
             if problem:
                 _stop(result, traj, last_good, template, step, problem, source, trajectory)
-            if step % s.every == 0:
+            if step % s.every == 0 or _close_to_threshold(check, s):
                 watch.get_property("forces", atoms)
                 r = watch.results
                 check = {"energy_std": float(r["energy_std"]), "max_force_std": max_atom_force_std(r["forces_std"]),
@@ -245,6 +250,13 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
     return result
 
 
+def _close_to_threshold(check: dict, s: MDSettings) -> bool:
+    """Whether the latest check is above ``adaptive`` x ``max_force_std`` (then check every step)."""
+    if s.max_force_std is None or not s.adaptive:
+        return False
+    return check["max_force_std"] >= s.adaptive * s.max_force_std  # False while NaN (no check yet)
+
+
 def _fault(energy, forces, positions, temperature, limit) -> str | None:
     if not np.isfinite(energy):
         return f"energy is {energy}"
@@ -276,7 +288,7 @@ def cmd_md(args) -> int:
 
     settings = MDSettings(
         steps=args.steps, temperature_K=args.temperature, timestep_fs=args.timestep, ensemble=args.ensemble,
-        friction_per_fs=args.friction, max_force_std=args.max_force_std, every=args.every,
+        friction_per_fs=args.friction, max_force_std=args.max_force_std, every=args.every, adaptive=args.adaptive or None,
         log_every=args.log_every, flag_only=args.flag_only, samples=args.samples, seed=args.seed,
         max_temperature_K=args.max_temperature, init_velocities=not args.keep_velocities, dtype=args.dtype,
     )
@@ -303,7 +315,10 @@ def register(subparsers) -> None:
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     p.add_argument("--max-force-std", type=float, default=None,
                    help="stop when the max per-atom force std (norm of the atom's std vector) exceeds this, eV/A")
-    p.add_argument("--every", type=int, default=10, help="uncertainty check every M steps (MAP only in between)")
+    p.add_argument("--every", type=int, default=20, help="uncertainty check every M steps (MAP only in between)")
+    p.add_argument("--adaptive", type=float, default=0.5,
+                   help="with --max-force-std: check every step while the last check is above this fraction "
+                        "of the threshold (0: only every M steps)")
     p.add_argument("--log-every", type=int, default=None, help="write a frame every L steps (default: --every)")
     p.add_argument("--flag-only", action="store_true", help="mark uncertain frames (flagged=T) instead of stopping")
     p.add_argument("--max-temperature", type=float, default=None,

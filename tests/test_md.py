@@ -90,6 +90,22 @@ def test_uncertainty_stop_stays_quiet_at_equilibrium(model, equilibrium, thresho
         assert f.get_potential_energy() < 0 and f.get_forces().shape == (len(f), 3)
 
 
+@pytest.mark.parametrize("adaptive", [0.5, None])
+def test_adaptive_watch_checks_every_step_once_close_to_the_threshold(model, equilibrium, adaptive):
+    calc = BlipCalculator(model, samples=SAMPLES, seed=0)
+    start = equilibrium[1].copy()
+    start.calc = calc
+    start.get_forces()
+    sigma0 = max_atom_force_std(calc.results["forces_std"])
+    # sigma at step 0 is 2/3 of the threshold: above the adaptive fraction, below the stop
+    s = MDSettings(steps=3, temperature_K=0, timestep_fs=0.1, max_force_std=1.5 * sigma0, every=1000,
+                   log_every=1, adaptive=adaptive, samples=SAMPLES, seed=0)
+    result = run_md(model, equilibrium[1], s, keep_frames=True)
+    assert result.status == "completed" and len(result.frames) == 4
+    checked = [f.info["std_step"] for f in result.frames]
+    assert checked == ([0, 1, 2, 3] if adaptive else [0, 0, 0, 0])
+
+
 def test_flag_only_marks_frames_and_keeps_going(model, equilibrium, threshold, tmp_path):
     s = MDSettings(steps=4, temperature_K=0, timestep_fs=0.1, max_force_std=threshold, every=2, log_every=4,
                    flag_only=True, samples=SAMPLES, seed=0)

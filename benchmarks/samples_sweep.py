@@ -1,0 +1,118 @@
+"""How many samples? Recalibrated uncertainty metrics of trained bench models against K.
+
+    OMP_NUM_THREADS=1 python benchmarks/samples_sweep.py energy-split RUNS_DIR --data ../shared/data \
+        --out docs/results/samples
+
+RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench`` run (``seed0/``, ``seed1/``, ...
+inside when it ran several seeds). For every seed, experiment and stochastic method found
+there, the protocol's split of that seed is rebuilt, and for each K the model is
+recalibrated on the validation split with K samples and scored on every test set with K
+samples (the same seed, so the first K samples are shared between K values). The 5-member
+ensemble's row is scored once, as a reference. Prints a table of mean ± std over seeds and
+writes OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import blip
+from blip.bench.protocols import Options, build_plan, data_dir
+from blip.bench.runner import row_metrics, score, timed_predict
+from blip.uq.recalibration import recalibrate
+
+KS = (2, 4, 8, 16, 32)  # K = 1 has no spread
+METRICS = ("forces_nll_recal", "ence_recal", "spearman", "coverage_95_recal", "energy_nll_recal")
+
+
+def _seed_dirs(runs: Path) -> list[tuple[int, Path]]:
+    seeds = sorted((int(p.name[4:]), p) for p in runs.glob("seed*") if p.name[4:].isdigit())
+    return seeds or [(0, runs)]
+
+
+def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for seed, folder in _seed_dirs(runs):
+        plan = build_plan(protocol, data, Options(seed=seed))
+        for exp in plan.experiments:
+            for method in methods:
+                path = folder / (exp.name.replace("=", "") or "run") / method / "model.pt"
+                if not path.is_file():
+                    continue
+                model = blip.load(path)
+                for k in ([None] if model.method == "ensemble" else ks):
+                    start = time.perf_counter()
+                    scales = recalibrate(model, exp.valid, samples=k, seed=seed)
+                    model.calibration = {"energy": 1.0, "forces": 1.0}
+                    for test in exp.tests:
+                        pred, _ = timed_predict(model, test.structures, k, seed)
+                        metrics = row_metrics(score(test.structures, pred), scales)
+                        rows.append({"seed": seed, "experiment": exp.name, "method": method, "test_set": test.name,
+                                     "samples": len(model.members) if k is None else k,
+                                     **{m: metrics.get(m) for m in METRICS}})
+                    print(f"seed {seed} {exp.name} {method} K={rows[-1]['samples']}: "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["experiment"], r["test_set"], r["method"], r["samples"]), []).append(r)
+    out = []
+    for (exp, test, method, k), rs in groups.items():
+        row = {"experiment": exp, "test_set": test, "method": method, "samples": k, "n_seeds": len(rs)}
+        for m in METRICS:
+            vals = [r[m] for r in rs if r[m] is not None and np.isfinite(r[m])]
+            row[m] = float(np.mean(vals)) if vals else None
+            row[f"{m}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict], protocol: str) -> str:
+    def cell(r, m):
+        if r[m] is None:
+            return "–"
+        return f"{r[m]:.3g}" + (f" ± {r[m + '_std']:.2g}" if r[m + "_std"] is not None else "")
+
+    lines = [f"# Samples sweep on {protocol}", "",
+             "Recalibrated on the validation split with the same K; mean ± std over seeds.", ""]
+    for exp, test in dict.fromkeys((r["experiment"], r["test_set"]) for r in summary):
+        lines += [f"## {exp} {test}", "", "| method | K | F NLL | ENCE | Spearman | cov. 95% | E NLL |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in summary if r["experiment"] == exp and r["test_set"] == test):
+            lines.append(f"| {r['method']} | {r['samples']} | " + " | ".join(cell(r, m) for m in METRICS[:4])
+                         + f" | {cell(r, 'energy_nll_recal')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("protocol")
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/samples"))
+    parser.add_argument("--samples", default=",".join(map(str, KS)), help="comma-separated K values")
+    parser.add_argument("--methods", default="blip,mc_dropout,ensemble")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = sweep(args.protocol, args.runs, data_dir(args.data), tuple(int(k) for k in args.samples.split(",")),
+                 tuple(args.methods.split(",")))
+    summary = summarise(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    text = markdown(summary, args.protocol)
+    (args.out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
