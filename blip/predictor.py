@@ -73,10 +73,12 @@ class BlipModel:
         per_copy = int(batch["n_edges"].sum()) + n
         group = max(1, min(samples, MAX_EDGES_PER_PASS // max(per_copy, 1)))
         energies, forces = [], []
+        shared = model.backbone.shared_terms(batch) or {}  # noise-free terms, once for all replicas
         for first in range(0, samples, group):  # large structures: replicas in groups
             k = min(group, samples - first)
             rep = replicate(batch, k)
             rep["replica"] = rep["replica"] + first
+            rep.update(shared)
             out = model(rep, sample=True, seed=seed)
             energies.append(out["energy"].detach().reshape(k, g))
             forces.append(out["forces"].detach().reshape(k, n, 3))
@@ -108,12 +110,13 @@ class BlipModel:
         map_mean = samples > 0 and self.predicts_map
         e_samples, f_samples = [None] * len(graphs), [None] * len(graphs)
         e_map, f_map = [None] * len(graphs), [None] * len(graphs)
-        chunks = list(_chunks(graphs, k_eff, MAX_EDGES_PER_PASS))
-        for chunk in tqdm(chunks, desc="predict", disable=not progress, unit="batch"):
+        passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff, MAX_EDGES_PER_PASS)]
+        if map_mean:  # the noise-free pass in its own, larger chunks (one copy per structure)
+            passes += [(0, chunk) for chunk in _chunks(graphs, 1, MAX_EDGES_PER_PASS)]
+        for k, chunk in tqdm(passes, desc="predict", disable=not progress, unit="batch"):
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
-            _scatter(batch, chunk, *self.sample_batch(batch, samples, seed), e_samples, f_samples)
-            if map_mean:
-                _scatter(batch, chunk, *self.sample_batch(batch, 0, seed), e_map, f_map)
+            e_out, f_out = (e_map, f_map) if k == 0 and map_mean else (e_samples, f_samples)
+            _scatter(batch, chunk, *self.sample_batch(batch, k, seed), e_out, f_out)
         means = ([e[0] for e in e_map], [f[0] for f in f_map]) if map_mean else None
         return self._summarise(e_samples, f_samples, stochastic=samples > 0, means=means)
 

@@ -98,6 +98,36 @@ def test_k_batched_samples_equal_k_sequential_samples(potential, acac_small):
         torch.testing.assert_close(out["forces"].detach(), forces[replica], atol=1e-10, rtol=0)
 
 
+def test_shared_radial_filters_give_the_same_samples_with_exact_forces(potential, acac_small):
+    """Predictions compute the radial filters once for all replicas (``shared_terms``): the
+    samples equal the unshared ones, and each sample's forces are minus the finite-difference
+    gradient of its own energy."""
+    atoms = [a.atoms for a in acac_small[:2]]
+    batch = _batch(atoms)
+    rep = replicate(batch, 3)
+    plain = potential(rep, sample=True, seed=4)
+    shared = potential({**rep, **potential.backbone.shared_terms(batch)}, sample=True, seed=4)
+    torch.testing.assert_close(shared["energy"], plain["energy"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(shared["forces"], plain["forces"], rtol=0, atol=1e-10)
+
+    def sample_energy(displaced, replica=1, structure=0):
+        b = _batch(displaced)
+        out = potential({**replicate(b, 3), **potential.backbone.shared_terms(b)}, sample=True, seed=4,
+                        forces=False)
+        return float(out["energy"].reshape(3, 2)[replica, structure].detach())
+
+    n0 = len(atoms[0])
+    forces = shared["forces"].detach().reshape(3, -1, 3)[1, :n0]
+    h = 1e-5
+    for atom, axis in ((0, 0), (4, 2), (9, 1)):
+        moved = [a.copy() for a in atoms]
+        moved[0].positions[atom, axis] += h
+        e_plus = sample_energy(moved)
+        moved[0].positions[atom, axis] -= 2 * h
+        e_minus = sample_energy(moved)
+        assert -(e_plus - e_minus) / (2 * h) == pytest.approx(float(forces[atom, axis]), abs=1e-6)
+
+
 def test_edge_order_does_not_change_a_sample(acac_summary, acac_small):
     """Noise is keyed by each edge's identity, not its place in the list: a shuffled edge list
     (with noise on the radial filters too) gives the same sample."""

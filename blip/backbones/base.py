@@ -93,6 +93,16 @@ class Backbone(nn.Module):
         """Hook to add backbone-specific inputs to a batch before the forward pass."""
         return batch
 
+    def shared_terms(self, batch: dict) -> dict | None:
+        """Noise-free per-edge terms of ``batch`` to compute once for all its noise replicas.
+
+        Returns extra batch entries (or None: nothing shared) that :meth:`energy` of a
+        :func:`blip.data.replicate` copy of ``batch`` uses instead of recomputing them for
+        each replica; each entry holds values and their derivatives in the edge length, so
+        every replica's forces stay the exact gradient of its own energy.
+        """
+        return None
+
 
 class SpeciesMap(nn.Module):
     """Atomic number -> index in ``elements`` (-1 for unknown), and per-element references."""
@@ -125,6 +135,35 @@ def species_groups(species: SpeciesMap, batch: dict) -> dict[str, torch.Tensor]:
     z = species.index(batch["numbers"])
     i, j = batch["edge_index"]
     return {"node": z, "edge": z[i] * species.n + z[j]}
+
+
+class _SharedPerEdge(torch.autograd.Function):
+    """Values of a function of each edge's length, computed once for E edges and repeated for
+    K replicas, with the gradient of each replica's own lengths: d value / d length is given."""
+
+    @staticmethod
+    def forward(ctx, lengths, values, derivative):
+        ctx.copies = lengths.shape[0] // values.shape[0]
+        ctx.save_for_backward(derivative)
+        return values.repeat(ctx.copies, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (derivative,) = ctx.saved_tensors
+        grad_lengths = (grad.reshape(ctx.copies, *derivative.shape) * derivative).sum(-1).reshape(-1)
+        return grad_lengths, None, None
+
+
+def shared_per_edge(lengths: torch.Tensor, values: torch.Tensor, derivative: torch.Tensor) -> torch.Tensor:
+    """``f(lengths)`` (K E, n) from ``values = f(l)`` and ``derivative = f'(l)`` (E, n) of one copy.
+
+    ``lengths`` (K E,) are the edge lengths of K identical copies (replica-major, as
+    :func:`blip.data.replicate` lays them out); gradients flow to each copy's own lengths,
+    exactly (first derivatives; not for a loss on forces). Raises if the sizes do not fit.
+    """
+    if values.shape != derivative.shape or lengths.shape[0] % max(values.shape[0], 1):
+        raise ValueError(f"shared per-edge terms for {values.shape[0]} edges do not fit {lengths.shape[0]} edges")
+    return _SharedPerEdge.apply(lengths, values, derivative)
 
 
 def local_atom_index(batch: dict) -> torch.Tensor:

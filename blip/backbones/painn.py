@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import register_backbone_defaults
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, species_groups
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, shared_per_edge, species_groups
 
 DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False}
 register_backbone_defaults("painn", DEFAULTS)
@@ -31,17 +31,33 @@ def cosine_cutoff(d: torch.Tensor, cutoff: float) -> torch.Tensor:
     return 0.5 * (torch.cos(math.pi * d / cutoff) + 1.0) * (d < cutoff).to(d.dtype)
 
 
+def sine_rbf_and_derivative(d: torch.Tensor, n: int, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sine_rbf` and its derivative in d, both (E, n)."""
+    a = torch.arange(1, n + 1, dtype=d.dtype, device=d.device) * (math.pi / cutoff)
+    ad = a * d[:, None]
+    sin, cos = torch.sin(ad), torch.cos(ad)
+    return sin / d[:, None], (ad * cos - sin) / (d * d)[:, None]
+
+
+def cosine_cutoff_and_derivative(d: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cosine_cutoff` and its derivative in d, both (E,)."""
+    inside = (d < cutoff).to(d.dtype)
+    x = math.pi * d / cutoff
+    return 0.5 * (torch.cos(x) + 1.0) * inside, -0.5 * (math.pi / cutoff) * torch.sin(x) * inside
+
+
 class Message(nn.Module):
-    """Edge messages: phi(s)_j * W(r_ij), summed over neighbours j of i."""
+    """Edge messages: phi(s)_j * W(r_ij), summed over neighbours j of i; W = filter(rbf) * fcut."""
 
     def __init__(self, features: int, radial: int):
         super().__init__()
         self.phi = nn.Sequential(nn.Linear(features, features), nn.SiLU(), nn.Linear(features, 3 * features))
         self.filter = nn.Linear(radial, 3 * features)
 
-    def forward(self, s, v, edge_index, rbf, fcut, unit):
+    def forward(self, s, v, edge_index, w, unit):
+        """``w``: this interaction's radial filter of every edge, (E, 3F)."""
         i, j = edge_index
-        x = self.phi(s)[j] * self.filter(rbf) * fcut[:, None]
+        x = self.phi(s)[j] * w
         x_vv, x_s, x_vs = torch.split(x, s.shape[1], dim=1)
         dv = x_vv[:, None, :] * v[j] + x_vs[:, None, :] * unit[:, :, None]
         s = s.index_add(0, i, x_s)
@@ -116,19 +132,47 @@ class PaiNN(Backbone):
         return r, d, sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
 
     def domain_features(self, batch):
-        _, d, rbf, fcut = self._radial(batch)
-        onehot = self.species.one_hot(batch["numbers"], d.dtype)
-        i, j = batch["edge_index"]
-        edge = torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1)
-        return {"node": (onehot, batch["n_atoms"]), "edge": (edge, batch["n_edges"])}
+        """Node rows: species one-hot; edge rows (only with ``edge_noise``): radial basis and both species."""
+        onehot = self.species.one_hot(batch["numbers"], batch["positions"].dtype)
+        out = {"node": (onehot, batch["n_atoms"])}
+        if self.edge_noise:
+            _, _, rbf, fcut = self._radial(batch)
+            i, j = batch["edge_index"]
+            out["edge"] = (torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1), batch["n_edges"])
+        return out
+
+    def edge_filters(self, d: torch.Tensor) -> torch.Tensor:
+        """Radial filters of every interaction, concatenated: (E,) Angstrom -> (E, interactions * 3F)."""
+        rbf, fcut = sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
+        return torch.cat([block.message.filter(rbf) * fcut[:, None] for block in self.interactions], dim=1)
+
+    def shared_terms(self, batch: dict) -> dict | None:
+        """The radial filters of ``batch`` and their derivatives in the distance, computed once and
+        shared by every noise replica of it (see ``Backbone.shared_terms``); None with ``edge_noise``."""
+        if self.edge_noise:
+            return None
+        with torch.no_grad():
+            d = torch.linalg.norm(edge_vectors(batch), dim=1)
+            rbf, drbf = sine_rbf_and_derivative(d, self.radial, self.cutoff)
+            fcut, dfcut = cosine_cutoff_and_derivative(d, self.cutoff)
+            values, derivative = [], []
+            for block in self.interactions:
+                f = block.message.filter
+                w = f(rbf)
+                values.append(w * fcut[:, None])
+                derivative.append(nn.functional.linear(drbf, f.weight) * fcut[:, None] + w * dfcut[:, None])
+        return {"shared_edge_filters": (torch.cat(values, dim=1), torch.cat(derivative, dim=1))}
 
     def energy(self, batch):
-        r, d, rbf, fcut = self._radial(batch)
+        r = edge_vectors(batch)
+        d = torch.linalg.norm(r, dim=1)
         unit = r / d[:, None]
+        shared = batch.get("shared_edge_filters")
+        w_all = self.edge_filters(d) if shared is None else shared_per_edge(d, *shared)
         s = self.embedding(self.species.index(batch["numbers"]))
         v = torch.zeros((s.shape[0], 3, s.shape[1]), dtype=s.dtype, device=s.device)
-        for block in self.interactions:
-            s, v = block.message(s, v, batch["edge_index"], rbf, fcut, unit)
+        for block, w in zip(self.interactions, torch.split(w_all, 3 * s.shape[1], dim=1)):
+            s, v = block.message(s, v, batch["edge_index"], w, unit)
             s, v = block.update(s, v)
         atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
         n_graphs = batch["n_atoms"].shape[0]
