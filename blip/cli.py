@@ -7,7 +7,7 @@ import json
 import sys
 
 from ._files import atomic_path, write_text_atomic
-from .errors import BlipError
+from .errors import BlipError, DataError
 
 
 # -- train ---------------------------------------------------------------------------
@@ -76,6 +76,9 @@ def cmd_evaluate(args) -> int:
     ek = args.energy_key or model.config["data"]["energy_key"]
     fk = args.forces_key or model.config["data"]["forces_key"]
     structures = read_labelled(args.input, ek, fk, require_energy=False, require_forces=False)
+    if not any(st.energy is not None or st.forces is not None for st in structures):
+        raise DataError(args.input, f"no reference labels to evaluate against (energy key '{ek}', forces key "
+                                    f"'{fk}'; --energy-key / --forces-key name others)")
     metrics, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
                                           progress=not args.quiet, source=args.input)
     print(format_table(metrics))
@@ -104,9 +107,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_common(p, samples=True):
     if samples:
-        p.add_argument("--samples", type=int, default=None,
+        p.add_argument("--samples", type=nonnegative_int, default=None,
                        help="Monte-Carlo samples K (default: the model's uq.samples; 0 = noise-free MAP)")
         p.add_argument("--seed", type=int, default=0, help="seed of the noise (reproducible samples)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -145,6 +145,7 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     defaults = copy.deepcopy(DEFAULTS)
     defaults["model"].update(backbone_defaults(backbone))
     cfg = _merge(defaults, user, "")
+    _check_types(defaults, cfg, "")
     _validate(cfg)
     if backbone in BACKBONE_CHECKS:
         BACKBONE_CHECKS[backbone](cfg["model"])
@@ -173,7 +174,57 @@ def backbone_defaults(name: str) -> dict:
     return BACKBONE_DEFAULTS[name]
 
 
+def _check_types(defaults: dict, cfg: dict, where: str) -> None:
+    """Every value whose default is a bool, an integer or a number must be one (ConfigError)."""
+    for key, default in defaults.items():
+        value, name = cfg.get(key), f"{where}{key}"
+        if isinstance(default, dict) and isinstance(value, dict):
+            _check_types(default, value, f"{name}.")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+
+
+#: key -> (lowest, highest, whether the bounds themselves are allowed); None values pass
+_RANGES = {
+    ("training", "lr"): (0.0, None, False), ("training", "inference_lr"): (0.0, None, False),
+    ("training", "epochs"): (0, None, True), ("training", "batch_size"): (1, None, True),
+    ("training", "patience"): (1, None, True), ("training", "warmup_epochs"): (0, None, True),
+    ("training", "weight_decay"): (0.0, None, True), ("training", "grad_clip"): (0.0, None, False),
+    ("training", "ema_decay"): (0.0, 1.0, True), ("training", "min_lr_ratio"): (0.0, 1.0, True),
+    ("training", "energy_weight"): (0.0, None, True), ("training", "forces_weight"): (0.0, None, True),
+    ("training", "max_minutes"): (0.0, None, False), ("uq", "samples"): (1, None, True),
+    ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
+    ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
+    ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
+    ("uq", "p_init"): (0.0, 1.0, False), ("model", "cutoff"): (0.0, None, False),
+    ("data", "valid_fraction"): (0.0, 1.0, True),
+}
+
+
+def _check_ranges(cfg: dict) -> None:
+    for (section, key), (low, high, closed) in _RANGES.items():
+        value = cfg[section].get(key)
+        if value is None:
+            continue
+        below = value < low if closed else value <= low
+        above = high is not None and (value > high if closed else value >= high)
+        if below or above:
+            bounds = f"{'[' if closed else '('}{low}, {high if high is not None else 'inf'}{']' if closed and high is not None else ')'}"
+            raise ConfigError(f"{section}.{key} must be in {bounds}, got {value!r}")
+    uq = cfg["uq"]
+    if not uq["p_min"] <= uq["p_init"] <= uq["p_max"]:
+        raise ConfigError(f"uq: need p_min <= p_init <= p_max, got {uq['p_min']}, {uq['p_init']}, {uq['p_max']}")
+
+
 def _validate(cfg: dict) -> None:
+    _check_ranges(cfg)
     from .model import METHODS
 
     if cfg["uq"]["method"] not in METHODS:
@@ -198,8 +249,8 @@ def _validate(cfg: dict) -> None:
         raise ConfigError("model.dtype must be float32 or float64")
     if cfg["training"]["loss"] not in ("mse", "l1", "huber"):
         raise ConfigError("training.loss must be mse, l1 or huber")
-    if cfg["training"]["scheduler"] not in ("cosine", "plateau", "constant"):
-        raise ConfigError("training.scheduler must be cosine, plateau or constant")
+    if cfg["training"]["scheduler"] not in ("cosine", "constant"):
+        raise ConfigError(f"training.scheduler must be cosine or constant, got {cfg['training']['scheduler']!r}")
     if cfg["model"]["pretrained"] and cfg["model"]["backbone"] != "chgnet":
         raise ConfigError(f"model.pretrained: no pretrained weights ship for backbone "
                           f"'{cfg['model']['backbone']}' (only chgnet); set pretrained: false")

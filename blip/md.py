@@ -137,7 +137,7 @@ def _init_velocities(atoms, s: MDSettings) -> None:
 
     if not s.init_velocities:
         return
-    if s.temperature_K <= 0:
+    if s.temperature_K <= 0 or len(atoms) < 2:  # one atom: no motion relative to its centre of mass
         atoms.set_momenta(np.zeros((len(atoms), 3)))
         return
     rng = np.random.default_rng(s.seed)
@@ -303,6 +303,8 @@ def cmd_md(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .cli import nonnegative_int
+
     p = subparsers.add_parser("md", help="molecular dynamics with an uncertainty watch -> extxyz trajectory")
     p.add_argument("model", help="model file (model.pt)")
     p.add_argument("structure", help="starting structure (any ASE-readable file)")
@@ -327,7 +329,8 @@ def register(subparsers) -> None:
                    help="use the momenta in the file instead of Maxwell-Boltzmann")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="precision of the model during MD (default: the model's own)")
-    p.add_argument("--samples", type=int, default=None, help="K of each check (default: the model's uq.samples)")
+    p.add_argument("--samples", type=nonnegative_int, default=None,
+                   help="K of each check (default: the model's uq.samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of velocities, Langevin noise and model noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -105,7 +105,7 @@ class BlipModel:
             raise ValueError("samples must be >= 0")
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
         self._check(atoms_list, source)
-        graphs = [build_graph(a, self.cutoff, index=i) for i, a in enumerate(atoms_list)]
+        graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in enumerate(atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
         map_mean = samples > 0 and self.predicts_map
         e_samples, f_samples = [None] * len(graphs), [None] * len(graphs)

@@ -207,3 +207,57 @@ def test_config_resolution_and_overrides(tmp_path):
         config.resolve({"model": {"backbone": "schnet"}})
     with pytest.raises(ConfigError, match="model.pretrained"):
         config.resolve({"model": {"backbone": "painn", "pretrained": True}})
+
+
+def test_overlapping_atoms_are_one_error_and_no_output(tiny_model_path, tmp_path, capsys):
+    frames = ase.io.read(DATA / "acac_small.xyz", ":2")
+    frames[1].positions[3] = frames[1].positions[0]
+    bad = tmp_path / "overlap.xyz"
+    ase.io.write(bad, frames)
+    out = tmp_path / "p.xyz"
+    line = _error(capsys, ["predict", str(tiny_model_path), str(bad), "-o", str(out), "--quiet"])
+    assert "overlap.xyz" in line and "structure 1" in line and "atoms 0 and 3" in line and "apart" in line
+    assert not out.exists()
+
+
+def test_evaluate_without_labels_is_an_error(tiny_model_path, tmp_path, capsys):
+    frames = ase.io.read(DATA / "acac_small.xyz", ":2")
+    for a in frames:
+        a.calc = None
+    bare = tmp_path / "bare.xyz"
+    ase.io.write(bare, frames)
+    line = _error(capsys, ["evaluate", str(tiny_model_path), str(bare), "--quiet"])
+    assert "bare.xyz" in line and "no reference labels" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "training.epochs=abc"], "training.epochs must be an integer, got 'abc'"),
+    (["--set", "training.lr=-1"], "training.lr must be in (0.0, inf), got -1"),
+    (["--set", "training.scheduler=plateau"], "training.scheduler must be cosine or constant"),
+    (["--set", "uq.p_init=0.9"], "p_min <= p_init <= p_max"),
+    (["--set", "training.resume=yes please"], "training.resume must be true or false"),
+])
+def test_bad_config_values_are_one_error_before_training(tmp_path, capsys, args, message):
+    config = _write_config(tmp_path)
+    assert message in _error(capsys, ["train", str(config), "--quiet", *args])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "md"])
+def test_negative_samples_is_a_usage_error(tiny_model_path, tmp_path, capsys, command):
+    extra = {"predict": ["-o", str(tmp_path / "p.xyz")], "evaluate": [], "md": ["-o", str(tmp_path / "t.xyz")]}
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(tiny_model_path), str(DATA / "acac_small.xyz"), "--samples", "-3", *extra[command]])
+    assert exit_info.value.code == 2
+    assert "--samples: must be >= 0, got -3" in capsys.readouterr().err
+
+
+def test_md_of_a_single_atom_runs_at_a_finite_temperature(tiny_model_path, tmp_path):
+    from ase import Atoms
+
+    start = tmp_path / "atom.xyz"
+    ase.io.write(start, Atoms("C", positions=[[0.0, 0.0, 0.0]]))
+    out = tmp_path / "t.xyz"
+    assert main(["md", str(tiny_model_path), str(start), "-o", str(out), "--steps", "4", "--quiet"]) == 0
+    frames = ase.io.read(out, ":")
+    assert all(np.isfinite(f.info["temperature_K"]) for f in frames) and frames[0].info["temperature_K"] == 0

@@ -143,7 +143,7 @@ class _SharedPerEdge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lengths, values, derivative):
-        ctx.copies = lengths.shape[0] // values.shape[0]
+        ctx.copies = lengths.shape[0] // values.shape[0] if values.shape[0] else 1  # no edges: nothing to repeat
         ctx.save_for_backward(derivative)
         return values.repeat(ctx.copies, 1)
 

@@ -16,6 +16,9 @@ from blip.errors import DataError
 __all__ = ["build_graph"]
 
 
+MIN_DISTANCE = 0.01  # Angstrom: closer atoms (or periodic images) are an input error
+
+
 def _neighbours(positions, cell, pbc, cutoff, where, index):
     """Vesin full neighbour list: i, j (E,) int64 and integer shifts S (E, 3) int64."""
     if pbc.any():
@@ -71,6 +74,12 @@ def build_graph(
     n = len(positions)
 
     i, j, S = _neighbours(positions, cell, pbc, cutoff, source, index)
+    if len(i):
+        lengths = np.linalg.norm(positions[j] - positions[i] + S @ cell, axis=1)
+        e = int(np.argmin(lengths))
+        if lengths[e] < MIN_DISTANCE:
+            raise DataError(source, f"atoms {i[e]} and {j[e]} are {lengths[e]:.3g} A apart (overlapping atoms; "
+                                    f"distances below {MIN_DISTANCE} A have no meaningful energy)", index)
     order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))  # last key is primary
     i, j, S = i[order], j[order], S[order]
 
