@@ -55,13 +55,31 @@ def test_train_writes_outputs_and_lowers_validation_error(tmp_path):
     assert resolved["training"]["epochs"] == 6 and resolved["uq"]["method"] == "blip"
 
 
-def test_resume_continues_from_saved_epoch(tmp_path):
-    config = _write_config(tmp_path, {"training": {"epochs": 2}})
-    assert main(["train", str(config), "--quiet"]) == 0
-    assert main(["train", str(config), "--quiet", "--resume", "--set", "training.epochs=4"]) == 0
-    rows = _log_rows(tmp_path / "out" / "log.csv")
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["epoch"] == 3
+def test_resume_after_a_kill_gives_the_uninterrupted_model(tmp_path, monkeypatch):
+    from blip.train.loop import Trainer
+
+    extra = ["--quiet", "--set", "model.dtype=float64", "--set", "training.epochs=3"]
+    for name in ("full", "killed"):
+        (tmp_path / name).mkdir()
+    full = _write_config(tmp_path / "full")
+    assert main(["train", str(full), *extra]) == 0
+    killed = _write_config(tmp_path / "killed")
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, member, epoch, *args, **kwargs):
+        save(self, member, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    assert main(["train", str(killed), *extra]) == 130  # "blip: interrupted", as after Ctrl-C
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    assert main(["train", str(killed), *extra, "--resume"]) == 0
+    rows = _log_rows(tmp_path / "killed" / "out" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    a = blip.load(tmp_path / "full" / "out" / "model.pt").members[0].state_dict()
+    b = blip.load(tmp_path / "killed" / "out" / "model.pt").members[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_predict_writes_uncertainties_and_keeps_reference_labels(tiny_model_path, tmp_path):
