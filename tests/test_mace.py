@@ -56,11 +56,6 @@ def blip_mace_model(acac_summary):
     return _potential(acac_summary)
 
 
-@pytest.fixture(scope="module")
-def dropout_mace_model(acac_summary):
-    return _potential(acac_summary, "mc_dropout")
-
-
 def _batch(atoms_list):
     return collate([build_graph(a, CUTOFF, index=i) for i, a in enumerate(atoms_list)], dtype=torch.float64)
 
@@ -91,49 +86,7 @@ def test_radial_mlps_are_deterministic_by_default(acac_summary):
     assert set(layers) == {"node"} and len(layers["node"]) == 5
 
 
-# ---------------------------------------------------------------- symmetries of every sample
-
-
-@pytest.mark.parametrize("kind", ["blip", "mc_dropout"])
-@pytest.mark.parametrize("sample", [False, True])
-def test_rotation_rotates_every_sampled_force_and_keeps_energy(blip_mace_model, dropout_mace_model, acac_small,
-                                                               kind, sample):
-    model = blip_mace_model if kind == "blip" else dropout_mace_model
-    atoms = [acac_small[1].atoms.copy(), acac_small[3].atoms.copy()]
-    energy, forces = _run(model, atoms, sample)
-    rot = Rotation.random(random_state=5).as_matrix()
-    moved = [a.copy() for a in atoms]
-    for a in moved:
-        a.positions = a.positions @ rot.T
-    energy2, forces2 = _run(model, moved, sample)
-    np.testing.assert_allclose(energy2, energy, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(forces2, forces @ rot.T, rtol=0, atol=1e-5)
-    assert np.abs(forces2 - forces @ rot.T).max() < 1e-9  # in fact exact to float64 round-off
-    if sample:
-        assert np.abs(energy - _run(model, atoms, False)[0]).max() > 1e-4  # the noise is really on
-
-
-@pytest.mark.parametrize("sample", [False, True])
-def test_translation_invariance(blip_mace_model, acac_small, sample):
-    atoms = acac_small[2].atoms.copy()
-    energy, forces = _run(blip_mace_model, [atoms], sample)
-    atoms.positions += np.array([3.1, -1.7, 0.6])
-    energy2, forces2 = _run(blip_mace_model, [atoms], sample)
-    np.testing.assert_allclose(energy2, energy, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(forces2, forces, rtol=0, atol=1e-8)
-
-
-@pytest.mark.parametrize("sample", [False, True])
-def test_forces_are_minus_finite_difference_gradient(blip_mace_model, acac_small, sample):
-    atoms = acac_small[0].atoms.copy()
-    _, forces = _run(blip_mace_model, [atoms], sample)
-    h = 1e-5
-    for atom, axis in [(0, 0), (4, 1), (9, 2), (14, 0)]:
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[atom, axis] += h
-        minus.positions[atom, axis] -= h
-        fd = -(_run(blip_mace_model, [plus], sample)[0][0] - _run(blip_mace_model, [minus], sample)[0][0]) / (2 * h)
-        assert forces[atom, axis] == pytest.approx(fd, abs=1e-6)
+# ---------------------------------------------------------------- samples (physics: tests/test_physics.py)
 
 
 def test_samples_are_reproducible_and_differ_between_seeds(blip_mace_model, acac_small):
