@@ -90,7 +90,7 @@ class BlipCalculator(Calculator):
 
     def check_atoms(self, atoms, source: str = "atoms") -> None:
         """Raise DataError if ``atoms`` holds an element the model was not trained on."""
-        self.model._check([atoms], source)
+        self.model.check_structures([atoms], source)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -30,9 +30,11 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
     if cfg["uq"]["recalibrate"] and model.method != "deterministic":
-        factors = recalibrate(model, data.valid, seed=int(cfg["training"]["seed"]), source="validation split")
+        where = "validation split" if data.calibration is None else f"calibration set ({len(data.calibration)})"
+        factors = recalibrate(model, data.valid if data.calibration is None else data.calibration,
+                              seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
-        print("recalibrated on the validation split: standard deviations x "
+        print(f"recalibrated on the {where}: standard deviations x "
               + ", ".join(f"{q} {f:.3g}" for q, f in factors.items()), file=sys.stderr)
     if data.tests:
         results = write_test_metrics(model, data, trainer.out, progress=not args.quiet)

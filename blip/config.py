@@ -14,6 +14,8 @@ DEFAULTS: dict = {
         "train_file": None,
         "valid_file": None,
         "valid_fraction": 0.1,
+        "calibration_file": None,     # structures for the recalibration (default: the validation split)
+        "calibration_fraction": None,  # or hold out this fraction of train_file for it
         "test_files": {},
         "energy_key": "energy",
         "forces_key": "forces",
@@ -204,7 +206,7 @@ _RANGES = {
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("model", "cutoff"): (0.0, None, False),
-    ("data", "valid_fraction"): (0.0, 1.0, True),
+    ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
 }
 
 
@@ -254,6 +256,8 @@ def _validate(cfg: dict) -> None:
     if cfg["model"]["pretrained"] and cfg["model"]["backbone"] != "chgnet":
         raise ConfigError(f"model.pretrained: no pretrained weights ship for backbone "
                           f"'{cfg['model']['backbone']}' (only chgnet); set pretrained: false")
+    if cfg["data"]["calibration_file"] and cfg["data"]["calibration_fraction"]:
+        raise ConfigError("give data.calibration_file or data.calibration_fraction, not both")
     if not isinstance(cfg["data"]["test_files"], dict):
         raise ConfigError("data.test_files must be a mapping name: path")
 
@@ -265,7 +269,7 @@ def _absolute_paths(cfg: dict, base: Path) -> None:
         return str((base / p).resolve())
 
     data = cfg["data"]
-    for key in ("train_file", "valid_file", "e0s"):
+    for key in ("train_file", "valid_file", "calibration_file", "e0s"):
         data[key] = fix(data[key])
     data["test_files"] = {k: fix(v) for k, v in data["test_files"].items()}
 

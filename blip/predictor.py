@@ -104,7 +104,7 @@ class BlipModel:
         if samples < 0:
             raise ValueError("samples must be >= 0")
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
-        self._check(atoms_list, source)
+        self.check_structures(atoms_list, source)
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in enumerate(atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
         map_mean = samples > 0 and self.predicts_map
@@ -147,7 +147,8 @@ class BlipModel:
         return {"energy": e_mean, "energy_std": e_std, "forces": f_mean, "forces_std": f_std,
                 "energy_samples": energy_samples, "forces_samples": f_samples}
 
-    def _check(self, atoms_list, source: str) -> None:
+    def check_structures(self, atoms_list, source: str) -> None:
+        """Raise DataError for an empty list, an element the model was not trained on, or NaN positions."""
         if len(atoms_list) == 0:
             raise DataError(source, "no structures to predict")
         check_elements(atoms_list, set(self.summary.elements), source)

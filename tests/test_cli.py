@@ -279,3 +279,18 @@ def test_md_of_a_single_atom_runs_at_a_finite_temperature(tiny_model_path, tmp_p
     assert main(["md", str(tiny_model_path), str(start), "-o", str(out), "--steps", "4", "--quiet"]) == 0
     frames = ase.io.read(out, ":")
     assert all(np.isfinite(f.info["temperature_K"]) for f in frames) and frames[0].info["temperature_K"] == 0
+
+
+def test_recalibration_uses_a_separate_calibration_split_when_given(tmp_path, capsys):
+    from blip.train.datasets import prepare_data
+
+    config = _write_config(tmp_path, {"data": {"calibration_fraction": 0.25, "max_train": None},
+                                      "training": {"epochs": 1}})
+    cfg = blip.config.load(config)
+    data = prepare_data(cfg)
+    ids = lambda structures: {s.index for s in structures}  # noqa: E731
+    assert data.calibration and not ids(data.calibration) & (ids(data.train) | ids(data.valid))
+    assert main(["train", str(config), "--quiet"]) == 0
+    assert f"recalibrated on the calibration set ({len(data.calibration)})" in capsys.readouterr().err
+    both = ["--set", f"data.calibration_file={DATA / 'acac_small.xyz'}"]
+    assert "not both" in _error(capsys, ["train", str(config), "--quiet", *both])

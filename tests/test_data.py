@@ -439,7 +439,9 @@ def test_collate_offsets_and_dtypes():
 def test_collate_labels_and_float32():
     graphs = acac_graphs(3)
     b = collate(graphs)
-    assert b["positions"].dtype == torch.float32 and b["energy"].dtype == torch.float32
+    assert b["positions"].dtype == torch.float32 and b["forces"].dtype == torch.float32
+    assert b["energy"].dtype == torch.float64  # totals of ~1e4 eV keep their meV in float64
+    assert float(b["energy"][1]) == graphs[1]["energy"][0]
     assert b["energy"].shape == (3,) and b["forces"].shape == (45, 3)
     assert b["edge_index"].dtype == torch.long
 

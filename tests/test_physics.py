@@ -239,3 +239,17 @@ def test_far_apart_molecules_add_up(backbone, dtype, device):
     energy, forces = run(model, [a, b], False)
     together = run(model, [a + far], False)
     assert_same(together, (np.array([energy.sum()]), forces), dtype, "a + b")
+
+
+@params("backbone", [b for b in BUILDERS if "molecule" in SYSTEMS[b]])
+@device_params
+def test_float32_models_keep_total_energies_to_a_fraction_of_a_meV(backbone, device):
+    """Energies of ~1e4 eV: the isolated-atom part is summed in float64, so a float32 model's total
+    energy is as precise as its (small) network part, well below float32's 1 meV at 1e4 eV."""
+    atoms = structures("molecule")
+    e32, _ = run(model_for(backbone, torch.float32, device), atoms, False)
+    e64, _ = run(model_for(backbone, torch.float64, device), atoms, False)
+    assert np.abs(e64).min() > 8000
+    assert np.abs(e32 - e64).max() < 5e-5
+    batch = collate([build_graph(a, 4.0, energy=a.get_potential_energy()) for a in atoms], dtype=torch.float32)
+    assert batch["energy"].dtype == torch.float64 and batch["positions"].dtype == torch.float32

@@ -86,7 +86,8 @@ class Backbone(nn.Module):
         return {}
 
     def energy(self, batch: dict) -> torch.Tensor:
-        """Total energy per graph (G,), eV; differentiable w.r.t. batch["positions"]."""
+        """Total energy per graph (G,), eV, float64 (the network's part in the model dtype, the
+        isolated-atom energies added in float64); differentiable w.r.t. batch["positions"]."""
         raise NotImplementedError
 
     def prepare(self, batch: dict) -> dict:
@@ -125,9 +126,9 @@ class SpeciesMap(nn.Module):
         return nn.functional.one_hot(self.index(numbers), self.n).to(dtype)
 
     def reference_energy(self, numbers: torch.Tensor, batch: torch.Tensor, n_graphs: int) -> torch.Tensor:
-        """Sum of isolated-atom energies per graph (G,), eV."""
-        out = torch.zeros(n_graphs, dtype=self.e0.dtype, device=numbers.device)
-        return out.index_add(0, batch, self.e0[numbers])
+        """Sum of isolated-atom energies per graph (G,), eV, summed in float64."""
+        out = torch.zeros(n_graphs, dtype=torch.float64, device=numbers.device)
+        return out.index_add(0, batch, self.e0.double()[numbers])
 
 
 def species_groups(species: SpeciesMap, batch: dict) -> dict[str, torch.Tensor]:

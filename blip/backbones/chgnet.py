@@ -23,7 +23,8 @@ sample does not depend on pymatgen's neighbour-list order.
 
 Positions enter differentiably: ``prepare`` builds (and caches, per structure content) the
 graph topology; ``energy`` recomputes bond vectors from ``batch["positions"]`` and runs
-CHGNet's own basis expansions and message passing (``CHGNet._compute``).
+CHGNet's own basis expansions and message passing (``CHGNet._compute``, through
+``blip/backbones/_upstream.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..config import register_backbone_defaults
 from ..errors import ConfigError, DataError
+from ._upstream import chgnet_compute
 from .base import Backbone, DatasetSummary, SpeciesMap, edge_ids, local_atom_index
 from .painn import cosine_cutoff, sine_rbf
 
@@ -384,10 +386,10 @@ class CHGNetBackbone(Backbone):
             atom_owners=batch["batch"], directed2undirected=batch["chgnet_d2u"],
             atom_positions=[pos], strains=[], volumes=pos.new_zeros((0,)),
         )
-        energy = self.chgnet._compute(graph)["e"]
+        energy = chgnet_compute(self.chgnet, graph)["e"]
         if self.chgnet.is_intensive:
             energy = energy * batch["n_atoms"].to(energy.dtype)
-        return energy + self.reference_energy(batch, energy.dtype)
+        return energy.double() + self.reference_energy(batch, torch.float64)
 
 
 def build(cfg: dict, summary: DatasetSummary) -> CHGNetBackbone:

@@ -43,7 +43,9 @@ with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import mace.modules  # noqa: I001
     from e3nn import o3
-    from e3nn.nn._fc import _Layer as E3nnDenseLayer  # the layer type of e3nn's FullyConnectedNet
+from ._upstream import e3nn_dense_layer_type  # noqa: E402  (after mace, which e3nn needs first)
+
+E3nnDenseLayer = e3nn_dense_layer_type()  # the layer type of e3nn's FullyConnectedNet
 if _previous_env is None:
     os.environ.pop(_WEIGHTS_ONLY_ENV, None)
 else:
@@ -141,9 +143,14 @@ class MaceBackbone(Backbone):
         return {"node": (onehot, batch["n_atoms"]), "edge": (edge, batch["n_edges"])}
 
     def energy(self, batch: dict) -> torch.Tensor:
-        """Total energy per graph (G,), eV, including E0s; MACE computes no forces here."""
+        """Total energy per graph (G,), eV, float64: MACE's interaction energy plus the E0s of its
+        atomic-energies block summed in float64; MACE computes no forces here."""
         out = self.model(self.mace_inputs(batch), training=False, compute_force=False)
-        return out["energy"]
+        e0 = self.model.atomic_energies_fn.atomic_energies.reshape(-1, self.species.n)[0].double()
+        n_graphs = batch["n_atoms"].shape[0]
+        reference = torch.zeros(n_graphs, dtype=torch.float64, device=e0.device)
+        reference = reference.index_add(0, batch["batch"], e0[self.species.index(batch["numbers"])])
+        return out["interaction_energy"].double() + reference
 
     # -- inputs ---------------------------------------------------------------------
     def mace_inputs(self, batch: dict) -> dict[str, torch.Tensor]:

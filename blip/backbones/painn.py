@@ -177,7 +177,7 @@ class PaiNN(Backbone):
         atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
         n_graphs = batch["n_atoms"].shape[0]
         energy = torch.zeros(n_graphs, dtype=s.dtype, device=s.device).index_add(0, batch["batch"], atomic)
-        return energy + self.species.reference_energy(batch["numbers"], batch["batch"], n_graphs).to(s.dtype)
+        return energy.double() + self.species.reference_energy(batch["numbers"], batch["batch"], n_graphs)
 
 
 def build(cfg: dict, summary: DatasetSummary) -> PaiNN:

@@ -117,7 +117,8 @@ def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:
     """Mean KL between the multiplicative-noise posterior and prior, a scalar.
 
     Per element ``0.5 * ((alpha + 1) / alpha0 + log(alpha0) - log(alpha) - 1) - 0.5 / alpha0``:
-    the closed form of DESIGN.md section 1 minus its alpha-independent constant
+    the KL between Gaussian multiplicative weight noise of variance alpha and a prior of variance
+    alpha0 = prior_p / (1 - prior_p) (Kingma et al. 2015, closed form) minus its alpha-independent constant
     ``0.5 / alpha0``, so it is exactly zero at ``alpha == alpha0`` and positive elsewhere
     (same gradients). Averaged over rows for each layer, then over layers.
     rates: layer -> p of shape (rows,) or (rows, slots).

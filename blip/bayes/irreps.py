@@ -9,7 +9,7 @@ and reads the wrapped e3nn modules through their public attributes:
   ``1 + sqrt(alpha_row) * xi``, ``xi ~ N(0, 1)``. A scalar per irrep block commutes with
   the block's Wigner D-matrix, so each sample is exactly equivariant. It is multiplicative
   weight noise ``w_oc (1 + sqrt(alpha) xi_c)`` shared over the outputs o of input channel c
-  (Kingma et al. 2015), so the KL of DESIGN.md section 1 applies unchanged. The local
+  (Kingma et al. 2015), so the KL of :func:`blip.bayes.inference.kl_divergence` applies unchanged. The local
   reparameterisation trick is NOT used here: for l > 0 it would draw independent noise
   per m component and break equivariance.
 * :class:`NoisyFCLayer` wraps one layer of an e3nn ``FullyConnectedNet`` (scalar
@@ -97,7 +97,7 @@ class NoisyIrrepsLinear(nn.Module):
         for name, param in linear.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in linear.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in linear._non_persistent_buffers_set)
+            self.register_buffer(name, buf, persistent=name in linear.state_dict(keep_vars=True))
         self.irreps_in, self.irreps_out = linear.irreps_in, linear.irreps_out
         self.register_buffer("channel_of", irreps_channel_index(linear.irreps_in), persistent=False)
         self.channels = int(self.channel_of.max()) + 1 if self.channel_of.numel() else 0

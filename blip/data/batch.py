@@ -15,19 +15,21 @@ import torch
 __all__ = ["collate", "replicate", "iterate_batches", "ATOM_KEYS", "EDGE_KEYS", "GRAPH_KEYS"]
 
 ATOM_KEYS = frozenset({"positions", "numbers", "batch", "forces"})
+#: float keys kept in float64 whatever the model dtype: total energies of ~1e4 eV need it for meV
+FLOAT64_KEYS = frozenset({"energy"})
 EDGE_KEYS = frozenset({"edge_index", "shifts", "unit_shifts"})
 GRAPH_KEYS = frozenset(
     {"cell", "pbc", "n_atoms", "n_edges", "structure_index", "energy", "replica"}
 )
 
 
-def _to_tensor(array: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
+def _to_tensor(array: np.ndarray, dtype: torch.dtype, device, key: str = "") -> torch.Tensor:
     if array.dtype == np.bool_:
         target = torch.bool
     elif np.issubdtype(array.dtype, np.integer):
         target = torch.long
     elif np.issubdtype(array.dtype, np.floating):
-        target = dtype
+        target = torch.float64 if key in FLOAT64_KEYS else dtype
     else:
         raise TypeError(f"cannot batch array of dtype {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=target)
@@ -40,7 +42,7 @@ def collate(
 
     ``edge_index`` is offset by cumulative atom counts; ``batch`` (N,) gives each
     atom's graph. Keys missing from any graph (e.g. ``energy``) are left out.
-    Floats become ``dtype``, integers long, ``pbc`` bool.
+    Floats become ``dtype`` (energy labels stay float64), integers long, ``pbc`` bool.
     """
     if not graphs:
         raise ValueError("collate needs at least one graph")
@@ -53,7 +55,7 @@ def collate(
             arr = np.concatenate([g[key] + off for g, off in zip(graphs, offsets)], axis=1)
         else:
             arr = np.concatenate([np.asarray(g[key]) for g in graphs], axis=0)
-        out[key] = _to_tensor(arr, dtype, device)
+        out[key] = _to_tensor(arr, dtype, device, key)
     out["batch"] = torch.repeat_interleave(
         torch.arange(len(graphs), device=device), torch.as_tensor(n_atoms, device=device)
     )

@@ -17,6 +17,7 @@ class PreparedData:
     valid: list
     tests: dict  # name -> list[Structure]
     summary: DatasetSummary
+    calibration: list | None = None  # recalibration set when separate from ``valid``
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,10 +59,16 @@ def prepare_data(cfg: dict) -> PreparedData:
     else:
         t, v = split_indices(len(train), float(d["valid_fraction"]), seed)
         train, valid = [train[i] for i in t], [train[i] for i in v]
+    calibration = None
+    if d["calibration_file"]:
+        calibration = read_labelled(d["calibration_file"], ek, fk)
+    elif d["calibration_fraction"]:
+        t, c = split_indices(len(train), float(d["calibration_fraction"]), seed + 2)
+        train, calibration = [train[i] for i in t], [train[i] for i in c]
     if d["max_train"]:
         keep = np.sort(np.random.default_rng(seed + 1).permutation(len(train))[: int(d["max_train"])])
         train = [train[i] for i in keep]
     tests = {name: read_labelled(path, ek, fk, require_energy=False, require_forces=False)
              for name, path in d["test_files"].items()}
     e0s = resolve_e0s(d["e0s"], train + valid, ek)
-    return PreparedData(train, valid, tests, summarise(train, e0s, float(cfg["model"]["cutoff"])))
+    return PreparedData(train, valid, tests, summarise(train, e0s, float(cfg["model"]["cutoff"])), calibration)

@@ -1,4 +1,4 @@
-"""Uncertainty-quality metrics for regression (DESIGN.md section 5).
+"""Uncertainty-quality metrics for regression: NLL, calibration, sharpness, ranking.
 
 Every function takes 1-D arrays of residuals ``err = reference - prediction``
 and predicted **standard deviations** ``sigma`` (not variances) in the same
