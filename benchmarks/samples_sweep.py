@@ -36,10 +36,13 @@ def _seed_dirs(runs: Path) -> list[tuple[int, Path]]:
     return seeds or [(0, runs)]
 
 
-def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: tuple[str, ...]) -> list[dict]:
+def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: tuple[str, ...],
+          seeds: set[int] | None = None, sets: list[str] | None = None) -> list[dict]:
     rows = []
     for seed, folder in _seed_dirs(runs):
-        plan = build_plan(protocol, data, Options(seed=seed))
+        if seeds is not None and seed not in seeds:
+            continue
+        plan = build_plan(protocol, data, Options(seed=seed, experiments=sets))
         for exp in plan.experiments:
             for method in methods:
                 path = folder / (exp.name.replace("=", "") or "run") / method / "model.pt"
@@ -102,10 +105,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/samples"))
     parser.add_argument("--samples", default=",".join(map(str, KS)), help="comma-separated K values")
     parser.add_argument("--methods", default="blip,mc_dropout,ensemble")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds to score (default: all found)")
+    parser.add_argument("--sets", default=None, help="comma-separated experiments of the protocol (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = sweep(args.protocol, args.runs, data_dir(args.data), tuple(int(k) for k in args.samples.split(",")),
-                 tuple(args.methods.split(",")))
+                 tuple(args.methods.split(",")),
+                 seeds={int(s) for s in args.seeds.split(",")} if args.seeds else None,
+                 sets=args.sets.split(",") if args.sets else None)
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))

@@ -215,6 +215,21 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
     md_steps = 10 if quick else 200
     watches = [(2, 5)] if quick else [(16, 10), (16, 20), (16, 60), (8, 30), (4, 20)]
     rows, slopes, memory, train_rows, md_rows = [], [], [], [], []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"protocol": "cost", "quick": quick, "repeats": repeats, "samples": list(samples),
+                "backbones": backbones, "systems": {k: len(v[0]) for k, v in chosen.items()},
+                "md_steps": md_steps, "train_batch_size": 4 if quick else 8,
+                "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}, "torch": torch.__version__}
+    data = {"predict": rows, "marginal": slopes, "memory": memory, "train_step": train_rows, "md": md_rows}
+
+    def write(complete: bool) -> None:  # after every system, so an interrupted run keeps what it measured
+        settings.update(wall_seconds=time.time() - start, complete=complete,
+                        finished=datetime.datetime.now().isoformat(timespec="seconds") if complete else None)
+        write_json(out, rows, {**settings, **{k: v for k, v in data.items() if k != "predict"}})
+        write_text_atomic(out / "results.md", markdown(data, settings))
+
     for name in backbones:
         model_cfg = (QUICK_MODELS if quick else MODELS)[name]
         models = build_models(model_cfg, quick)
@@ -231,21 +246,13 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
                            "map_mb": peak_memory_mb(lambda: models["blip"].predict(structures, samples=0, seed=0)),
                            "blip_mb": peak_memory_mb(lambda: models["blip"].predict(structures, samples=k_mem, seed=0)),
                            "ensemble_mb": peak_memory_mb(lambda: models["ensemble"].predict(structures, seed=0))})
+            write(False)
         log(f"cost: {name} training step and MD")
         train_rows += [{"backbone": name, **r} for r in train_step_ratios(model_cfg, quick, repeats, 4 if quick else 8)]
         md_rows += [{"backbone": name, **r} for r in md_ratios(models["blip"], all_systems["acac"][0], md_steps,
                                                               repeats, watches)]
-    settings = {"protocol": "cost", "quick": quick, "repeats": repeats, "samples": list(samples),
-                "backbones": backbones, "systems": {k: len(v[0]) for k, v in chosen.items()},
-                "md_steps": md_steps, "train_batch_size": 4 if quick else 8, "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                                  "platform": platform.platform()},
-                "torch": torch.__version__, "wall_seconds": time.time() - start,
-                "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-    data = {"predict": rows, "marginal": slopes, "memory": memory, "train_step": train_rows, "md": md_rows}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out, rows, {**settings, **{k: v for k, v in data.items() if k != "predict"}})
-    write_text_atomic(out / "results.md", markdown(data, settings))
+        write(False)
+    write(True)
     log(f"cost: done in {(time.time() - start) / 60:.1f} min; wrote {out / 'results.md'}")
     return {**data, "settings": settings}
 

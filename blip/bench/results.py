@@ -128,7 +128,8 @@ def learning_curve_table(rows: list[dict], key: str, test_set: str) -> str:
 
 _LEGEND = (
     "Columns: RMSE of energies per structure and of force components of each method's mean "
-    "prediction (sample mean for blip and mc_dropout, member mean for the ensemble); NLL "
+    "prediction (the noise-free MAP pass for blip and mc_dropout with uq.predict_mean: map, the default; "
+    "the member mean for the ensemble); NLL "
     "(nats; Gaussian, per force component with σ in eV/Å, or per structure energy in eV for "
     "energy-only sets), miscalibration area, ENCE, Spearman rank "
     "correlation of |error| with σ and the coverage of the central 95% interval, all on the "
