@@ -95,7 +95,7 @@ class BayesianPotential(nn.Module):
     def _noise_keys(self, batch: dict, counts: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """Domain -> counter key of every row (rows,), from (seed, replica, structure, row identity)."""
         replica = batch.get("replica", torch.zeros_like(batch["structure_index"]))
-        ids = self.backbone.domain_row_ids(batch)
+        ids = self.backbone.domain_row_ids(batch, self.layers)
         return {d: row_keys(seed, replica, batch["structure_index"], counts[d],
                             ids[d] if d in ids else positions_in_graph(counts[d])[:, None])
                 for d in self.layers}

@@ -21,6 +21,7 @@ from blip.cli import main
 from blip.data import build_graph, collate, read_labelled, replicate
 from blip.errors import ConfigError, DataError
 from blip.model import BayesianPotential
+from conftest import rattled_si_cells
 
 DATA = Path(__file__).parent / "data"
 SI = DatasetSummary(elements=[14])
@@ -35,14 +36,7 @@ def si():
 @pytest.fixture(scope="module")
 def rattled():
     """Two small periodic Si cells (8 atoms, rattled): fast for many passes."""
-    from ase.build import bulk
-
-    cells = []
-    for seed in (0, 1):
-        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-        atoms.rattle(0.1, seed=seed)
-        cells.append(atoms)
-    return cells
+    return rattled_si_cells()
 
 
 @pytest.fixture(scope="module")

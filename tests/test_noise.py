@@ -134,7 +134,7 @@ def test_row_identities_are_unique_within_each_structure(backbone):
     cutoff = float(potential.backbone.cutoff)
     batch = potential.backbone.prepare(collate([build_graph(a, cutoff, index=i) for i, a in enumerate(frames)]))
     feats = potential.backbone.domain_features(batch)
-    ids = potential.backbone.domain_row_ids(batch)
+    ids = potential.backbone.domain_row_ids(batch, feats)
     assert set(potential.layers) <= set(ids)
     for domain, (_, counts) in feats.items():
         graph = torch.repeat_interleave(torch.arange(len(counts)), counts)

@@ -15,7 +15,6 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk
 from scipy.spatial.transform import Rotation
 
 from blip.backbones.base import DatasetSummary
@@ -23,7 +22,7 @@ from blip.build import build_backbone
 from blip.config import resolve
 from blip.data import build_graph, collate, replicate
 from blip.model import BayesianPotential
-from conftest import DATA
+from conftest import DATA, rattled_si_cells
 
 SUMMARY = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -158.4})
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -85,12 +84,7 @@ def model_for(backbone: str, dtype: torch.dtype, device: str, method: str = "bli
 def structures(system: str) -> list:
     if system == "molecule":
         return ase.io.read(DATA / "acac_small.xyz", ":2")
-    cells = []
-    for seed in (0, 1):
-        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-        atoms.rattle(0.1, seed=seed)
-        cells.append(atoms)
-    return cells
+    return rattled_si_cells()
 
 
 def run(model, atoms_list, sample: bool, seed: int = 7, first_index: int = 0, replicas: int = 1):

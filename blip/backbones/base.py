@@ -61,17 +61,21 @@ class Backbone(nn.Module):
         """Domain -> (invariant features (rows, d), rows per graph (G,))."""
         raise NotImplementedError
 
-    def domain_row_ids(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Domain -> identity of every row within its structure, (rows, m) long.
+    def domain_row_ids(self, batch: dict, domains) -> dict[str, torch.Tensor]:
+        """Domain -> identity of every row within its structure, (rows, m) long, for ``domains``.
 
         Sampling noise is a hash of it (see :mod:`blip.bayes.noise`), so a row keeps its draws
         when other rows come or go. Default: ``node`` rows are atoms (index in the structure),
         ``edge`` rows are directed edges ``(i, j, cell shift)``. A domain left out is keyed by
         its rows' positions within the structure, which is reproducible but shifts when rows
-        are inserted before them.
+        are inserted before them. Only the requested domains are computed (sampled passes).
         """
-        return {"node": local_atom_index(batch)[:, None],
-                "edge": edge_ids(batch, batch["edge_index"][0], batch["edge_index"][1], batch["unit_shifts"])}
+        ids = {}
+        if "node" in domains:
+            ids["node"] = local_atom_index(batch)[:, None]
+        if "edge" in domains:
+            ids["edge"] = edge_ids(batch, batch["edge_index"][0], batch["edge_index"][1], batch["unit_shifts"])
+        return ids
 
     def domain_group_counts(self) -> dict[str, int]:
         """Domain -> number of row groups with their own feature statistics (default: one)."""

@@ -273,15 +273,19 @@ class CHGNetBackbone(Backbone):
             "angle": (torch.cat([geo["cos_angle"][:, None], rbf_i, rbf_j, onehot[bg[:, 0]]], dim=1), rows[:, 2]),
         }
 
-    def domain_row_ids(self, batch: dict) -> dict[str, torch.Tensor]:
+    def domain_row_ids(self, batch: dict, domains) -> dict[str, torch.Tensor]:
         """Identities of CHGNet's rows within their structure (see ``Backbone.domain_row_ids``):
         atoms by index; pairs by (centre, neighbour, image); a bond by its first pair; an angle
         by its centre atom and the (neighbour, image) of both of its pairs."""
-        ag, bg = batch["chgnet_atom_graph"], batch["chgnet_bond_graph"]
         local = local_atom_index(batch)
+        ids = {"atom": local[:, None]} if "atom" in domains else {}
+        if not {"atom_edge", "bond", "angle"} & set(domains):
+            return ids
+        ag, bg = batch["chgnet_atom_graph"], batch["chgnet_bond_graph"]
         pair = edge_ids(batch, ag[:, 0], ag[:, 1], torch.round(batch["chgnet_image"]).long())
-        return {"atom": local[:, None], "atom_edge": pair, "bond": pair[batch["chgnet_u2d"]],
-                "angle": torch.cat([local[bg[:, 0]][:, None], pair[bg[:, 2]][:, 1:], pair[bg[:, 4]][:, 1:]], dim=1)}
+        ids.update({"atom_edge": pair, "bond": pair[batch["chgnet_u2d"]],
+                    "angle": torch.cat([local[bg[:, 0]][:, None], pair[bg[:, 2]][:, 1:], pair[bg[:, 4]][:, 1:]], dim=1)})
+        return {d: v for d, v in ids.items() if d in domains}
 
     # -- graphs ---------------------------------------------------------------------
     def prepare(self, batch: dict) -> dict:

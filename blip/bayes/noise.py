@@ -55,8 +55,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def hash_words(key: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Fold integer ``words`` (rows, m) (any integer dtype; low 32 bits used) into ``key`` (rows,) int32."""
     for c in range(words.shape[1]):
-        word = (words[:, c] & _MASK32).to(torch.int32) if words.dtype == torch.long else words[:, c].to(torch.int32)
-        key = mix32(key ^ (word + _int32(_GOLDEN * (c + 1))))
+        key = mix32(key ^ (words[:, c].to(torch.int32) + _int32(_GOLDEN * (c + 1))))
     return key
 
 
