@@ -17,8 +17,10 @@ Result keys (units eV, eV/Angstrom; energies per structure):
   (the names MACE's committee calculator uses).
 * ``energy_samples`` (K,), ``forces_samples`` (K, n, 3): the samples themselves
   (K = 0 in MAP mode, where every std and var is zero).
-
-Stress is not implemented (the backbones give energies and forces only).
+* periodic structures only: ``stress`` (6,) eV/A^3 (Voigt order xx, yy, zz, yz, xz, xy and
+  ASE's sign convention, as ``atoms.get_stress()``), ``stress_std``, ``stress_var`` (6,) and
+  ``stress_samples`` (K, 6). An open structure has no stress (``get_stress`` raises
+  ``PropertyNotImplementedError``, as for any ASE calculator without one).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ase.calculators.calculator import Calculator, all_changes
 MODES = ("sample", "map")
 
 #: Extra result keys stored per structure (info) and per atom (arrays) by :func:`store_results`.
-PER_STRUCTURE_KEYS = ("energy_std", "energy_var")
+PER_STRUCTURE_KEYS = ("energy_std", "energy_var", "stress_std", "stress_var")
 PER_ATOM_KEYS = ("forces_std", "forces_var")
 
 
@@ -52,7 +54,7 @@ class BlipCalculator(Calculator):
         in float32 are only good to ~1 meV).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model, samples: int | None = None, seed: int | None = None,
                  device: str = "cpu", mode: str = "sample", dtype: str | None = None, **kwargs):
@@ -94,7 +96,8 @@ class BlipCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        out = self.model.predict([self.atoms], samples=self.effective_samples, seed=self.seed)
+        periodic = bool(np.any(self.atoms.pbc))
+        out = self.model.predict([self.atoms], samples=self.effective_samples, seed=self.seed, stress=periodic)
         energy_std = float(out["energy_std"][0])
         forces_std = np.asarray(out["forces_std"][0], dtype=float)
         self.results = {
@@ -108,6 +111,11 @@ class BlipCalculator(Calculator):
             "energy_samples": np.asarray(out["energy_samples"][:, 0], dtype=float),
             "forces_samples": np.asarray(out["forces_samples"][0], dtype=float),
         }
+        if periodic:
+            stress_std = np.asarray(out["stress_std"][0], dtype=float)
+            self.results.update(stress=np.asarray(out["stress"][0], dtype=float), stress_std=stress_std,
+                                stress_var=stress_std ** 2,
+                                stress_samples=np.asarray(out["stress_samples"][:, 0], dtype=float))
 
 
 def max_atom_force_std(forces_std: np.ndarray) -> float:
@@ -124,7 +132,8 @@ def store_results(atoms, results: dict | None = None, prefix: str = "", samples:
     """Copy the uncertainty results into ``atoms.info`` / ``atoms.arrays`` for extxyz.
 
     ``ase.io.write`` stores only standard properties (energy, forces) of an attached
-    calculator; call this first to keep ``energy_std``, ``energy_var`` (info) and
+    calculator; call this first to keep ``energy_std``, ``energy_var``, ``stress_std``,
+    ``stress_var`` (info; the stress ones (6,), periodic structures only) and
     ``forces_std``, ``forces_var`` (arrays, (n, 3)) in the file. With ``samples=True`` also
     ``energy_samples`` (K,) in info and ``forces_samples`` as an (n, 3K) array whose column
     ``3k + c`` is component c of sample k. ``results`` defaults to ``atoms.calc.results``.
@@ -132,7 +141,8 @@ def store_results(atoms, results: dict | None = None, prefix: str = "", samples:
     results = atoms.calc.results if results is None else results
     for key in PER_STRUCTURE_KEYS:
         if key in results:
-            atoms.info[prefix + key] = float(results[key])
+            value = np.asarray(results[key], dtype=float)
+            atoms.info[prefix + key] = float(value) if value.ndim == 0 else value
     for key in PER_ATOM_KEYS:
         if key in results:
             atoms.arrays[prefix + key] = np.asarray(results[key], dtype=float)

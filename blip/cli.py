@@ -61,6 +61,9 @@ def cmd_predict(args) -> int:
         atoms.info["blip_energy_std"] = float(pred["energy_std"][i])
         atoms.arrays["blip_forces"] = pred["forces"][i]
         atoms.arrays["blip_forces_std"] = pred["forces_std"][i]
+        if "stress" in pred and atoms.pbc.any():
+            atoms.info["blip_stress"] = pred["stress"][i]
+            atoms.info["blip_stress_std"] = pred["stress_std"][i]
     with atomic_path(args.output, suffix=".xyz") as tmp:
         ase.io.write(tmp, atoms_list, format="extxyz")
     print(f"wrote {len(atoms_list)} structures to {args.output}", file=sys.stderr)

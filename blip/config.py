@@ -19,6 +19,7 @@ DEFAULTS: dict = {
         "test_files": {},
         "energy_key": "energy",
         "forces_key": "forces",
+        "stress_key": "stress",       # stress labels (eV/A^3, ASE's convention) of periodic structures
         "e0s": "average",
         "max_train": None,
     },
@@ -65,6 +66,7 @@ DEFAULTS: dict = {
         "loss": "mse",
         "energy_weight": 1.0,
         "forces_weight": 100.0,
+        "stress_weight": 0.0,        # > 0: also fit stress labels (data.stress_key); MSE in (eV/A^3)^2, so ~1e3-1e4
         "ema_decay": 0.99,
         "patience": 30,
         "grad_clip": 10.0,
@@ -201,6 +203,7 @@ _RANGES = {
     ("training", "weight_decay"): (0.0, None, True), ("training", "grad_clip"): (0.0, None, False),
     ("training", "ema_decay"): (0.0, 1.0, True), ("training", "min_lr_ratio"): (0.0, 1.0, True),
     ("training", "energy_weight"): (0.0, None, True), ("training", "forces_weight"): (0.0, None, True),
+    ("training", "stress_weight"): (0.0, None, True),
     ("training", "max_minutes"): (0.0, None, False), ("uq", "samples"): (1, None, True),
     ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),

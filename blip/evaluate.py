@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .uq.metrics import evaluate_predictions, prediction_arrays
+from .predictor import full_to_voigt
+from .uq.metrics import evaluate_predictions, prediction_arrays, regression_metrics
 
 
 def reference_arrays(structures) -> tuple[np.ndarray | None, list | None]:
@@ -24,11 +25,18 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
 
     Returns (metrics, arrays): metrics as in ``blip evaluate --json``; arrays
     ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation)
-    for plots, reports and recalibration.
+    for plots, reports and recalibration. ``stress`` (Voigt components, eV/A^3) is scored
+    when every structure is periodic and has a stress label.
     """
+    with_stress = bool(structures) and all(s.stress is not None for s in structures)
     pred = model.predict([s.atoms for s in structures], samples=samples, seed=seed,
-                         progress=progress, source=source)
+                         progress=progress, source=source, stress=with_stress)
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
-    return evaluate_predictions(*args), prediction_arrays(*args)
+    metrics, arrays = evaluate_predictions(*args), prediction_arrays(*args)
+    if with_stress:
+        ref = full_to_voigt(np.stack([s.stress for s in structures])).ravel()
+        arrays["stress"] = {"ref": ref, "pred": pred["stress"].ravel(), "std": pred["stress_std"].ravel()}
+        metrics["stress"] = regression_metrics(ref - arrays["stress"]["pred"], arrays["stress"]["std"])
+    return metrics, arrays

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, apply_strain, cell_volumes
 from .bayes import InferenceNet, NoiseContext, NoiseState, kl_divergence, wrap
 from .bayes.noise import positions_in_graph, row_keys
 from .bayes.wrap import rate_slots
@@ -101,7 +101,7 @@ class BayesianPotential(nn.Module):
                 for d in self.layers}
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
-                forces: bool = True, training: bool = False) -> dict[str, torch.Tensor]:
+                forces: bool = True, training: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
         """Energies (G,) eV and forces (N, 3) eV/A of one pass; ``kl`` (scalar) when sampling BLIP.
 
         sample: draw noise (a Monte-Carlo sample); False gives the noise-free MAP pass.
@@ -109,12 +109,16 @@ class BayesianPotential(nn.Module):
         (replica, structure) block reproducible; None draws from torch's global generator.
         training: a training step: keep the graph for a loss on the forces (create_graph), and
         let BLIP's feature statistics follow the batches (moving average).
+        stress: also ``stress`` (G, 3, 3) eV/A^3, the derivative of the energy with respect to a
+        symmetric strain of cell and positions over the cell volume (ASE's sign convention);
+        rows of graphs without a periodic cell of non-zero volume are NaN.
         """
         batch = self.backbone.prepare(dict(batch))
         positions = batch["positions"]
-        if forces and not positions.requires_grad:
+        if (forces or stress) and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
             batch["positions"] = positions
+        strain = apply_strain(batch) if stress else None
         out: dict[str, torch.Tensor] = {}
         ctx = None
         if sample and self.stochastic:
@@ -125,9 +129,13 @@ class BayesianPotential(nn.Module):
         if ctx is not None and self.method == "blip":
             out["rates"] = dict(ctx.used)
             out["kl"] = kl_divergence(ctx.used, self.prior_p)
-        if forces:
-            (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=training)
-            out["forces"] = -grad
+        wrt = ([positions] if forces else []) + ([strain] if stress else [])
+        if wrt:
+            grads = torch.autograd.grad(energy.sum(), wrt, create_graph=training)
+            if forces:
+                out["forces"] = -grads[0]
+            if stress:
+                out["stress"] = grads[-1] / cell_volumes(batch)[:, None, None]
         return out
 
     def rates(self, batch: dict, seed: int | None = None, transform=None) -> dict[tuple[str, int], torch.Tensor]:

@@ -55,39 +55,42 @@ class BlipModel:
         return self
 
     # -- core: one batch -------------------------------------------------------------
-    def sample_batch(self, batch: dict, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies (K, G) eV and forces (K, N, 3) eV/A for one collated batch.
+    def sample_batch(self, batch: dict, samples: int, seed: int, stress: bool = False) -> dict[str, torch.Tensor]:
+        """``energy`` (K, G) eV, ``forces`` (K, N, 3) eV/A (and ``stress`` (K, G, 3, 3) eV/A^3,
+        NaN for open structures) of one collated batch.
 
         samples=0 gives the MAP pass only (K = 1). For an ensemble K is the number of
         members. Otherwise the batch is replicated K times and sampled in one pass.
         """
+        keys = ("energy", "forces") + (("stress",) if stress else ())
         if self.method == "ensemble":
-            outs = [m(batch) for m in self.members]
-            return (torch.stack([o["energy"].detach() for o in outs]),
-                    torch.stack([o["forces"].detach() for o in outs]))
+            outs = [m(batch, stress=stress) for m in self.members]
+            return {key: torch.stack([o[key].detach() for o in outs]) for key in keys}
         model = self.members[0]
         if samples == 0 or not model.stochastic:
-            out = model(batch)
-            return out["energy"].detach()[None], out["forces"].detach()[None]
+            out = model(batch, stress=stress)
+            return {key: out[key].detach()[None] for key in keys}
         g, n = batch["n_atoms"].shape[0], batch["positions"].shape[0]
         per_copy = int(batch["n_edges"].sum()) + n
         group = max(1, min(samples, MAX_EDGES_PER_PASS // max(per_copy, 1)))
-        energies, forces = [], []
+        parts = {key: [] for key in keys}
         shared = model.backbone.shared_terms(batch) or {}  # noise-free terms, once for all replicas
         for first in range(0, samples, group):  # large structures: replicas in groups
             k = min(group, samples - first)
             rep = replicate(batch, k)
             rep["replica"] = rep["replica"] + first
             rep.update(shared)
-            out = model(rep, sample=True, seed=seed)
-            energies.append(out["energy"].detach().reshape(k, g))
-            forces.append(out["forces"].detach().reshape(k, n, 3))
-        return torch.cat(energies), torch.cat(forces)
+            out = model(rep, sample=True, seed=seed, stress=stress)
+            parts["energy"].append(out["energy"].detach().reshape(k, g))
+            parts["forces"].append(out["forces"].detach().reshape(k, n, 3))
+            if stress:
+                parts["stress"].append(out["stress"].detach().reshape(k, g, 3, 3))
+        return {key: torch.cat(value) for key, value in parts.items()}
 
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
-                progress: bool = False, source: str = "input") -> dict:
-        """Predict energies and forces with uncertainties for a list of ``ase.Atoms``.
+                progress: bool = False, source: str = "input", stress: bool | None = None) -> dict:
+        """Predict energies and forces (and stress) with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
         lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
@@ -97,6 +100,12 @@ class BlipModel:
         gives its member mean. ``samples=0`` is the noise-free MAP prediction (std zero; for
         an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
         is the number of members.
+
+        stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
+        xz, xy; ASE's sign convention: the derivative of the energy with respect to strain over
+        the volume) and ``stress_samples`` (K, N, 6); rows of open (non-periodic) structures
+        are NaN. None (default): when any structure is periodic. The stress spread takes its own
+        calibration factor when the model was recalibrated on stress labels, else the forces' one.
         """
         if hasattr(atoms_list, "get_positions"):
             atoms_list = [atoms_list]
@@ -105,47 +114,52 @@ class BlipModel:
             raise ValueError("samples must be >= 0")
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
         self.check_structures(atoms_list, source)
+        if stress is None:
+            stress = any(bool(np.any(a.pbc)) for a in atoms_list)
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in enumerate(atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
         map_mean = samples > 0 and self.predicts_map
-        e_samples, f_samples = [None] * len(graphs), [None] * len(graphs)
-        e_map, f_map = [None] * len(graphs), [None] * len(graphs)
+        keys = ("energy", "forces") + (("stress",) if stress else ())
+        sampled = {key: [None] * len(graphs) for key in keys}
+        noise_free = {key: [None] * len(graphs) for key in keys}
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff, MAX_EDGES_PER_PASS)]
         if map_mean:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, MAX_EDGES_PER_PASS)]
         for k, chunk in tqdm(passes, desc="predict", disable=not progress, unit="batch"):
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
-            e_out, f_out = (e_map, f_map) if k == 0 and map_mean else (e_samples, f_samples)
-            _scatter(batch, chunk, *self.sample_batch(batch, k, seed), e_out, f_out)
-        means = ([e[0] for e in e_map], [f[0] for f in f_map]) if map_mean else None
-        return self._summarise(e_samples, f_samples, stochastic=samples > 0, means=means)
+            _scatter(batch, chunk, self.sample_batch(batch, k, seed, stress),
+                     noise_free if k == 0 and map_mean else sampled)
+        means = {key: [v[0] for v in values] for key, values in noise_free.items()} if map_mean else None
+        return self._summarise(sampled, stochastic=samples > 0, means=means)
 
     @property
     def predicts_map(self) -> bool:
         """Whether the predicted energies and forces are the noise-free (MAP) pass, not the sample mean."""
         return self.method in ("blip", "mc_dropout") and self.config["uq"].get("predict_mean", "samples") == "map"
 
-    def _summarise(self, e_samples, f_samples, stochastic: bool, means=None) -> dict:
-        """Means, calibrated standard deviations and samples; ``means`` (energies, forces) replace the
+    def _summarise(self, sampled: dict, stochastic: bool, means: dict | None = None) -> dict:
+        """Means, calibrated standard deviations and samples from ``sampled`` (key -> one
+        (K, ...) array per structure); ``means`` (key -> one array per structure) replace the
         sample means as the prediction (the spread stays that of the samples)."""
-        ce, cf = self.calibration["energy"], self.calibration["forces"]
-        energy_samples = np.stack(e_samples, axis=1)  # (K, N)
-        e_mean = energy_samples.mean(0)
-        f_mean = [f.mean(0) for f in f_samples]
-        if stochastic:
-            energy_samples = e_mean + ce * (energy_samples - e_mean)
-            f_samples = [m + cf * (f - m) for m, f in zip(f_mean, f_samples)]
-            e_std = energy_samples.std(0)
-            f_std = [f.std(0) for f in f_samples]
-            if means is not None:
-                e_mean, f_mean = np.asarray(means[0]), list(means[1])
-        else:
-            e_std = np.zeros_like(e_mean)
-            f_std = [np.zeros_like(f) for f in f_mean]
-            energy_samples = energy_samples[:0]
-            f_samples = [f[:0] for f in f_samples]
-        return {"energy": e_mean, "energy_std": e_std, "forces": f_mean, "forces_std": f_std,
-                "energy_samples": energy_samples, "forces_samples": f_samples}
+        factors = {"energy": self.calibration["energy"], "forces": self.calibration["forces"],
+                   "stress": self.calibration.get("stress", self.calibration["forces"])}
+        out = {}
+        for key, per_structure in sampled.items():
+            mean = [s.mean(0) for s in per_structure]
+            if stochastic:
+                samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
+                std = [s.std(0) for s in samples]
+                if means is not None:
+                    mean = list(means[key])
+            else:
+                samples = [s[:0] for s in per_structure]
+                std = [np.zeros_like(m) for m in mean]
+            if key == "forces":
+                out.update(forces=mean, forces_std=std, forces_samples=samples)
+            else:  # one value (energy) or one Voigt 6-vector (stress) per structure
+                out.update({key: np.stack(mean), f"{key}_std": np.stack(std),
+                            f"{key}_samples": np.stack(samples, axis=1)})
+        return out
 
     def check_structures(self, atoms_list, source: str) -> None:
         """Raise DataError for an empty list, an element the model was not trained on, or NaN positions."""
@@ -157,15 +171,24 @@ class BlipModel:
                 raise DataError(source, "positions contain NaN or inf", i)
 
 
-def _scatter(batch, chunk, energy, forces, e_out: list, f_out: list) -> None:
-    """Split (K, G) energies and (K, N, 3) forces of a batch into per-structure numpy arrays."""
-    energy, forces = energy.cpu().double().numpy(), forces.cpu().double().numpy()
+def _scatter(batch, chunk, values: dict, out: dict) -> None:
+    """Split a batch's (K, G) energies, (K, N, 3) forces and (K, G, 3, 3) stresses into
+    per-structure numpy arrays in ``out[key][structure]`` (stress as Voigt (K, 6))."""
+    values = {key: v.cpu().double().numpy() for key, v in values.items()}
     start = 0
     for pos, i in enumerate(chunk):
         n = int(batch["n_atoms"][pos])
-        e_out[i] = energy[:, pos]
-        f_out[i] = forces[:, start:start + n]
+        out["energy"][i] = values["energy"][:, pos]
+        out["forces"][i] = values["forces"][:, start:start + n]
+        if "stress" in values:
+            out["stress"][i] = full_to_voigt(values["stress"][:, pos])
         start += n
+
+
+def full_to_voigt(stress: np.ndarray) -> np.ndarray:
+    """(..., 3, 3) -> (..., 6) in ASE's Voigt order xx, yy, zz, yz, xz, xy."""
+    a, b = np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1])
+    return stress[..., a, b]
 
 
 def _chunks(graphs: list[dict], replicas: int, max_edges: int):

@@ -128,6 +128,61 @@ def test_forces_are_minus_the_finite_difference_gradient(backbone, system, sampl
         assert forces[atom, axis] == pytest.approx(fd, abs=1e-6), (atom, axis)
 
 
+def run_stress(model, atoms, sample: bool, seed: int = 7) -> np.ndarray:
+    """Stress (3, 3) eV/A^3 of one structure (NaN for an open one), float64 numpy."""
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    batch = collate([build_graph(atoms, model.backbone.cutoff)], dtype=dtype, device=device)
+    out = model(batch, sample=sample, seed=seed if sample else None, stress=True)
+    return out["stress"][0].detach().double().cpu().numpy()
+
+
+def strained(atoms, eps: np.ndarray):
+    """``atoms`` with cell and positions multiplied by (1 + eps)."""
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    return out
+
+
+@params("backbone", [b for b in BUILDERS if "bulk" in SYSTEMS[b]])
+@mode_params
+@device_params
+def test_stress_is_the_finite_difference_strain_derivative_over_the_volume(backbone, sample, device):
+    model = model_for(backbone, torch.float64, device)
+    atoms = structures("bulk")[0]
+    stress = run_stress(model, atoms, sample)
+    h, volume = 1e-5, atoms.get_volume()
+    for a, b in ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)):
+        eps = np.zeros((3, 3))
+        eps[a, b] = eps[b, a] = h / 2 if a != b else h
+        plus, minus = strained(atoms, eps), strained(atoms, -eps)
+        fd = (run(model, [plus], sample)[0][0] - run(model, [minus], sample)[0][0]) / (2 * h) / volume
+        assert stress[a, b] == pytest.approx(fd, abs=1e-7), (a, b)
+    assert np.abs(stress).max() > 1e-4  # not trivially zero
+    np.testing.assert_allclose(stress, stress.T, atol=1e-12)
+
+
+@params("backbone", [b for b in BUILDERS if "bulk" in SYSTEMS[b]])
+@dtype_params
+@mode_params
+@device_params
+def test_stress_rotates_as_a_tensor(backbone, dtype, sample, device):
+    model = model_for(backbone, dtype, device)
+    atoms = structures("bulk")[1]
+    rot = Rotation.random(random_state=5).as_matrix()
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rot.T
+    moved.cell = atoms.cell.array @ rot.T
+    tol = 1e-10 if dtype == torch.float64 else 2e-5  # eV/A^3
+    np.testing.assert_allclose(run_stress(model, moved, sample), rot @ run_stress(model, atoms, sample) @ rot.T,
+                               rtol=0, atol=tol)
+
+
+@params("backbone", [b for b in BUILDERS if "molecule" in SYSTEMS[b]])
+def test_an_open_molecule_has_no_stress(backbone):
+    model = model_for(backbone, torch.float64, "cpu")
+    assert np.isnan(run_stress(model, structures("molecule")[0], sample=False)).all()
+
+
 @case_params
 @mode_params
 @device_params

@@ -190,3 +190,29 @@ def edge_vectors(batch: dict) -> torch.Tensor:
     i, j = batch["edge_index"]
     pos = batch["positions"]
     return pos[j] - pos[i] + batch["shifts"]
+
+
+def apply_strain(batch: dict) -> torch.Tensor:
+    """Strain the batch in place: positions, cell shifts and cells become ``x (1 + eps)`` with a
+    symmetric ``eps``; returns the strain (G, 3, 3), zero, with gradients.
+
+    The energy's gradient with respect to it, over the volume, is the stress: backbones see
+    the strain through ``positions``, ``shifts`` and ``cell`` (whichever they use) alike.
+    """
+    pos = batch["positions"]
+    strain = torch.zeros((batch["n_atoms"].shape[0], 3, 3), dtype=pos.dtype, device=pos.device, requires_grad=True)
+    sym = 0.5 * (strain + strain.transpose(1, 2))
+    edge_graph = batch["batch"][batch["edge_index"][0]]
+    batch["positions"] = pos + torch.einsum("ni,nij->nj", pos, sym[batch["batch"]])
+    batch["shifts"] = batch["shifts"] + torch.einsum("ei,eij->ej", batch["shifts"], sym[edge_graph])
+    cell = batch["cell"].to(pos.dtype)
+    batch["cell"] = cell + cell @ sym
+    return strain
+
+
+def cell_volumes(batch: dict) -> torch.Tensor:
+    """Volume of every graph's cell (G,) A^3; NaN where no direction is periodic or the volume is zero."""
+    cell = batch["cell"].detach()
+    volume = torch.linalg.det(cell.double()).abs().to(cell.dtype)
+    periodic = batch["pbc"].any(dim=1) & (volume > 1e-10)
+    return torch.where(periodic, volume, torch.full_like(volume, float("nan")))

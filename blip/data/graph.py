@@ -53,6 +53,7 @@ def build_graph(
     index: int = 0,
     energy: float | None = None,
     forces: np.ndarray | None = None,
+    stress: np.ndarray | None = None,
     *,
     source: str = "<atoms>",
 ) -> dict[str, np.ndarray]:
@@ -63,7 +64,8 @@ def build_graph(
     (``S @ cell``), ``unit_shifts`` (E, 3) int64 (``S``, which cell image j is taken from), and per-graph arrays with a leading axis of 1: ``cell``
     (1, 3, 3) (zeros if no direction is periodic), ``pbc`` (1, 3) bool,
     ``n_atoms``, ``n_edges``, ``structure_index`` (1,) int64, plus ``energy``
-    (1,) eV and ``forces`` (n, 3) eV/A when given. ``source`` and ``index``
+    (1,) eV, ``forces`` (n, 3) eV/A and ``stress`` (1, 3, 3) eV/A^3 when given (NaN entries
+    mark a missing label in a batch that has some). ``source`` and ``index``
     name the structure in errors.
     """
     if cutoff <= 0:
@@ -102,4 +104,6 @@ def build_graph(
         if forces.shape != (n, 3):
             raise DataError(source, f"forces have shape {forces.shape}, expected ({n}, 3)", index)
         graph["forces"] = forces.copy()
+    if stress is not None:
+        graph["stress"] = np.asarray(stress, dtype=np.float64).reshape(1, 3, 3).copy()
     return graph

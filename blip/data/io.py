@@ -34,7 +34,8 @@ class Structure:
     """One structure with its reference labels.
 
     ``energy`` in eV (float64) or None; ``forces`` (n_atoms, 3) float64 in eV/A
-    or None; ``index`` is the structure's position in ``source`` (a file path).
+    or None; ``index`` is the structure's position in ``source`` (a file path);
+    ``stress`` (3, 3) float64 eV/A^3 (ASE's sign convention) of a periodic structure, or None.
     """
 
     atoms: ase.Atoms
@@ -42,6 +43,7 @@ class Structure:
     forces: np.ndarray | None
     index: int
     source: str
+    stress: np.ndarray | None = None
 
 
 def _is_blank(path) -> bool:
@@ -172,6 +174,27 @@ def get_forces(atoms: ase.Atoms, key: str = "forces") -> np.ndarray | None:
         raise ValueError(f"forces key {key!r} is not numeric") from None
 
 
+def get_stress(atoms: ase.Atoms, key: str = "stress") -> np.ndarray | None:
+    """Reference stress (3, 3) float64 eV/A^3 stored under ``key`` (Voigt 6-vector, in ASE's
+    order xx, yy, zz, yz, xz, xy, or a 3x3 / 9-vector), or None.
+
+    Raises ValueError if the stored value is not numeric or has another size.
+    """
+    value = _lookup(atoms, key)
+    if value is None:
+        return None
+    try:
+        arr = np.array(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"stress key {key!r} is not numeric") from None
+    if arr.size == 6:
+        xx, yy, zz, yz, xz, xy = arr
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    if arr.size == 9:
+        return arr.reshape(3, 3)
+    raise ValueError(f"stress key {key!r} has {arr.size} values, expected 6 (Voigt) or 9 (3x3)")
+
+
 def _available_keys(atoms: ase.Atoms) -> str:
     keys = list(atoms.info)
     keys += [k for k in atoms.arrays if k not in ("numbers", "positions")]
@@ -186,8 +209,10 @@ def read_labelled(
     forces_key: str = "forces",
     require_energy: bool = True,
     require_forces: bool = True,
+    stress_key: str | None = "stress",
 ) -> list[Structure]:
-    """Read all structures of ``path`` with energy (eV) and forces (eV/A).
+    """Read all structures of ``path`` with energy (eV) and forces (eV/A), and the stress
+    (eV/A^3) of periodic structures where ``stress_key`` holds one (never required).
 
     A label that is missing is None unless required (then DataError). A label
     that is present must be finite, and forces must have shape (n_atoms, 3).
@@ -198,6 +223,7 @@ def read_labelled(
         try:
             energy = get_energy(atoms, energy_key)
             forces = get_forces(atoms, forces_key)
+            stress = get_stress(atoms, stress_key) if stress_key and atoms.pbc.any() else None
         except ValueError as exc:
             raise DataError(source, str(exc), i) from None
         if energy is None and require_energy:
@@ -223,7 +249,9 @@ def read_labelled(
                 )
             if not np.all(np.isfinite(forces)):
                 raise DataError(source, f"forces {forces_key!r} contain NaN or inf", i)
-        out.append(Structure(atoms=atoms, energy=energy, forces=forces, index=i, source=source))
+        if stress is not None and not np.all(np.isfinite(stress)):
+            raise DataError(source, f"stress {stress_key!r} contains NaN or inf", i)
+        out.append(Structure(atoms=atoms, energy=energy, forces=forces, index=i, source=source, stress=stress))
     return out
 
 

@@ -52,23 +52,23 @@ def prepare_data(cfg: dict) -> PreparedData:
     seed = int(cfg["training"]["seed"])
     if not d["train_file"]:
         raise ConfigError("data.train_file is required")
-    ek, fk = d["energy_key"], d["forces_key"]
-    train = read_labelled(d["train_file"], ek, fk)
+    ek, fk, sk = d["energy_key"], d["forces_key"], d["stress_key"]
+    train = read_labelled(d["train_file"], ek, fk, stress_key=sk)
     if d["valid_file"]:
-        valid = read_labelled(d["valid_file"], ek, fk)
+        valid = read_labelled(d["valid_file"], ek, fk, stress_key=sk)
     else:
         t, v = split_indices(len(train), float(d["valid_fraction"]), seed)
         train, valid = [train[i] for i in t], [train[i] for i in v]
     calibration = None
     if d["calibration_file"]:
-        calibration = read_labelled(d["calibration_file"], ek, fk)
+        calibration = read_labelled(d["calibration_file"], ek, fk, stress_key=sk)
     elif d["calibration_fraction"]:
         t, c = split_indices(len(train), float(d["calibration_fraction"]), seed + 2)
         train, calibration = [train[i] for i in t], [train[i] for i in c]
     if d["max_train"]:
         keep = np.sort(np.random.default_rng(seed + 1).permutation(len(train))[: int(d["max_train"])])
         train = [train[i] for i in keep]
-    tests = {name: read_labelled(path, ek, fk, require_energy=False, require_forces=False)
+    tests = {name: read_labelled(path, ek, fk, require_energy=False, require_forces=False, stress_key=sk)
              for name, path in d["test_files"].items()}
     e0s = resolve_e0s(d["e0s"], train + valid, ek)
     return PreparedData(train, valid, tests, summarise(train, e0s, float(cfg["model"]["cutoff"])), calibration)

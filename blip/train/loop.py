@@ -42,8 +42,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _graphs(structures, cutoff):
-    return [build_graph(s.atoms, cutoff, index=i, energy=s.energy, forces=s.forces)
+def _graphs(structures, cutoff, stress: bool = False):
+    """Training graphs; ``stress``: every graph carries a stress label, NaN where it has none."""
+    missing = np.full((3, 3), np.nan)
+    return [build_graph(s.atoms, cutoff, index=i, energy=s.energy, forces=s.forces,
+                        stress=(missing if s.stress is None else s.stress) if stress else None)
             for i, s in enumerate(structures)]
 
 
@@ -130,9 +133,8 @@ class Trainer:
         steps = ncp_steps = 0
         for start in range(0, len(order), bs):
             batch = collate([graphs[i] for i in order[start:start + bs]], dtype=self.dtype, device=self.device)
-            out = model(batch, sample=True, training=True)
-            loss_data = data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
-                                  float(self.tcfg["forces_weight"]))
+            out = model(batch, sample=True, training=True, stress="stress" in batch)
+            loss_data = self._data_loss(out, batch)
             loss = loss_data + beta * out["kl"] if "kl" in out else loss_data
             if ncp_weight > 0 and steps % ncp_every == 0:  # weighted by `every`: the same objective on average
                 ncp_kl, ncp_p = self._contrastive_kl(model, batch, rng)
@@ -159,6 +161,14 @@ class Trainer:
                 break
         return {k: v / max(ncp_steps if k.startswith("contrastive") else steps, 1) for k, v in totals.items()}
 
+    @property
+    def stress_weight(self) -> float:
+        return float(self.tcfg["stress_weight"])
+
+    def _data_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        return data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
+                         float(self.tcfg["forces_weight"]), self.stress_weight)
+
     def _validate(self, model, graphs) -> dict:
         """MAP (noise-free) validation loss and RMSEs: energy per atom (eV), forces (eV/A)."""
         model.eval()
@@ -166,10 +176,9 @@ class Trainer:
         bs = max(1, 4 * int(self.tcfg["batch_size"]))
         for start in range(0, len(graphs), bs):
             batch = collate(graphs[start:start + bs], dtype=self.dtype, device=self.device)
-            out = {k: v.detach() for k, v in model(batch).items()}
+            out = {k: v.detach() for k, v in model(batch, stress="stress" in batch).items()}
             g = batch["n_atoms"].shape[0]
-            loss += g * float(data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
-                                        float(self.tcfg["forces_weight"])))
+            loss += g * float(self._data_loss(out, batch))
             n = batch["n_atoms"].to(out["energy"].dtype)
             se_e += float((((out["energy"] - batch["energy"]) / n) ** 2).sum())
             se_f += float(((out["forces"] - batch["forces"]) ** 2).sum())
@@ -183,7 +192,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         data = data or prepare_data(self.cfg)
         cutoff = float(self.cfg["model"]["cutoff"])
-        train_graphs, valid_graphs = _graphs(data.train, cutoff), _graphs(data.valid, cutoff)
+        fit_stress = self.stress_weight > 0
+        if fit_stress and not any(s.stress is not None for s in data.train):
+            raise ConfigError(f"training.stress_weight is {self.stress_weight:g} but no periodic training structure "
+                              f"has a stress label '{self.cfg['data']['stress_key']}' (data.stress_key)")
+        train_graphs = _graphs(data.train, cutoff, fit_stress)
+        valid_graphs = _graphs(data.valid, cutoff, fit_stress)
         config_mod.dump(self.cfg, self.out / "config.yaml")
         state = self._load_resume() if self.tcfg["resume"] else None
         finished = state["finished"] if state else []

@@ -46,7 +46,8 @@ def apply_scale(sigma, s: float):
 
 def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
                 progress: bool = False, source: str = "validation") -> dict:
-    """Fit and store one standard-deviation factor per target (energy, forces) on labelled data.
+    """Fit and store one standard-deviation factor per target (energy, forces; stress when every
+    structure has a stress label) on labelled data.
 
     ``model`` is a :class:`blip.predictor.BlipModel`; its previous calibration is discarded.
     Returns the factors, also stored in ``model.calibration``.
@@ -57,5 +58,5 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     _, arrays = evaluate_structures(model, structures, samples=samples, seed=seed,
                                     progress=progress, source=source)
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
-                         for q in ("energy", "forces") if q in arrays}
+                         for q in ("energy", "forces", "stress") if q in arrays}
     return dict(model.calibration)
