@@ -12,7 +12,12 @@ so sparse checks cost little in familiar territory and still stop a run promptly
 Trajectory frames (extxyz) carry ``energy`` and ``forces`` (MAP, eV and eV/A) and the info
 keys ``step``, ``time_fs``, ``temperature_K``, ``kinetic_energy``, ``total_energy`` (eV),
 ``energy_std`` (eV), ``max_force_std`` (eV/A), both standard deviations measured at step
-``std_step`` (the latest check), and ``flagged``. Momenta are stored as well.
+``std_step`` (the latest check), and ``flagged``. Momenta are stored as well, and for periodic
+cells the cell, ``volume_A3`` and the MAP ``stress`` (eV/A^3, ASE's Voigt convention).
+
+Ensembles: ``nvt`` (Langevin), ``nve`` (velocity Verlet) and ``npt``: ASE's
+Martyna-Tobias-Klein barostat with Nose-Hoover chains (``MTKNPT``, a fully flexible cell;
+``isotropic`` scales the cell uniformly), at ``pressure_GPa``; periodic cells only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class MDFault(BlipError):
     """The dynamics broke down (NaN energy or forces, exploding temperature)."""
 
 
+ENSEMBLES = ("nvt", "nve", "npt")
+
+
 @dataclass
 class MDSettings:
     """Settings of one run. Times in fs, temperatures in K, force std in eV/A."""
@@ -42,8 +50,12 @@ class MDSettings:
     steps: int = 1000
     temperature_K: float = 300.0
     timestep_fs: float = 0.5
-    ensemble: str = "nvt"  # "nvt" (Langevin) or "nve" (velocity Verlet)
+    ensemble: str = "nvt"  # "nvt" (Langevin), "nve" (velocity Verlet) or "npt" (MTK barostat)
     friction_per_fs: float = 0.01  # Langevin friction, 1/fs
+    pressure_GPa: float = 0.0  # npt: external pressure
+    tdamp_fs: float | None = None  # npt: thermostat time scale (default 100 timesteps)
+    pdamp_fs: float | None = None  # npt: barostat time scale (default 1000 timesteps)
+    isotropic: bool = False  # npt: scale the cell uniformly (else fully flexible)
     max_force_std: float | None = None  # threshold on the max per-atom force std, eV/A
     every: int = 20  # uncertainty check interval (steps); between checks MAP only
     adaptive: float | None = 0.5  # check every step while the last check is above this x max_force_std
@@ -62,8 +74,10 @@ class MDSettings:
             raise ConfigError("md: --timestep must be > 0 fs")
         if self.temperature_K < 0:
             raise ConfigError("md: --temperature must be >= 0 K")
-        if self.ensemble not in ("nvt", "nve"):
-            raise ConfigError("md: --ensemble must be nvt or nve")
+        if self.ensemble not in ENSEMBLES:
+            raise ConfigError(f"md: --ensemble must be one of {', '.join(ENSEMBLES)}")
+        if any(t is not None and t <= 0 for t in (self.tdamp_fs, self.pdamp_fs)):
+            raise ConfigError("md: --tdamp and --pdamp must be > 0 fs")
         if self.ensemble == "nvt" and self.friction_per_fs <= 0:
             raise ConfigError("md: --friction must be > 0 (1/fs) for nvt")
         if self.every < 1 or (self.log_every is not None and self.log_every < 1):
@@ -127,6 +141,14 @@ def _dynamics(atoms, s: MDSettings):
 
     if s.ensemble == "nve":
         return VelocityVerlet(atoms, timestep=s.timestep_fs * units.fs)
+    if s.ensemble == "npt":
+        from ase.md.nose_hoover_chain import IsotropicMTKNPT, MTKNPT
+
+        barostat = IsotropicMTKNPT if s.isotropic else MTKNPT
+        return barostat(atoms, timestep=s.timestep_fs * units.fs, temperature_K=s.temperature_K,
+                        pressure_au=s.pressure_GPa * units.GPa,
+                        tdamp=(s.tdamp_fs or 100 * s.timestep_fs) * units.fs,
+                        pdamp=(s.pdamp_fs or 1000 * s.timestep_fs) * units.fs)
     return Langevin(atoms, timestep=s.timestep_fs * units.fs, temperature_K=s.temperature_K,
                     friction=s.friction_per_fs / units.fs, fixcm=False,
                     rng=np.random.default_rng(s.seed + 1))
@@ -156,6 +178,8 @@ class _State:
     def __init__(self, atoms, step, dt_fs, energy, forces, check):
         self.step, self.time_fs = step, step * dt_fs
         self.positions, self.momenta = atoms.get_positions(), atoms.get_momenta()
+        self.cell = atoms.cell.array.copy()
+        self.stress = atoms.get_stress() if atoms.pbc.any() else None
         self.energy, self.forces = float(energy), np.array(forces, dtype=float)
         self.kinetic = float(atoms.get_kinetic_energy())
         self.temperature = float(atoms.get_temperature())
@@ -165,9 +189,13 @@ class _State:
     def frame(self, template, flagged=False, note=None):
         f = template.copy()
         f.info = {}
+        f.set_cell(self.cell)
         f.set_positions(self.positions)
         f.set_momenta(self.momenta)
-        f.calc = SinglePointCalculator(f, energy=self.energy, forces=self.forces)
+        extra = {} if self.stress is None else {"stress": self.stress}
+        f.calc = SinglePointCalculator(f, energy=self.energy, forces=self.forces, **extra)
+        if self.stress is not None:
+            f.info["volume_A3"] = float(abs(np.linalg.det(self.cell)))
         f.info.update(step=self.step, time_fs=self.time_fs, temperature_K=self.temperature,
                       kinetic_energy=self.kinetic, total_energy=self.energy + self.kinetic,
                       energy_std=self.check["energy_std"], max_force_std=self.check["max_force_std"],
@@ -192,6 +220,8 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
     s.validate()
     dyn_calc = BlipCalculator(model, samples=s.samples, seed=s.seed, mode="map", dtype=s.dtype)
     dyn_calc.check_atoms(atoms, source)  # before step 0, before any file is opened
+    if s.ensemble == "npt" and not np.all(atoms.pbc):
+        raise ConfigError(f"md: {source}: --ensemble npt needs a cell periodic in all three directions")
     watch = BlipCalculator(dyn_calc.model, samples=s.samples, seed=s.seed, mode="sample")
     atoms = atoms.copy()
     atoms.info = {}
@@ -288,7 +318,8 @@ def cmd_md(args) -> int:
 
     settings = MDSettings(
         steps=args.steps, temperature_K=args.temperature, timestep_fs=args.timestep, ensemble=args.ensemble,
-        friction_per_fs=args.friction, max_force_std=args.max_force_std, every=args.every, adaptive=args.adaptive or None,
+        friction_per_fs=args.friction, pressure_GPa=args.pressure, tdamp_fs=args.tdamp, pdamp_fs=args.pdamp,
+        isotropic=args.isotropic, max_force_std=args.max_force_std, every=args.every, adaptive=args.adaptive or None,
         log_every=args.log_every, flag_only=args.flag_only, samples=args.samples, seed=args.seed,
         max_temperature_K=args.max_temperature, init_velocities=not args.keep_velocities, dtype=args.dtype,
     )
@@ -313,8 +344,13 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities; Langevin target)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
-    p.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt", help="Langevin (nvt) or velocity Verlet (nve)")
+    p.add_argument("--ensemble", choices=ENSEMBLES, default="nvt",
+                   help="Langevin (nvt), velocity Verlet (nve) or MTK barostat with Nose-Hoover chains (npt)")
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--pressure", type=float, default=0.0, help="npt: external pressure, GPa")
+    p.add_argument("--tdamp", type=float, default=None, help="npt: thermostat time scale, fs (default 100 timesteps)")
+    p.add_argument("--pdamp", type=float, default=None, help="npt: barostat time scale, fs (default 1000 timesteps)")
+    p.add_argument("--isotropic", action="store_true", help="npt: scale the cell uniformly (default: flexible cell)")
     p.add_argument("--max-force-std", type=float, default=None,
                    help="stop when the max per-atom force std (norm of the atom's std vector) exceeds this, eV/A")
     p.add_argument("--every", type=int, default=20, help="uncertainty check every M steps (MAP only in between)")

@@ -12,7 +12,7 @@ from blip.cli import main
 from blip.errors import DataError
 from blip.md import MDFault, MDSettings, run_md
 
-from conftest import DATA
+from conftest import DATA, lj_si_cells
 
 
 SAMPLES = 8
@@ -178,3 +178,25 @@ def test_command_line(tiny_model_path, tmp_path, capsys):
     assert main(["md", str(tiny_model_path), str(DATA / "acac_small.xyz"), "--every", "0",
                  "-o", str(tmp_path / "y.xyz"), "--quiet"]) == 2
     assert not (tmp_path / "x.xyz").exists() and not (tmp_path / "y.xyz").exists()
+
+
+def test_npt_keeps_the_cell_finite_and_changes_the_volume(lj_si_model):
+    # 30 MTK steps of 1 fs at 300 K and 5 GPa (a fast barostat: pdamp 50 fs) from a cell that is
+    # not at that pressure: the volume must move, every frame keeps a finite cell and its stress.
+    start = lj_si_cells(1, seed=3)[0]
+    s = MDSettings(steps=30, temperature_K=300, timestep_fs=1.0, ensemble="npt", pressure_GPa=5.0, pdamp_fs=50,
+                   tdamp_fs=20, every=10, log_every=5, samples=2, seed=0)
+    result = run_md(lj_si_model, start, s, keep_frames=True)
+    assert result.status == "completed" and len(result.frames) == 7
+    volumes = np.array([f.info["volume_A3"] for f in result.frames])
+    assert np.all(np.isfinite([f.cell.array for f in result.frames]))
+    np.testing.assert_allclose(volumes, [f.get_volume() for f in result.frames])
+    assert abs(volumes[-1] - start.get_volume()) > 1e-3 * start.get_volume()
+    assert result.frames[-1].get_stress().shape == (6,)
+
+
+def test_npt_needs_a_periodic_cell(model, equilibrium):
+    from blip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="periodic"):
+        run_md(model, equilibrium[0], MDSettings(steps=2, ensemble="npt"))

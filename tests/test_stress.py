@@ -9,67 +9,19 @@ from __future__ import annotations
 import ase.io
 import numpy as np
 import pytest
-from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
-from ase.calculators.lj import LennardJones
-from ase.calculators.singlepoint import SinglePointCalculator
 
 import blip
 from blip import config
 from blip.data import read_labelled
 from blip.evaluate import evaluate_structures
 from blip.train.loop import Trainer
-from conftest import DATA
+from conftest import DATA, lj_si_cells, train_lj_si
 
 
-def lj_si_cells(n: int, seed: int = 0) -> list:
-    """``n`` Si cells (8 atoms), rattled and strained by up to 4 %, labelled by Lennard-Jones
-    (energy, forces, stress) and stored as an extxyz reader leaves them (labels in atoms.calc)."""
-    rng = np.random.default_rng(seed)
-    lj = LennardJones(sigma=2.09, epsilon=0.5, rc=4.0, smooth=True)
-    out = []
-    for k in range(n):
-        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-        eps = rng.uniform(-0.04, 0.04, (3, 3))
-        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
-        atoms.rattle(0.08, seed=seed * 1000 + k)
-        atoms.calc = lj
-        labels = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-                  "stress": atoms.get_stress()}
-        atoms.calc = SinglePointCalculator(atoms, **labels)
-        out.append(atoms)
-    return out
-
-
-@pytest.fixture(scope="module")
-def si_files(tmp_path_factory):
-    here = tmp_path_factory.mktemp("lj_si")
-    ase.io.write(here / "train.xyz", lj_si_cells(24, seed=0), format="extxyz")
-    ase.io.write(here / "test.xyz", lj_si_cells(8, seed=1), format="extxyz")
-    return here
-
-
-def _train(si_files, tmp, stress_weight: float, epochs: int = 3):
-    cfg = config.resolve({
-        "data": {"train_file": str(si_files / "train.xyz"), "valid_fraction": 0.2, "e0s": {14: 0.0}},
-        "model": {"backbone": "painn", "cutoff": 4.0, "features": 16, "interactions": 2, "radial": 8,
-                  "dtype": "float64"},
-        "uq": {"samples": 4},
-        "training": {"epochs": epochs, "batch_size": 4, "lr": 0.005, "seed": 0, "patience": 50,
-                     "stress_weight": stress_weight},
-        "output_dir": str(tmp / f"run_{stress_weight:g}"),
-    })
-    return Trainer(cfg, progress=False).run()
-
-
-@pytest.fixture(scope="module")
-def si_model(si_files, tmp_path_factory):
-    return _train(si_files, tmp_path_factory.mktemp("si_model"), stress_weight=0.0)
-
-
-def test_stress_labels_are_read_as_3x3_in_ase_convention(si_files):
-    structures = read_labelled(si_files / "test.xyz")
-    atoms = ase.io.read(si_files / "test.xyz", 0)
+def test_stress_labels_are_read_as_3x3_in_ase_convention(lj_si_files):
+    structures = read_labelled(lj_si_files / "test.xyz")
+    atoms = ase.io.read(lj_si_files / "test.xyz", 0)
     voigt = atoms.get_stress()  # ASE: xx, yy, zz, yz, xz, xy
     s = structures[0].stress
     assert s.shape == (3, 3)
@@ -78,9 +30,9 @@ def test_stress_labels_are_read_as_3x3_in_ase_convention(si_files):
     assert read_labelled(DATA / "acac_small.xyz")[0].stress is None  # open: never a stress
 
 
-def test_calculator_stress_is_ases_numerical_stress(si_model):
+def test_calculator_stress_is_ases_numerical_stress(lj_si_model):
     atoms = lj_si_cells(1, seed=5)[0]
-    atoms.calc = blip.Calculator(si_model, mode="map")
+    atoms.calc = blip.Calculator(lj_si_model, mode="map")
     from ase.calculators.fd import calculate_numerical_stress
 
     numerical = calculate_numerical_stress(atoms, eps=1e-5)
@@ -88,9 +40,9 @@ def test_calculator_stress_is_ases_numerical_stress(si_model):
     assert np.abs(numerical).max() > 1e-4
 
 
-def test_sampled_stress_has_a_spread_and_its_keys(si_model):
+def test_sampled_stress_has_a_spread_and_its_keys(lj_si_model):
     atoms = lj_si_cells(1, seed=6)[0]
-    atoms.calc = blip.Calculator(si_model, samples=6, seed=3)
+    atoms.calc = blip.Calculator(lj_si_model, samples=6, seed=3)
     stress = atoms.get_stress()
     r = atoms.calc.results
     assert r["stress_samples"].shape == (6, 6) and stress.shape == (6,)
@@ -98,50 +50,50 @@ def test_sampled_stress_has_a_spread_and_its_keys(si_model):
     np.testing.assert_array_equal(r["stress_var"], r["stress_std"] ** 2)
     np.testing.assert_allclose(r["stress_std"], r["stress_samples"].std(0) * 1.0, rtol=1e-12)
     # the prediction is the noise-free pass, the spread that of the samples
-    map_stress = si_model.predict([atoms], samples=0)["stress"][0]
+    map_stress = lj_si_model.predict([atoms], samples=0)["stress"][0]
     np.testing.assert_allclose(stress, map_stress, rtol=0, atol=1e-12)
 
 
-def test_open_structures_report_no_stress(si_model):
+def test_open_structures_report_no_stress(lj_si_model):
     molecule = ase.Atoms("Si3", positions=[[0, 0, 0], [2.3, 0, 0], [0, 2.3, 0.2]])
-    molecule.calc = blip.Calculator(si_model, samples=2, seed=0)
+    molecule.calc = blip.Calculator(lj_si_model, samples=2, seed=0)
     assert np.isfinite(molecule.get_potential_energy())
     with pytest.raises(PropertyNotImplementedError):
         molecule.get_stress()
     cell = lj_si_cells(1, seed=7)[0]
-    out = si_model.predict([molecule, cell], samples=2, seed=0)
+    out = lj_si_model.predict([molecule, cell], samples=2, seed=0)
     assert np.isnan(out["stress"][0]).all() and np.isfinite(out["stress"][1]).all()
-    assert "stress" not in si_model.predict([molecule], samples=2, seed=0)
+    assert "stress" not in lj_si_model.predict([molecule], samples=2, seed=0)
 
 
-def test_evaluate_scores_stress_and_recalibration_fits_its_factor(si_model, si_files):
-    structures = read_labelled(si_files / "test.xyz")
-    metrics, arrays = evaluate_structures(si_model, structures, samples=4, seed=0)
+def test_evaluate_scores_stress_and_recalibration_fits_its_factor(lj_si_model, lj_si_files):
+    structures = read_labelled(lj_si_files / "test.xyz")
+    metrics, arrays = evaluate_structures(lj_si_model, structures, samples=4, seed=0)
     assert metrics["stress"]["n"] == 6 * len(structures)
     ref = np.concatenate([[s.stress[0, 0], s.stress[1, 1], s.stress[2, 2], s.stress[1, 2], s.stress[0, 2],
                            s.stress[0, 1]] for s in structures])
     np.testing.assert_allclose(arrays["stress"]["ref"], ref)
-    pred = si_model.predict([s.atoms for s in structures], samples=4, seed=0)["stress"].ravel()
+    pred = lj_si_model.predict([s.atoms for s in structures], samples=4, seed=0)["stress"].ravel()
     assert metrics["stress"]["rmse"] == pytest.approx(np.sqrt(np.mean((ref - pred) ** 2)), rel=1e-9)
 
     from blip.uq.recalibration import fit_scale, recalibrate
 
     expected = fit_scale(ref - pred, arrays["stress"]["std"])
-    model = blip.predictor.BlipModel(si_model.members, si_model.config, si_model.summary)
+    model = blip.predictor.BlipModel(lj_si_model.members, lj_si_model.config, lj_si_model.summary)
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["stress"] == pytest.approx(expected, rel=1e-9)
     scaled = model.predict([structures[0].atoms], samples=4, seed=0)["stress_std"][0]
     np.testing.assert_allclose(scaled, expected * arrays["stress"]["std"][:6], rtol=1e-9)
 
 
-def test_training_on_stress_labels_fits_them(si_files, tmp_path):
-    structures = read_labelled(si_files / "test.xyz")
+def test_training_on_stress_labels_fits_them(lj_si_files, tmp_path):
+    structures = read_labelled(lj_si_files / "test.xyz")
 
     def stress_rmse(model):
         return evaluate_structures(model, structures, samples=0)[0]["stress"]["rmse"]
 
-    without = _train(si_files, tmp_path, stress_weight=0.0, epochs=6)
-    with_stress = _train(si_files, tmp_path, stress_weight=1e4, epochs=6)
+    without = train_lj_si(lj_si_files, tmp_path, stress_weight=0.0, epochs=6)
+    with_stress = train_lj_si(lj_si_files, tmp_path, stress_weight=1e4, epochs=6)
     assert stress_rmse(with_stress) < 0.6 * stress_rmse(without)  # measured 0.020 vs 0.051 eV/A^3
 
 
