@@ -83,7 +83,9 @@ def connect(unixsocket: str | None = None, host: str | None = None, port: int | 
     deadline = time.monotonic() + max(0.0, float(connect_timeout))
     while True:
         try:
-            return SocketClient(host=host, port=port, unixsocket=unixsocket, timeout=socket_timeout, log=log)
+            client = SocketClient(host=host, port=port, unixsocket=unixsocket, timeout=socket_timeout, log=log)
+            client.blip_address, client.blip_timeout = where, socket_timeout
+            return client
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise IPIConnectionError(
@@ -91,6 +93,39 @@ def connect(unixsocket: str | None = None, host: str | None = None, port: int | 
                     f"({type(exc).__name__}: {exc}); start i-PI first (i-pi input.xml &) "
                     f"and check that the address matches") from None
             time.sleep(0.2)
+
+
+def check_stress(calc, atoms, use_stress: bool | None = None) -> bool:
+    """Whether the client will ask for the stress (ASE's rule: periodic ``atoms``); raise if it cannot."""
+    if use_stress is None:
+        use_stress = bool(np.any(atoms.pbc))  # what SocketClient.irun does with use_stress=None
+    if use_stress and "stress" not in calc.implemented_properties:
+        raise BlipError("ipi: the structure is periodic and ASE's socket client sends i-PI the virial from "
+                        "the stress, which this BLIP calculator does not provide; use --no-stress for NVT/NVE "
+                        "(zero virial: i-PI's pressure is then meaningless and NPT wrong)")
+    return bool(use_stress)
+
+
+def write_init_xyz(path, atoms, box: float | None = None) -> None:
+    """Write ``atoms`` as an i-PI xyz file (positions and cell in Angstrom).
+
+    The cell is the structure's own for a periodic one, else a cubic ``box`` (default:
+    the extent plus 20 A; i-PI needs a cell, the client ignores it while ``pbc`` is false).
+    ASE reads the file back as a plain xyz (``pbc`` false), so it also serves as START.
+    """
+    if np.any(atoms.pbc):
+        a, b, c, alpha, beta, gamma = atoms.cell.cellpar()
+    else:
+        extent = float(np.ptp(atoms.positions, axis=0).max()) if len(atoms) else 0.0
+        a = b = c = float(box) if box is not None else extent + 20.0
+        alpha = beta = gamma = 90.0
+    lines = [str(len(atoms)),
+             f"# CELL(abcABC): {a:.8f} {b:.8f} {c:.8f} {alpha:.8f} {beta:.8f} {gamma:.8f} "
+             "cell{angstrom} positions{angstrom}"]
+    for symbol, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions):
+        lines.append(f"{symbol:2s} {x:18.10f} {y:18.10f} {z:18.10f}")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def serve(calc: BlipCalculator, atoms, client, log_path=None, beads: int | None = None,
@@ -104,13 +139,7 @@ def serve(calc: BlipCalculator, atoms, client, log_path=None, beads: int | None 
 
     if beads is not None and beads < 1:
         raise BlipError("ipi: --beads must be >= 1")
-    periodic = bool(np.any(atoms.pbc))
-    if use_stress is None:
-        use_stress = periodic
-    if use_stress and "stress" not in calc.implemented_properties:
-        raise BlipError("ipi: the structure is periodic and ASE's socket client sends the virial from the "
-                        "stress, which this BLIP calculator does not provide; use --no-stress for NVT/NVE "
-                        "(zero virial: i-PI's pressure is then meaningless, NPT impossible)")
+    use_stress = check_stress(calc, atoms, use_stress)
     atoms.calc = calc
     result = ServeResult()
     handle = writer = None
@@ -122,7 +151,7 @@ def serve(calc: BlipCalculator, atoms, client, log_path=None, beads: int | None 
         handle.flush()
     bar = tqdm(desc="ipi", unit="eval", disable=not progress, file=sys.stderr)
     try:
-        for _ in client.irun(atoms, use_stress=use_stress):
+        for _ in _requests(client, atoms, use_stress):
             r = calc.results
             e_std = float(r["energy_std"])
             f_std = max_atom_force_std(r["forces_std"])
@@ -144,6 +173,17 @@ def serve(calc: BlipCalculator, atoms, client, log_path=None, beads: int | None 
     return result
 
 
+def _requests(client, atoms, use_stress):
+    """``client.irun`` with a socket timeout turned into a one-line error."""
+    try:
+        yield from client.irun(atoms, use_stress=use_stress)
+    except socket.timeout:
+        where = getattr(client, "blip_address", "the socket")
+        waited = getattr(client, "blip_timeout", None)
+        raise IPIConnectionError(f"ipi: i-PI at {where} sent nothing for {waited} s (--timeout); "
+                                 "is it still running?") from None
+
+
 # -- command line ----------------------------------------------------------------------
 def cmd_ipi(args) -> int:
     from .data import read_structures
@@ -155,8 +195,9 @@ def cmd_ipi(args) -> int:
     atoms = read_structures(args.structure, index=args.index)[0]
     calc = BlipCalculator(args.model, samples=args.samples, seed=args.seed, device=args.device, mode=args.mode)
     calc.check_atoms(atoms, f"{args.structure}[{args.index}]")
-    use_stress = False if args.no_stress else None
-    client = connect(unixsocket=args.unix, host=args.host, port=args.port, connect_timeout=args.connect_timeout)
+    use_stress = check_stress(calc, atoms, False if args.no_stress else None)  # before connecting
+    client = connect(unixsocket=args.unix, host=args.host, port=args.port, connect_timeout=args.connect_timeout,
+                     socket_timeout=args.timeout)
     where = describe_address(args.unix, args.host, args.port)
     print(f"blip ipi: connected to {where}; {len(atoms)} atoms, mode {args.mode}, "
           f"K={calc.effective_samples}", file=sys.stderr)
@@ -195,6 +236,8 @@ def register(subparsers) -> None:
                    help="periodic structures: send a zero virial instead of asking for the stress")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="seconds to keep retrying the connection to i-PI (default 60)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each i-PI message before giving up (default: forever)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ipi)
