@@ -168,3 +168,18 @@ def test_ipi_periodic_without_stress_refuses_before_connecting(tiny_model_path, 
                "--connect-timeout", "0", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "stress" in err and "--no-stress" in err
+
+
+def test_ipi_example_files_are_consistent():
+    import xml.etree.ElementTree as ET
+
+    example = DATA.parent.parent / "examples" / "ipi"
+    root = ET.parse(example / "input.xml").getroot()
+    socket = root.find("ffsocket")
+    assert socket.get("mode") == "unix" and socket.get("pbc") == "false"
+    assert socket.find("address").text.strip() == "blip-acac"
+    assert root.find("system/initialize").get("nbeads") == "4"
+    assert root.find("system/forces/force").get("forcefield") == socket.get("name")
+    init = ase.io.read(example / "init.xyz")  # also the client's START: a non-periodic molecule
+    assert not init.pbc.any() and init.get_chemical_formula() == ase.io.read(DATA / "acac_small.xyz", 0).get_chemical_formula()
+    assert "--unix blip-acac" in (example / "README.md").read_text()
