@@ -10,6 +10,8 @@ sigma log (CSV, written and flushed row by row):
 
     eval, step, energy_eV, energy_std_eV, max_force_std_eV_A
 
+The client returns when i-PI sends EXIT at the end of its run (or closes the socket).
+
 ``energy_eV`` is the energy sent to i-PI, ``energy_std_eV`` its standard deviation,
 ``max_force_std_eV_A`` the largest per-atom force std, ``max_i sqrt(sum_c std_ic**2)``
 (:func:`blip.calculator.max_atom_force_std`). i-PI tells the client neither the step nor
@@ -182,6 +184,11 @@ def _requests(client, atoms, use_stress):
         waited = getattr(client, "blip_timeout", None)
         raise IPIConnectionError(f"ipi: i-PI at {where} sent nothing for {waited} s (--timeout); "
                                  "is it still running?") from None
+    except ValueError as exc:  # SocketClient: atoms.positions[:] = i-PI's (natoms, 3)
+        if "broadcast" not in str(exc):
+            raise
+        raise BlipError(f"ipi: i-PI sent positions that do not fit the {len(atoms)} atoms of the start "
+                        f"structure ({exc}); give the client the same structure as i-PI's init file") from None
 
 
 # -- command line ----------------------------------------------------------------------
@@ -192,6 +199,8 @@ def cmd_ipi(args) -> int:
         raise BlipError("ipi: give --unix NAME or --port P")
     if args.unix is not None and args.port is not None:
         raise BlipError("ipi: give only one of --unix and --port")
+    if args.beads is not None and args.beads < 1:
+        raise BlipError("ipi: --beads must be >= 1")
     atoms = read_structures(args.structure, index=args.index)[0]
     calc = BlipCalculator(args.model, samples=args.samples, seed=args.seed, device=args.device, mode=args.mode)
     calc.check_atoms(atoms, f"{args.structure}[{args.index}]")

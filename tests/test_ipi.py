@@ -78,7 +78,9 @@ def ipi_run(tiny_model_path, tmp_path_factory):
         rc = main(["ipi", str(tiny_model_path), str(work / "init.xyz"), "--unix", address,
                    "--log", str(work / "sigma.csv"), "--beads", str(BEADS), "--samples", str(SAMPLES),
                    "--seed", "0", "--quiet", "--connect-timeout", "30", "--timeout", "60"])
-        server_rc = server.wait(timeout=30)  # the client returned: i-PI must end too
+        # the client returned after i-PI's EXIT: i-PI must end too (on a client failure,
+        # i-PI would wait for another client forever: kill it at once in the finally)
+        server_rc = server.wait(timeout=30) if rc == 0 else None
     finally:
         if server.poll() is None:
             server.kill()
