@@ -26,11 +26,9 @@ The forces i-PI integrates are the calculator's prediction: the noise-free (MAP)
 BLIP; ``--mode sample`` adds K samples per evaluation for the standard deviations (K+1
 passes), ``--mode map`` skips them (sigmas are 0, the plain model's cost).
 
-Stress: ASE's client asks for the stress (sent as the virial) only for a periodic
-structure (any ``pbc`` true in START). A molecule (``pbc`` all false, as in the acac
-example) never triggers a stress call. Periodic runs need the calculator's ``stress``
-(NPT, pressure/virial output); ``--no-stress`` sends a zero virial instead, which is fine
-for NVT/NVE of a periodic cell but makes i-PI's pressure meaningless and NPT wrong.
+Stress: ASE's client sends i-PI the virial from the calculator's MAP stress for a periodic
+structure (any ``pbc`` true in START), so i-PI's pressure and NPT work; a molecule (``pbc``
+all false, as in the acac example) sends a zero virial.
 """
 
 from __future__ import annotations
@@ -97,17 +95,6 @@ def connect(unixsocket: str | None = None, host: str | None = None, port: int | 
             time.sleep(0.2)
 
 
-def check_stress(calc, atoms, use_stress: bool | None = None) -> bool:
-    """Whether the client will ask for the stress (ASE's rule: periodic ``atoms``); raise if it cannot."""
-    if use_stress is None:
-        use_stress = bool(np.any(atoms.pbc))  # what SocketClient.irun does with use_stress=None
-    if use_stress and "stress" not in calc.implemented_properties:
-        raise BlipError("ipi: the structure is periodic and ASE's socket client sends i-PI the virial from "
-                        "the stress, which this BLIP calculator does not provide; use --no-stress for NVT/NVE "
-                        "(zero virial: i-PI's pressure is then meaningless and NPT wrong)")
-    return bool(use_stress)
-
-
 def write_init_xyz(path, atoms, box: float | None = None) -> None:
     """Write ``atoms`` as an i-PI xyz file (positions and cell in Angstrom).
 
@@ -131,17 +118,17 @@ def write_init_xyz(path, atoms, box: float | None = None) -> None:
 
 
 def serve(calc: BlipCalculator, atoms, client, log_path=None, beads: int | None = None,
-          use_stress: bool | None = None, progress: bool = False) -> ServeResult:
+          progress: bool = False) -> ServeResult:
     """Answer i-PI's requests with ``calc`` on ``atoms`` until i-PI sends EXIT.
 
-    ``use_stress`` None: ASE's rule (stress for a periodic ``atoms``). Writes the sigma log
+    The virial comes from the stress for a periodic ``atoms``. Writes the sigma log
     to ``log_path`` (CSV, flushed per row) if given. Returns counts and the largest sigmas.
     """
     from tqdm.auto import tqdm
 
     if beads is not None and beads < 1:
         raise BlipError("ipi: --beads must be >= 1")
-    use_stress = check_stress(calc, atoms, use_stress)
+    use_stress = bool(np.any(atoms.pbc))
     atoms.calc = calc
     result = ServeResult()
     handle = writer = None
@@ -204,14 +191,12 @@ def cmd_ipi(args) -> int:
     atoms = read_structures(args.structure, index=args.index)[0]
     calc = BlipCalculator(args.model, samples=args.samples, seed=args.seed, device=args.device, mode=args.mode)
     calc.check_atoms(atoms, f"{args.structure}[{args.index}]")
-    use_stress = check_stress(calc, atoms, False if args.no_stress else None)  # before connecting
     client = connect(unixsocket=args.unix, host=args.host, port=args.port, connect_timeout=args.connect_timeout,
                      socket_timeout=args.timeout)
     where = describe_address(args.unix, args.host, args.port)
     print(f"blip ipi: connected to {where}; {len(atoms)} atoms, mode {args.mode}, "
           f"K={calc.effective_samples}", file=sys.stderr)
-    result = serve(calc, atoms, client, log_path=args.log, beads=args.beads, use_stress=use_stress,
-                   progress=not args.quiet)
+    result = serve(calc, atoms, client, log_path=args.log, beads=args.beads, progress=not args.quiet)
     print(f"blip ipi: i-PI ended the run after {result.evaluations} force evaluation(s); "
           f"max force std seen {result.max_force_std_seen:.4g} eV/A, max energy std "
           f"{result.max_energy_std_seen:.4g} eV" + (f"; sigma log {args.log}" if args.log else ""),
@@ -241,8 +226,6 @@ def register(subparsers) -> None:
                    help="sigma log, one row per force evaluation (per bead per step)")
     p.add_argument("--beads", type=int, default=None,
                    help="force evaluations per i-PI step (the number of beads), to fill the step column of the log")
-    p.add_argument("--no-stress", action="store_true",
-                   help="periodic structures: send a zero virial instead of asking for the stress")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="seconds to keep retrying the connection to i-PI (default 60)")
     p.add_argument("--timeout", type=float, default=None,

@@ -160,18 +160,6 @@ def test_ipi_unreachable_socket_is_a_clear_error(tiny_model_path, capsys):
     assert rc == 2 and f"/tmp/ipi_{name}" in err and "no i-PI server" in err
 
 
-def test_ipi_periodic_without_stress_refuses_before_connecting(tiny_model_path, tmp_path, capsys):
-    if "stress" in blip.Calculator.implemented_properties:
-        pytest.skip("the calculator provides stress now: periodic runs are served")
-    boxed = ase.io.read(DATA / "acac_small.xyz", 0)
-    boxed.pbc = True  # 50 A box: periodic, so ASE's client would ask for the stress
-    ase.io.write(tmp_path / "boxed.xyz", boxed)
-    rc = main(["ipi", str(tiny_model_path), str(tmp_path / "boxed.xyz"), "--unix", "never-used",
-               "--connect-timeout", "0", "--quiet"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "stress" in err and "--no-stress" in err
-
-
 def test_ipi_example_files_are_consistent():
     import xml.etree.ElementTree as ET
 
