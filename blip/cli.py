@@ -174,7 +174,7 @@ def _extra_commands():
     import importlib
 
     found = []
-    for name in ("blip.bench", "blip.md", "blip.active"):
+    for name in ("blip.bench", "blip.md", "blip.active", "blip.export"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
