@@ -9,7 +9,7 @@ message and update steps from :mod:`blip.backbones.painn`. Importing this module
 """
 
 # no `from __future__ import annotations`: metatomic checks the forward annotations as objects
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap

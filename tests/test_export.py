@@ -208,3 +208,24 @@ def test_missing_metatomic_names_the_extra(monkeypatch, model, tmp_path):
     monkeypatch.setitem(sys.modules, "metatomic.torch", None)  # import fails as if not installed
     with pytest.raises(ExportError, match=r"pip install blip-mlip\[metatomic\]"):
         export_model(model, tmp_path / "x.pt")
+
+
+def test_ipi_metatomic_driver_gives_energy_and_committee(exported_path, model, tmp_path):
+    pytest.importorskip("ipi")
+    import json
+
+    from ipi.pes.metatomic import MetatomicDriver
+    from ipi.utils.units import unit_to_internal, unit_to_user
+
+    atoms = _structures()[1]
+    ase.io.write(tmp_path / "template.xyz", atoms)
+    driver = MetatomicDriver(template=str(tmp_path / "template.xyz"), model=str(exported_path),
+                             energy_ensemble=True, check_consistency=True)
+    cell = unit_to_internal("length", "angstrom", atoms.cell.array.T.copy())
+    pos = unit_to_internal("length", "angstrom", atoms.positions.copy())
+    energy, _forces, _virial, extras = driver.compute_structure(cell, pos)
+    ref = blip.Calculator(model, samples=K, seed=SEED)
+    ref.calculate(atoms.copy(), ["energy"])
+    assert unit_to_user("energy", "electronvolt", energy) == pytest.approx(ref.results["energy"], abs=1e-8)
+    committee = [unit_to_user("energy", "electronvolt", e) for e in json.loads(extras)["committee_pot"]]
+    np.testing.assert_allclose(committee, ref.results["energy_samples"], rtol=0, atol=1e-8)
