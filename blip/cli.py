@@ -177,7 +177,7 @@ def _extra_commands():
     import importlib
 
     found = []
-    for name in ("blip.bench", "blip.md", "blip.relax", "blip.ipi", "blip.active"):
+    for name in ("blip.bench", "blip.md", "blip.relax", "blip.ipi", "blip.export", "blip.active"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -9,6 +9,7 @@ function of distances alone adds spread that does not grow away from the trainin
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -56,13 +57,38 @@ class Message(nn.Module):
 
     def forward(self, s, v, edge_index, w, unit):
         """``w``: this interaction's radial filter of every edge, (E, 3F)."""
-        i, j = edge_index
-        x = self.phi(s)[j] * w
-        x_vv, x_s, x_vs = torch.split(x, s.shape[1], dim=1)
-        dv = x_vv[:, None, :] * v[j] + x_vs[:, None, :] * unit[:, :, None]
-        s = s.index_add(0, i, x_s)
-        v = v.index_add(0, i, dv)
-        return s, v
+        return message_step(self.phi(s), s, v, edge_index, w, unit)
+
+
+# TorchScript-compatible (blip.export compiles them with the trained layers).
+def message_step(phi_s: torch.Tensor, s: torch.Tensor, v: torch.Tensor, edge_index: torch.Tensor,
+                 w: torch.Tensor, unit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scalar and vector features after the messages of ``phi_s = phi(s)`` (N, 3F) with radial
+    filters ``w`` (E, 3F) and unit vectors ``unit`` (E, 3) of edges ``edge_index`` (2, E)."""
+    i, j = edge_index[0], edge_index[1]
+    x = phi_s[j] * w
+    features = s.shape[1]
+    x_vv, x_s, x_vs = x[:, :features], x[:, features:2 * features], x[:, 2 * features:]
+    dv = x_vv[:, None, :] * v[j] + x_vs[:, None, :] * unit[:, :, None]
+    s = s.index_add(0, i, x_s)
+    v = v.index_add(0, i, dv)
+    return s, v
+
+
+def update_inputs(s: torch.Tensor, uv: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+    """Input of the update MLP (N, 2F): scalars and the norms of the V-mixed vectors ``vv`` (N, 3, F)."""
+    vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)
+    return torch.cat([s, vnorm], dim=1)
+
+
+def update_step(a: torch.Tensor, s: torch.Tensor, v: torch.Tensor, uv: torch.Tensor,
+                vv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gated update of scalars s and vectors v from the update MLP's output ``a`` (N, 3F)."""
+    features = s.shape[1]
+    a_vv, a_sv, a_ss = a[:, :features], a[:, features:2 * features], a[:, 2 * features:]
+    v = v + a_vv[:, None, :] * uv
+    s = s + a_sv * (uv * vv).sum(dim=1) + a_ss
+    return s, v
 
 
 class Update(nn.Module):
@@ -76,11 +102,7 @@ class Update(nn.Module):
 
     def forward(self, s, v):
         uv, vv = self.U(v), self.V(v)
-        vnorm = torch.sqrt((vv * vv).sum(dim=1) + 1e-8)
-        a_vv, a_sv, a_ss = torch.split(self.mlp(torch.cat([s, vnorm], dim=1)), s.shape[1], dim=1)
-        v = v + a_vv[:, None, :] * uv
-        s = s + a_sv * (uv * vv).sum(dim=1) + a_ss
-        return s, v
+        return update_step(self.mlp(update_inputs(s, uv, vv)), s, v, uv, vv)
 
 
 class Interaction(nn.Module):

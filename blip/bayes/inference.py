@@ -18,6 +18,7 @@ from the training data the distance term dominates and rates grow monotonically 
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,15 +41,35 @@ class RateHead(nn.Module):
         nn.init.normal_(self.net[2].weight, std=1e-3)
         nn.init.zeros_(self.net[2].bias)
         self.logit0 = float(logit0)
+        self.bound, self.u0 = HEAD_BOUND, _U0
         self.distance = distance
         if distance:
             self.slope = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus(slope) = 1 at the start
 
-    def forward(self, inputs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.net(inputs).squeeze(-1)
-        if not self.distance:
+        if not hasattr(self, "slope"):  # no distance term (the test is resolved when TorchScript compiles)
             return self.logit0 + out
-        return self.logit0 + HEAD_BOUND * torch.tanh(out / HEAD_BOUND) + F.softplus(self.slope) * (u - _U0)
+        assert u is not None, "a rate head with a distance term needs the distance u"
+        return self.logit0 + self.bound * torch.tanh(out / self.bound) + F.softplus(self.slope) * (u - self.u0)
+
+
+# TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
+def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance: bool,
+                u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Inputs of a rate head and the distance ``u`` (or None) from whitened features ``z`` (rows, d)
+    and the base features (rows, b): non-finite features count as far away."""
+    z = torch.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6)
+    u: Optional[torch.Tensor] = None
+    if distance:
+        u = torch.log1p((z * z).mean(dim=1)).clamp(max=u_max)
+    inputs = torch.cat([base, z], dim=1) if use_hidden else base
+    return inputs, u
+
+
+def clamp_rate(logit: torch.Tensor, p_min: float, p_max: float) -> torch.Tensor:
+    """``p = clamp(sigmoid(logit), p_min, p_max)``."""
+    return torch.sigmoid(logit).clamp(p_min, p_max)
 
 
 class InferenceNet(nn.Module):
@@ -98,13 +119,11 @@ class InferenceNet(nn.Module):
                 density.update(features, groups)
             if self.detach and training:
                 features = features.detach()
-            z = torch.nan_to_num(density.standardise(features, groups), nan=0.0, posinf=1e6, neginf=-1e6)
-            u = torch.log1p((z * z).mean(dim=1)).clamp(max=U_MAX) if self.distance else None
-            inputs = torch.cat([base, z], dim=1) if self.use_hidden else base
+            inputs, u = rate_inputs(density.standardise(features, groups), base, self.use_hidden, self.distance)
             return self._clamp(head(inputs, u))
 
     def _clamp(self, logit: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logit).clamp(self.p_min, self.p_max)
+        return clamp_rate(logit, self.p_min, self.p_max)
 
     def heads_list(self) -> list[RateHead]:
         return [h for domain in self.heads.values() for h in domain.values()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,6 +11,28 @@ from torch.nn import functional as F
 from .noise import NoiseState
 
 _TINY = 1e-12
+
+
+# TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
+def draw_channels(kind: str, in_features: int, out_features: int) -> int:
+    """Random numbers per row a noisy linear layer of this noise ``kind`` takes: one per output for
+    "gaussian" (local reparameterisation), one per input otherwise."""
+    return out_features if kind == "gaussian" else in_features
+
+
+def noisy_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: torch.Tensor,
+                 draws: torch.Tensor, kind: str, tiny: float = _TINY) -> torch.Tensor:
+    """One sampled pass of a noisy linear layer (:class:`NoisyLinear`): input h (rows, in), rates p
+    (rows,), ``draws`` (rows, :func:`draw_channels`): U(0, 1) for "bernoulli", N(0, 1) otherwise."""
+    p = p[:, None]
+    if kind == "bernoulli":
+        keep = (draws >= p).to(h.dtype)
+        return F.linear(h * keep / (1.0 - p), weight, bias)
+    if kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
+        return F.linear(h * (1.0 + torch.sqrt(p / (1.0 - p)) * draws), weight, bias)
+    mean = F.linear(h, weight, bias)
+    var = F.linear(h * h, weight * weight)
+    return mean + torch.sqrt(p / (1.0 - p) * var + tiny) * draws
 
 
 class NoisyLinear(nn.Module):
@@ -53,17 +77,13 @@ class NoisyLinear(nn.Module):
             return F.linear(h, self.weight, self.bias)
         if h.dim() != 2:
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(h.shape)}")
-        p = ctx.rate(self.domain, self.rate_slot, h.shape[0], self._rate_features(ctx, h))[:, None]
+        p = ctx.rate(self.domain, self.rate_slot, h.shape[0], self._rate_features(ctx, h))
+        rows, channels = h.shape[0], draw_channels(ctx.kind, self.in_features, self.out_features)
         if ctx.kind == "bernoulli":
-            keep = (ctx.uniform(self.domain, self.slot, h.shape[0], h.shape[1], h) >= p).to(h.dtype)
-            return F.linear(h * keep / (1.0 - p), self.weight, self.bias)
-        if ctx.kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
-            xi = ctx.standard_normal(self.domain, self.slot, h.shape[0], h.shape[1], h)
-            return F.linear(h * (1.0 + torch.sqrt(p / (1.0 - p)) * xi), self.weight, self.bias)
-        mean = F.linear(h, self.weight, self.bias)
-        var = F.linear(h * h, self.weight * self.weight)
-        eps = ctx.standard_normal(self.domain, self.slot, h.shape[0], self.out_features, h)
-        return mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps
+            draws = ctx.uniform(self.domain, self.slot, rows, channels, h)
+        else:
+            draws = ctx.standard_normal(self.domain, self.slot, rows, channels, h)
+        return noisy_linear(h, self.weight, self.bias, p, draws, ctx.kind)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}"

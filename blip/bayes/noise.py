@@ -30,7 +30,7 @@ _MASK32 = 0xFFFFFFFF
 
 def _int32(value: int) -> int:
     """A 32-bit pattern as the signed int32 with the same bits."""
-    value &= _MASK32
+    value = value & 0xFFFFFFFF
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
@@ -38,36 +38,40 @@ _MUL1, _MUL2 = _int32(0x7FEB352D), _int32(0x846CA68B)  # "lowbias32" multipliers
 _GOLDEN = _int32(0x9E3779B9)  # 2**32 / golden ratio: separates the words hashed in sequence
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
+# The functions below are TorchScript-compatible (blip.export compiles them into exported
+# models): TorchScript cannot read module-level constants, so they come in as default arguments.
+
+
+def mix32(x: torch.Tensor, mul1: int = _MUL1, mul2: int = _MUL2) -> torch.Tensor:
     """A bijective 32-bit integer hash (xor-shift-multiply, "lowbias32"), elementwise, in place.
 
     ``x``: int32 tensor, read as 32-bit patterns; returns it. Products wrap modulo 2**32 and
     right shifts are masked, so the bits are those of the unsigned hash on every device.
     """
     x ^= (x >> 16) & 0xFFFF
-    x.mul_(_MUL1)
+    x.mul_(mul1)
     x ^= (x >> 15) & 0x1FFFF
-    x.mul_(_MUL2)
+    x.mul_(mul2)
     x ^= (x >> 16) & 0xFFFF
     return x
 
 
-def hash_words(key: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+def hash_words(key: torch.Tensor, words: torch.Tensor, golden: int = _GOLDEN) -> torch.Tensor:
     """Fold integer ``words`` (rows, m) (any integer dtype; low 32 bits used) into ``key`` (rows,) int32."""
     for c in range(words.shape[1]):
-        key = mix32(key ^ (words[:, c].to(torch.int32) + _int32(_GOLDEN * (c + 1))))
+        key = mix32(key ^ (words[:, c].to(torch.int32) + _int32(golden * (c + 1))))
     return key
 
 
 def row_keys(seed: int, replica: torch.Tensor, structure_index: torch.Tensor, rows_per_graph: torch.Tensor,
-             ids: torch.Tensor) -> torch.Tensor:
+             ids: torch.Tensor, mask: int = _MASK32) -> torch.Tensor:
     """One 32-bit key per row (rows,) int32 from (seed, replica, structure index, row identity).
 
     replica, structure_index, rows_per_graph: (G,) long; ids: (rows, m) long, the identity of
     every row within its structure (rows ordered graph by graph).
     """
     seed = int(seed)
-    graph_words = torch.stack([torch.full_like(replica, seed & _MASK32), torch.full_like(replica, (seed >> 32) & _MASK32),
+    graph_words = torch.stack([torch.full_like(replica, seed & mask), torch.full_like(replica, (seed >> 32) & mask),
                                replica, structure_index], dim=1)
     graph_key = hash_words(torch.zeros(replica.shape, dtype=torch.int32, device=replica.device), graph_words)
     key = torch.repeat_interleave(graph_key, rows_per_graph, output_size=ids.shape[0])
@@ -87,10 +91,10 @@ def stream_word(domain: str, slot: int) -> int:
     return _int32(zlib.crc32(domain.encode()) * 0x01000193 + int(slot) * 0x9E3779B9)
 
 
-def _unit_interval(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _unit_interval(bits: torch.Tensor, dtype: torch.dtype, mask: int = _MASK32) -> torch.Tensor:
     """32-bit hashes (int32) -> uniforms in the open interval (0, 1): 32 bits in float64, 24 otherwise."""
     if dtype == torch.float64:
-        return ((bits.to(torch.long) & _MASK32).to(dtype) + 0.5) * 2.0 ** -32
+        return ((bits.to(torch.long) & mask).to(dtype) + 0.5) * 2.0 ** -32
     return ((bits >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(2.0 ** -24)
 
 
@@ -105,7 +109,8 @@ def counter_uniform(keys: torch.Tensor, stream: int, channels: int, dtype: torch
     return _unit_interval(_element_bits(keys, stream, channels), dtype).to(dtype)
 
 
-def counter_normal(keys: torch.Tensor, stream: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+def counter_normal(keys: torch.Tensor, stream: int, channels: int, dtype: torch.dtype,
+                   golden: int = _GOLDEN) -> torch.Tensor:
     """N(0, 1) draws (rows, channels) from row ``keys`` (rows,) int32 and a layer ``stream``.
 
     Box-Muller on two uniforms per pair of channels (one hashed from the other): channel c
@@ -116,7 +121,7 @@ def counter_normal(keys: torch.Tensor, stream: int, channels: int, dtype: torch.
     pairs = (channels + 1) // 2
     bits = _element_bits(keys, stream, pairs)
     radius = _unit_interval(bits, work).log_().mul_(-2.0).sqrt_()
-    angle = _unit_interval(mix32(bits ^ _GOLDEN), work).mul_(2.0 * math.pi)
+    angle = _unit_interval(mix32(bits ^ golden), work).mul_(2.0 * math.pi)
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :channels].to(dtype)
 
 

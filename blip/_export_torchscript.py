@@ -1,0 +1,321 @@
+"""TorchScript modules of :mod:`blip.export`: a trained BLIP potential as a metatomic model.
+
+Built from the trained layers (their parameters, not copies of the maths): the noise comes
+from the same counter-based functions (:mod:`blip.bayes.noise`), the noisy layers from
+:func:`blip.bayes.layers.noisy_linear`, the rates from the trained rate heads and feature
+densities through :func:`blip.bayes.inference.rate_inputs` / ``clamp_rate``, and PaiNN's
+message and update steps from :mod:`blip.backbones.painn`. Importing this module needs
+``metatomic-torch``.
+"""
+
+# no `from __future__ import annotations`: metatomic checks the forward annotations as objects
+from typing import Dict, List, Optional
+
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import ModelOutput, NeighborListOptions, System
+from torch import nn
+from torch.nn import functional as F
+
+from .backbones.painn import cosine_cutoff, message_step, sine_rbf, update_inputs, update_step
+from .bayes.inference import clamp_rate, rate_inputs
+from .bayes.layers import NoisyLinear, draw_channels, noisy_linear
+from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
+
+
+# -- rates -------------------------------------------------------------------------------
+class LearnedRate(nn.Module):
+    """BLIP's rate of one noisy MLP: its trained rate head and feature density (``InferenceNet.rate``)."""
+
+    def __init__(self, inference, domain: str, slot: int, in_features: int):
+        super().__init__()
+        self.head = inference.heads[domain][str(slot)]
+        self.wants_features = bool(inference.wants_features)
+        if self.wants_features:
+            self.density = inference.densities[domain][str(slot)]
+        else:  # never used; present so that TorchScript compiles the other branch
+            from .bayes.density import FeatureDensity
+
+            self.density = FeatureDensity(1, in_features)
+        self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
+        self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
+
+    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if not self.wants_features:
+            return clamp_rate(self.head(base, None), self.p_min, self.p_max)
+        inputs, u = rate_inputs(self.density.standardise(features, groups), base, self.use_hidden, self.distance)
+        return clamp_rate(self.head(inputs, u), self.p_min, self.p_max)
+
+
+class FixedRate(nn.Module):
+    """MC dropout's fixed rate ``p`` of every row."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        return torch.full((features.shape[0],), self.p, dtype=features.dtype, device=features.device)
+
+
+# -- layers ------------------------------------------------------------------------------
+class Affine(nn.Module):
+    """The weight and bias of one (noisy or plain) trained linear layer, and its noise stream."""
+
+    def __init__(self, layer: nn.Module, stream: int):
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.in_features, self.out_features = int(layer.in_features), int(layer.out_features)
+        self.stream = int(stream)
+
+
+class NoisyStack(nn.Module):
+    """A trained MLP (Linear, SiLU, Linear, ...) or a single linear layer, with BLIP noise on
+    every layer when sampled (one rate per row shared by its layers, as in ``NoiseContext``).
+
+    forward(h, keys, base, groups): ``keys`` (rows,) int32 counter keys, or None for the
+    noise-free pass; ``base``/``groups``: the domain's base features and row groups (rates).
+    """
+
+    def __init__(self, layers: List[nn.Module], noisy: bool, kind: str, rate: nn.Module):
+        super().__init__()
+        streams = [stream_word(m.domain, m.slot) if noisy else 0 for m in layers]
+        self.layers = nn.ModuleList(Affine(m, s) for m, s in zip(layers, streams))
+        self.noisy, self.kind = bool(noisy), str(kind)
+        self.rate = rate
+
+    def forward(self, h: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
+                groups: torch.Tensor) -> torch.Tensor:
+        sampled = self.noisy and keys is not None
+        p = self.rate(base, h, groups) if sampled else h.new_zeros(0)
+        k = 0
+        for layer in self.layers:
+            if k > 0:
+                h = F.silu(h)
+            if sampled and keys is not None:
+                channels = draw_channels(self.kind, layer.in_features, layer.out_features)
+                if self.kind == "bernoulli":
+                    draws = counter_uniform(keys, layer.stream, channels, h.dtype)
+                else:
+                    draws = counter_normal(keys, layer.stream, channels, h.dtype)
+                h = noisy_linear(h, layer.weight, layer.bias, p, draws, self.kind)
+            else:
+                h = F.linear(h, layer.weight, layer.bias)
+            k += 1
+        return h
+
+
+def noisy_stack(module: nn.Module, potential) -> NoisyStack:
+    """A :class:`NoisyStack` of a trained ``nn.Sequential`` (Linear, SiLU, Linear, ...) or linear layer."""
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    linears, acts = layers[0::2], layers[1::2]
+    if not all(isinstance(m, (nn.Linear, NoisyLinear)) for m in linears) or not all(
+            isinstance(m, nn.SiLU) for m in acts) or len(layers) % 2 == 0:
+        raise NotImplementedError(f"export supports MLPs of Linear and SiLU layers, not {module}")
+    noisy = [isinstance(m, NoisyLinear) for m in linears]
+    if any(noisy) and not all(noisy):
+        raise NotImplementedError(f"export supports MLPs whose layers are all noisy or all noise-free, not {module}")
+    if not all(noisy):
+        return NoisyStack(linears, False, "gaussian", FixedRate(0.0))
+    first = linears[0]
+    if potential.method == "blip":
+        rate = LearnedRate(potential.inference, first.domain, first.rate_slot, first.in_features)
+        kind = potential.noise_kind
+    else:
+        rate, kind = FixedRate(potential.dropout_p), "bernoulli"
+    if any(m.rate_slot != first.rate_slot for m in linears):
+        raise NotImplementedError(f"export expects the noisy layers of one MLP to share one rate ({module})")
+    return NoisyStack(linears, True, kind, rate)
+
+
+# -- PaiNN -------------------------------------------------------------------------------
+class PaiNNInteraction(nn.Module):
+    def __init__(self, block: nn.Module, potential):
+        super().__init__()
+        self.filter = noisy_stack(block.message.filter, potential)
+        self.phi = noisy_stack(block.message.phi, potential)
+        self.U, self.V = block.update.U, block.update.V
+        self.mlp = noisy_stack(block.update.mlp, potential)
+
+
+class PaiNNEnergy(nn.Module):
+    """A trained (BLIP) PaiNN's atomic energies for K copies of one system, noise-free or sampled.
+
+    Same maths as :meth:`blip.backbones.painn.PaiNN.energy` on a batch of K replicas of one
+    structure (structure index 0, replica k), with the noise of ``BayesianPotential``.
+    """
+
+    def __init__(self, potential):
+        super().__init__()
+        backbone = potential.backbone
+        self.cutoff, self.radial = float(backbone.cutoff), int(backbone.radial)
+        self.edge_noise = bool(backbone.edge_noise)
+        self.n_species = int(backbone.species.n)
+        self.register_buffer("index_of", backbone.species.index_of.clone())
+        self.register_buffer("e0", backbone.species.e0.double().clone())
+        self.embedding = backbone.embedding
+        self.interactions = nn.ModuleList(PaiNNInteraction(b, potential) for b in backbone.interactions)
+        self.readout = backbone.readout
+        self.register_buffer("scale", backbone.scale.clone())
+        self.register_buffer("shift", backbone.shift.clone())
+        self.stochastic = bool(potential.stochastic)
+        self.noisy_nodes = "node" in potential.layers
+        self.noisy_edges = "edge" in potential.layers
+
+    def forward(self, types: torch.Tensor, vectors: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
+                copies: int, seed: int, sampled: bool) -> torch.Tensor:
+        """Atomic energies (copies, N), eV, float64 with the isolated-atom energies.
+
+        types (N,) atomic numbers; vectors (E, 3) r_ij = pos[j] - pos[i] + shift; pairs (E, 2)
+        [i, j]; shifts (E, 3) integer cell shifts. ``sampled``: copy k is noise replica k.
+        """
+        n, n_edges = types.shape[0], pairs.shape[0]
+        dtype, device = vectors.dtype, vectors.device
+        z = self.index_of[types]
+        i, j = pairs[:, 0], pairs[:, 1]
+        d = torch.linalg.norm(vectors, dim=1)
+        unit = vectors / d[:, None]
+        rbf, fcut = sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
+        onehot = F.one_hot(z, self.n_species).to(dtype)
+        offsets = torch.arange(copies, device=device)
+        first_atom = (offsets * n)[:, None]  # replica-major copies, as blip.data.replicate lays them out
+        edge_index = torch.stack([(i[None, :] + first_atom).reshape(-1), (j[None, :] + first_atom).reshape(-1)])
+        node_keys: Optional[torch.Tensor] = None
+        edge_keys: Optional[torch.Tensor] = None
+        if sampled and self.stochastic:
+            replica = offsets
+            structure = torch.zeros_like(replica)
+            if self.noisy_nodes:
+                local = torch.arange(n, device=device).repeat(copies)[:, None]
+                node_keys = row_keys(seed, replica, structure, torch.full_like(replica, n), local)
+            if self.noisy_edges:
+                ids = torch.cat([pairs.to(torch.long), shifts.to(torch.long)], dim=1).repeat(copies, 1)
+                edge_keys = row_keys(seed, replica, structure, torch.full_like(replica, n_edges), ids)
+        node_base = onehot.repeat(copies, 1)
+        node_groups = z.repeat(copies)
+        edge_base = torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1).repeat(copies, 1)
+        edge_groups = (z[i] * self.n_species + z[j]).repeat(copies)
+        rbf_all, fcut_all, unit_all = rbf.repeat(copies, 1), fcut.repeat(copies), unit.repeat(copies, 1)
+        s = self.embedding(z).repeat(copies, 1)
+        v = torch.zeros((s.shape[0], 3, s.shape[1]), dtype=s.dtype, device=s.device)
+        for block in self.interactions:
+            w = block.filter(rbf_all, edge_keys, edge_base, edge_groups) * fcut_all[:, None]
+            s, v = message_step(block.phi(s, node_keys, node_base, node_groups), s, v, edge_index, w, unit_all)
+            uv, vv = block.U(v), block.V(v)
+            a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups)
+            s, v = update_step(a, s, v, uv, vv)
+        atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
+        return atomic.reshape(copies, n).double() + self.e0[types][None, :]
+
+
+# -- the metatomic model -------------------------------------------------------------------
+class BlipMetatomic(nn.Module):
+    """metatomic ``ModelInterface`` of a BLIP model: ``energy`` and its spread over K samples.
+
+    members: one :class:`PaiNNEnergy` (BLIP, MC dropout, deterministic) or several (ensemble).
+    ``energy``: the noise-free (MAP) pass when ``predict_map``, else the mean of the samples
+    (an ensemble's member mean). ``energy_ensemble`` (K properties) and ``energy_uncertainty``:
+    the samples scaled about their mean by ``calibration`` and their population std, as
+    ``BlipModel.predict`` gives them. Every system is its own structure (structure index 0).
+    """
+
+    def __init__(self, members: List[nn.Module], cutoff: float, samples: int, seed: int,
+                 calibration: float, predict_map: bool, ensemble: bool, dtype: torch.dtype):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.samples, self.seed = int(samples), int(seed)
+        self.calibration = float(calibration)
+        self.predict_map, self.ensemble = bool(predict_map), bool(ensemble)
+        self.dtype = dtype
+        self.nl = NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
+
+    @torch.jit.export
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.nl]
+
+    def _atomic(self, system: System, copies: int, sampled: bool) -> torch.Tensor:
+        """Atomic energies (K, N) float64: K noise samples, or the MAP pass (K = 1), or the members."""
+        nl = system.get_neighbor_list(self.nl)
+        vectors = nl.values.reshape(-1, 3)
+        idx = nl.samples.values
+        pairs, shifts = idx[:, 0:2].to(torch.long), idx[:, 2:5].to(torch.long)
+        if self.ensemble:
+            out: List[torch.Tensor] = []
+            for member in self.members:
+                out.append(member(system.types, vectors, pairs, shifts, 1, self.seed, False))
+            return torch.cat(out, dim=0)
+        result = torch.zeros(0)
+        for member in self.members:  # one member
+            result = member(system.types, vectors, pairs, shifts, copies, self.seed, sampled)
+        return result
+
+    def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
+                selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:
+        want_spread = "energy_uncertainty" in outputs or "energy_ensemble" in outputs
+        if "energy_uncertainty" in outputs and outputs["energy_uncertainty"].sample_kind != "system":
+            raise ValueError("BLIP's energy_uncertainty is per system, not per atom")
+        if "energy_ensemble" in outputs and outputs["energy_ensemble"].sample_kind != "system":
+            raise ValueError("BLIP's energy_ensemble is per system, not per atom")
+        per_atom = "energy" in outputs and outputs["energy"].sample_kind == "atom"
+        device = systems[0].positions.device if len(systems) > 0 else torch.device("cpu")
+
+        energies: List[torch.Tensor] = []
+        atom_values: List[torch.Tensor] = []
+        atom_samples: List[torch.Tensor] = []
+        spreads: List[torch.Tensor] = []
+        ensembles: List[torch.Tensor] = []
+        for s, system in enumerate(systems):
+            n = system.types.shape[0]
+            mask = torch.ones(n, dtype=torch.bool, device=device)
+            if selected_atoms is not None:
+                chosen = selected_atoms.values
+                mask = torch.zeros(n, dtype=torch.bool, device=device)
+                mask[chosen[chosen[:, 0] == s][:, 1].to(torch.long)] = True
+            samples: Optional[torch.Tensor] = None
+            atomic_samples: Optional[torch.Tensor] = None
+            if want_spread or not self.predict_map:
+                atomic_samples = self._atomic(system, self.samples, True)  # (K, N)
+                samples = atomic_samples[:, mask].sum(dim=1)  # (K,)
+            if self.predict_map:
+                atomic_map = self._atomic(system, 1, False)[0]
+            else:
+                assert atomic_samples is not None
+                atomic_map = atomic_samples.mean(dim=0)
+            energies.append(atomic_map[mask].sum())
+            if per_atom:
+                atom_values.append(atomic_map[mask])
+                index = torch.nonzero(mask).reshape(-1)
+                atom_samples.append(torch.stack([torch.full_like(index, s), index], dim=1))
+            if samples is not None:
+                mean = samples.mean()
+                scaled = mean + self.calibration * (samples - mean)
+                spreads.append(torch.sqrt(((scaled - scaled.mean()) ** 2).mean()))
+                ensembles.append(scaled)
+
+        results: Dict[str, TensorMap] = {}
+        key = Labels("_", torch.zeros((1, 1), dtype=torch.int32, device=device))
+        system_labels = Labels("system", torch.arange(len(systems), dtype=torch.int32, device=device)[:, None])
+        one = Labels("energy", torch.zeros((1, 1), dtype=torch.int32, device=device))
+        no_components: List[Labels] = []
+        if "energy" in outputs:
+            if per_atom:
+                block = TensorBlock(
+                    values=torch.cat(atom_values).to(self.dtype)[:, None],
+                    samples=Labels(["system", "atom"], torch.cat(atom_samples).to(torch.int32)),
+                    components=no_components, properties=one)
+            else:
+                block = TensorBlock(values=torch.stack(energies).to(self.dtype)[:, None], samples=system_labels,
+                                    components=no_components, properties=one)
+            results["energy"] = TensorMap(key, [block])
+        if "energy_uncertainty" in outputs:
+            block = TensorBlock(values=torch.stack(spreads).to(self.dtype)[:, None], samples=system_labels,
+                                components=no_components, properties=one)
+            results["energy_uncertainty"] = TensorMap(key, [block])
+        if "energy_ensemble" in outputs:
+            k = ensembles[0].shape[0] if len(ensembles) > 0 else self.samples
+            members = Labels("energy", torch.arange(k, dtype=torch.int32, device=device)[:, None])
+            block = TensorBlock(values=torch.stack(ensembles).to(self.dtype), samples=system_labels,
+                                components=no_components, properties=members)
+            results["energy_ensemble"] = TensorMap(key, [block])
+        return results

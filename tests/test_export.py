@@ -1,0 +1,231 @@
+"""blip export: the metatomic model equals blip.Calculator (MAP energy, forces, noise samples, spread).
+
+Tiny float64 PaiNN models (8 channels, 2 interactions), untrained but with feature statistics
+fitted on the test structures and p_init 0.05, so that the rates vary from row to row and the
+spread is far from zero. Tolerances (float64): energies, samples and std 1e-10 eV, forces
+1e-10 eV/A (observed: equal to ~1e-14); stress vs a central finite difference of the exported
+energy (h = 1e-5), 1e-9 eV/A^3 (stress ~1e-4 eV/A^3 with these weights).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import blip
+from blip import config
+from blip.backbones.base import DatasetSummary
+from blip.build import build_potential
+from blip.data import build_graph, collate
+from blip.io import save_model
+from blip.predictor import BlipModel
+
+from conftest import DATA, rattled_si_cells
+
+mta = pytest.importorskip("metatomic.torch")
+from metatomic.torch import ModelOutput, load_atomistic_model  # noqa: E402
+from metatomic_ase import MetatomicCalculator  # noqa: E402
+
+from blip.export import ExportError, build_exported, export_model  # noqa: E402
+
+TOL = 1e-10
+K, SEED = 5, 3
+SPREAD = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="system"),
+          "energy_ensemble": ModelOutput(unit="eV", sample_kind="system")}
+
+
+def _structures():
+    return [ase.io.read(DATA / "acac_small.xyz", 1), rattled_si_cells()[0]]
+
+
+def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, **uq) -> BlipModel:
+    """A float64 PaiNN BlipModel for H, C, O, Si with fitted feature statistics and calibration 1.7."""
+    torch.manual_seed(seed)
+    summary = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -107.2},
+                             energy_shift=-1.0, force_scale=0.5)
+    edge_noise = uq.pop("edge_noise", False)
+    cfg = config.resolve({"model": {"backbone": "painn", "features": 8, "interactions": 2, "radial": 6,
+                                    "dtype": "float64", "edge_noise": edge_noise},
+                          "uq": {"method": method, "samples": 4, "p_init": 0.05, "dropout_p": 0.2, **uq}})
+    pots = [build_potential(cfg, summary) for _ in range(members)]
+    batch = collate([build_graph(a, 5.0, index=i) for i, a in enumerate(_structures())], dtype=torch.float64)
+    for pot in pots:
+        pot.fit_feature_statistics([batch])
+    return BlipModel(pots, cfg, summary, calibration={"energy": 1.7, "forces": 1.3})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def exported_path(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "blip-metatomic.pt"
+    source = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(model, source)
+    assert export_model(source, path, samples=K, seed=SEED) == path  # from the file, as `blip export` does
+    return path
+
+
+@pytest.fixture(scope="module")
+def metatomic_calc(exported_path):
+    return MetatomicCalculator(load_atomistic_model(str(exported_path)), check_consistency=True)
+
+
+def _scripted(exported, tmp_path):
+    """The TorchScript model as an engine sees it: saved and loaded back."""
+    path = tmp_path / "exported.pt"
+    exported.save(str(path))
+    return load_atomistic_model(str(path))
+
+
+def _compare(atoms, calc, model, samples=K, seed=SEED):
+    """Energy, forces (ASE interface) and the spread (run_model) of calc vs blip.Calculator."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    out = calc.run_model(atoms, SPREAD)
+    ref = blip.Calculator(model, samples=samples, seed=seed)
+    ref.calculate(atoms.copy(), ["energy", "forces"])
+    r = ref.results
+    assert energy == pytest.approx(r["energy"], abs=TOL)
+    np.testing.assert_allclose(forces, r["forces"], rtol=0, atol=TOL)
+    std = out["energy_uncertainty"].block().values.detach().numpy()
+    ensemble = out["energy_ensemble"].block().values.detach().numpy()
+    assert std.shape == (1, 1) and ensemble.shape == (1, len(r["energy_samples"]))
+    assert r["energy_std"] > 1e-4  # the noise is not trivially zero
+    assert float(std[0, 0]) == pytest.approx(r["energy_std"], abs=TOL)
+    np.testing.assert_allclose(ensemble[0], r["energy_samples"], rtol=0, atol=TOL)
+    return r
+
+
+@pytest.mark.parametrize("which", ["acac", "si"])
+def test_exported_model_equals_blip_calculator(which, metatomic_calc, model):
+    atoms = _structures()[0 if which == "acac" else 1]
+    assert atoms.pbc.any() == (which == "si")
+    r = _compare(atoms, metatomic_calc, model)
+    assert len(r["energy_samples"]) == K
+    assert float(np.std(r["energy_samples"])) == pytest.approx(r["energy_std"], rel=1e-12)  # ddof 0
+
+
+def test_stress_is_the_strain_derivative_of_the_exported_energy(metatomic_calc):
+    atoms = rattled_si_cells()[1]
+    atoms.calc = metatomic_calc
+    stress = atoms.get_stress(voigt=False)
+    h, volume, cell, pos = 1e-5, atoms.get_volume(), atoms.cell.array.copy(), atoms.positions.copy()
+
+    def strained_energy(a, b, step):
+        eps = np.eye(3)
+        eps[a, b] += step / 2
+        eps[b, a] += step / 2
+        other = atoms.copy()
+        other.set_cell(cell @ eps, scale_atoms=False)
+        other.positions = pos @ eps
+        other.calc = metatomic_calc
+        return other.get_potential_energy()
+
+    fd = np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
+                   for a in range(3)])
+    assert np.abs(stress).max() > 1e-5
+    print("stress - finite difference", np.abs(stress - fd).max())
+    np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-9)
+
+
+def test_per_atom_energies_and_selected_atoms(exported_path, model):
+    exported = load_atomistic_model(str(exported_path))
+    atoms = _structures()[0]
+    calc = MetatomicCalculator(exported, check_consistency=True)
+    per_atom = calc.run_model(atoms, {"energy": ModelOutput(unit="eV", sample_kind="atom")})["energy"]
+    values = per_atom.block().values.numpy()[:, 0]
+    assert values.shape == (len(atoms),)
+    total = blip.Calculator(model, samples=0).get_potential_energy(atoms.copy())
+    assert values.sum() == pytest.approx(total, abs=TOL)
+    from metatensor.torch import Labels
+
+    chosen = Labels(["system", "atom"], torch.tensor([[0, 0], [0, 3], [0, 5]], dtype=torch.int32))
+    part = calc.run_model(atoms, {"energy": ModelOutput(unit="eV", sample_kind="system")}, selected_atoms=chosen)
+    assert float(part["energy"].block().values[0, 0]) == pytest.approx(values[[0, 3, 5]].sum(), abs=TOL)
+
+
+@pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "predict_mean_samples", "independent"])
+def test_variants_equal_blip_calculator(variant, tmp_path):
+    if variant == "mc_dropout":
+        model = tiny_model("mc_dropout")
+    elif variant == "edge_noise":
+        model = tiny_model(edge_noise=True)
+    elif variant == "predict_mean_samples":
+        model = tiny_model(predict_mean="samples")
+    else:
+        model = tiny_model(weight_noise="independent", rate_inputs="species", distance=False)
+    calc = MetatomicCalculator(_scripted(build_exported(model, samples=3, seed=1), tmp_path), check_consistency=True)
+    for atoms in _structures():
+        _compare(atoms, calc, model, samples=3, seed=1)
+
+
+def test_ensemble_exports_member_mean_and_members(tmp_path):
+    model = tiny_model("ensemble", members=2)
+    calc = MetatomicCalculator(_scripted(build_exported(model, samples=7), tmp_path), check_consistency=True)  # K = members
+    r = _compare(_structures()[1], calc, model, samples=None)
+    assert len(r["energy_samples"]) == 2
+
+
+def test_deterministic_and_zero_samples_export_energy_only(tmp_path):
+    model = tiny_model("deterministic")
+    for exported in (build_exported(model), build_exported(tiny_model(), samples=0)):
+        outputs = exported.capabilities().outputs
+        assert "energy" in outputs and "energy_uncertainty" not in outputs and "energy_ensemble" not in outputs
+    atoms = _structures()[1]
+    atoms.calc = MetatomicCalculator(_scripted(build_exported(model), tmp_path), check_consistency=True)
+    ref = blip.Calculator(model)
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(atoms.copy()), abs=TOL)
+
+
+def test_cli_default_samples_are_the_models(tmp_path, model):
+    from blip.cli import main
+
+    source, out = tmp_path / "model.pt", tmp_path / "exported.pt"
+    save_model(model, source)
+    assert main(["export", str(source), "-o", str(out)]) == 0
+    calc = MetatomicCalculator(load_atomistic_model(str(out)), check_consistency=True)
+    r = _compare(_structures()[0], calc, model, samples=None, seed=0)
+    assert len(r["energy_samples"]) == model.config["uq"]["samples"] == 4
+
+
+@pytest.mark.parametrize("backbone, reason", [("chgnet", "TorchScript cannot compile"), ("mace", "MACE export")])
+def test_unsupported_backbones_fail_with_the_reason(backbone, reason):
+    fake = types.SimpleNamespace(config={"model": {"backbone": backbone}, "uq": {"method": "blip"}})
+    with pytest.raises(ExportError, match=reason):
+        build_exported(fake)
+
+
+def test_missing_metatomic_names_the_extra(monkeypatch, model, tmp_path):
+    monkeypatch.setitem(sys.modules, "metatomic.torch", None)  # import fails as if not installed
+    with pytest.raises(ExportError, match=r"pip install blip-mlip\[metatomic\]"):
+        export_model(model, tmp_path / "x.pt")
+
+
+def test_ipi_metatomic_driver_gives_energy_and_committee(exported_path, model, tmp_path):
+    pytest.importorskip("ipi")
+    import json
+
+    from ipi.pes.metatomic import MetatomicDriver
+    from ipi.utils.units import unit_to_internal, unit_to_user
+
+    atoms = _structures()[1]
+    ase.io.write(tmp_path / "template.xyz", atoms)
+    driver = MetatomicDriver(template=str(tmp_path / "template.xyz"), model=str(exported_path),
+                             energy_ensemble=True, check_consistency=True)
+    cell = unit_to_internal("length", "angstrom", atoms.cell.array.T.copy())
+    pos = unit_to_internal("length", "angstrom", atoms.positions.copy())
+    energy, _forces, _virial, extras = driver.compute_structure(cell, pos)
+    ref = blip.Calculator(model, samples=K, seed=SEED)
+    ref.calculate(atoms.copy(), ["energy"])
+    assert unit_to_user("energy", "electronvolt", energy) == pytest.approx(ref.results["energy"], abs=1e-8)
+    committee = [unit_to_user("energy", "electronvolt", e) for e in json.loads(extras)["committee_pot"]]
+    np.testing.assert_allclose(committee, ref.results["energy_samples"], rtol=0, atol=1e-8)
