@@ -133,8 +133,15 @@ def test_stress_is_the_strain_derivative_of_the_exported_energy(metatomic_calc):
     fd = np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
                    for a in range(3)])
     assert np.abs(stress).max() > 1e-5
-    print("stress - finite difference", np.abs(stress - fd).max())
     np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-9)
+
+
+def test_exported_stress_equals_blips_own(metatomic_calc, model):
+    atoms = rattled_si_cells()[1]
+    atoms.calc = metatomic_calc
+    ref = atoms.copy()
+    ref.calc = blip.Calculator(model, mode="map")
+    np.testing.assert_allclose(atoms.get_stress(), ref.get_stress(), rtol=0, atol=1e-10)
 
 
 def test_per_atom_energies_and_selected_atoms(exported_path, model):
