@@ -12,26 +12,41 @@ from .errors import BlipError, DataError
 
 # -- train ---------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from . import config
+    from . import config, distributed
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("training.resume=true")
+    cfg = config.load(args.config, overrides)
+    with distributed.process_group_from_env(cfg["training"]["device"]) as device:
+        if device is not None:
+            cfg["training"]["device"] = device
+        return _train(cfg, args)
+
+
+def _train(cfg, args) -> int:
+    from . import distributed
     from .io import save_model
     from .report import format_table
     from .train.datasets import prepare_data
     from .train.loop import Trainer, write_test_metrics
     from .uq.recalibration import recalibrate
 
-    overrides = list(args.set or [])
-    if args.resume:
-        overrides.append("training.resume=true")
-    cfg = config.load(args.config, overrides)
     data = prepare_data(cfg)
-    print(f"blip train: {len(data.train)} train / {len(data.valid)} valid structures, "
-          f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}",
-          file=sys.stderr)
+    main = distributed.is_main()
+    world, bs = distributed.world_size(), int(cfg["training"]["batch_size"])
+    if main:
+        print(f"blip train: {len(data.train)} train / {len(data.valid)} valid structures, "
+              f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}; "
+              f"global batch {bs}" + (f" over {world} ranks (~{bs / world:.3g} per rank)" if world > 1 else ""),
+              file=sys.stderr)
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
+    if not main:  # rank 0 recalibrates, evaluates and writes; the others are done
+        return 0
     if cfg["uq"]["recalibrate"] and model.method != "deterministic":
         where = "validation split" if data.calibration is None else f"calibration set ({len(data.calibration)})"
-        factors = recalibrate(model, data.valid if data.calibration is None else data.calibration,
+        factors = recalibrate(model, list(data.valid) if data.calibration is None else data.calibration,
                               seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
         print(f"recalibrated on the {where}: standard deviations x "

@@ -72,6 +72,9 @@ DEFAULTS: dict = {
         "max_minutes": None,
         "device": "cpu",
         "resume": False,
+        "max_epochs": None,          # stop this run after so many epochs (schedule still spans `epochs`); --resume goes on
+        "tensorboard": True,         # TensorBoard event files beside log.csv (off when tensorboard is not installed)
+        "num_workers": 0,            # DataLoader worker processes building neighbour lists (0: in the main process)
     },
     "output_dir": "runs/blip",
 }
@@ -201,7 +204,8 @@ _RANGES = {
     ("training", "weight_decay"): (0.0, None, True), ("training", "grad_clip"): (0.0, None, False),
     ("training", "ema_decay"): (0.0, 1.0, True), ("training", "min_lr_ratio"): (0.0, 1.0, True),
     ("training", "energy_weight"): (0.0, None, True), ("training", "forces_weight"): (0.0, None, True),
-    ("training", "max_minutes"): (0.0, None, False), ("uq", "samples"): (1, None, True),
+    ("training", "max_minutes"): (0.0, None, False),
+    ("training", "max_epochs"): (1, None, True), ("training", "num_workers"): (0, None, True), ("uq", "samples"): (1, None, True),
     ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
