@@ -60,6 +60,20 @@ def _train(cfg, args) -> int:
     return 0
 
 
+# -- preprocess ----------------------------------------------------------------------
+def cmd_preprocess(args) -> int:
+    from . import config
+    from .train.datasets import preprocess
+
+    cfg = config.load(args.config, list(args.set or []))
+    header = preprocess(cfg, args.output, shard_size=args.shard_size)
+    s = header["statistics"]["summary"]
+    print(f"wrote {header['n_structures']} structures in {len(header['shards'])} shard(s) to {args.output} "
+          f"(energy shift {s['energy_shift']:.4g} eV/atom, force scale {s['force_scale']:.4g} eV/A, "
+          f"{s['avg_num_neighbors']:.3g} neighbours); train with data.train_file: {args.output}", file=sys.stderr)
+    return 0
+
+
 # -- predict -------------------------------------------------------------------------
 def cmd_predict(args) -> int:
     import ase.io
@@ -154,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="write data.train_file to HDF5 shards for streamed training")
+    p.add_argument("config")
+    p.add_argument("-o", "--output", required=True, help="folder of the data set (header.json, shard-*.h5)")
+    p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("predict", help="energies and forces with uncertainties -> extxyz")
     p.add_argument("model")
