@@ -76,15 +76,24 @@ def cmd_preprocess(args) -> int:
 
 # -- predict -------------------------------------------------------------------------
 def cmd_predict(args) -> int:
+    from . import distributed
+
+    with distributed.process_group_from_env(args.device) as device:
+        return _predict(args, device)
+
+
+def _predict(args, device) -> int:
     import ase.io
 
     from .data import read_structures
     from .io import load
 
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=device)
     atoms_list = read_structures(args.input)
-    pred = model.predict(atoms_list, samples=args.samples, seed=args.seed, progress=not args.quiet,
-                         source=args.input)
+    pred = model.predict_distributed(atoms_list, samples=args.samples, seed=args.seed, progress=not args.quiet,
+                                     source=args.input)
+    if pred is None:  # torchrun: rank 0 writes
+        return 0
     for i, atoms in enumerate(atoms_list):
         atoms.info["blip_energy"] = float(pred["energy"][i])
         atoms.info["blip_energy_std"] = float(pred["energy_std"][i])
@@ -98,6 +107,14 @@ def cmd_predict(args) -> int:
 
 # -- evaluate ------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
+    from . import distributed
+
+    with distributed.process_group_from_env(args.device) as device:
+        args.device = device
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from .data import read_labelled
     from .evaluate import evaluate_structures
     from .io import load
@@ -111,7 +128,9 @@ def cmd_evaluate(args) -> int:
         raise DataError(args.input, f"no reference labels to evaluate against (energy key '{ek}', forces key "
                                     f"'{fk}'; --energy-key / --forces-key name others)")
     metrics, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
-                                          progress=not args.quiet, source=args.input)
+                                          progress=not args.quiet, source=args.input, split=True)
+    if metrics is None:  # torchrun: rank 0 reports
+        return 0
     print(format_table(metrics))
     if args.json:
         write_text_atomic(args.json, json.dumps(metrics, indent=2))

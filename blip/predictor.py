@@ -86,7 +86,7 @@ class BlipModel:
 
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
-                progress: bool = False, source: str = "input") -> dict:
+                progress: bool = False, source: str = "input", indices=None) -> dict:
         """Predict energies and forces with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
@@ -96,7 +96,8 @@ class BlipModel:
         ``uq.predict_mean`` is "map" (the default), else the sample means; the ensemble always
         gives its member mean. ``samples=0`` is the noise-free MAP prediction (std zero; for
         an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
-        is the number of members.
+        is the number of members. ``indices``: the structures' positions in a larger input (they
+        key the noise, so a part predicted on its own gets the samples of the whole).
         """
         if hasattr(atoms_list, "get_positions"):
             atoms_list = [atoms_list]
@@ -105,7 +106,8 @@ class BlipModel:
             raise ValueError("samples must be >= 0")
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
         self.check_structures(atoms_list, source)
-        graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in enumerate(atoms_list)]
+        indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
+        graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
         map_mean = samples > 0 and self.predicts_map
         e_samples, f_samples = [None] * len(graphs), [None] * len(graphs)
@@ -146,6 +148,38 @@ class BlipModel:
             f_samples = [f[:0] for f in f_samples]
         return {"energy": e_mean, "energy_std": e_std, "forces": f_mean, "forces_std": f_std,
                 "energy_samples": energy_samples, "forces_samples": f_samples}
+
+    def predict_distributed(self, atoms_list, **kwargs) -> dict | None:
+        """:meth:`predict` with the structures split over the ranks of ``torch.distributed`` (r, r + W,
+        ...); the results are gathered in input order on rank 0 (other ranks get None). One
+        process: :meth:`predict`. Each structure's samples are those of a one-process run."""
+        from . import distributed
+
+        if not distributed.active():
+            return self.predict(atoms_list, **kwargs)
+        if hasattr(atoms_list, "get_positions"):
+            atoms_list = [atoms_list]
+        if kwargs.get("seed") is None:  # one seed for all ranks
+            kwargs["seed"] = int(distributed.all_gather_objects(int(np.random.SeedSequence().entropy % (2**31)))[0])
+        self.check_structures(atoms_list, kwargs.get("source", "input"))
+        mine = list(range(distributed.rank(), len(atoms_list), distributed.world_size()))
+        part = self.predict([atoms_list[i] for i in mine], indices=mine, **kwargs) if mine else None
+        parts = distributed.all_gather_objects((mine, part))
+        if not distributed.is_main():
+            return None
+        items: dict = {}
+        for idx, p in parts:
+            if p is None:
+                continue
+            for key, value in p.items():
+                per = list(value) if isinstance(value, list) else list(np.moveaxis(np.asarray(value), -1, 0))
+                slot = items.setdefault(key, {})
+                slot.update(zip(idx, per))
+        out = {}
+        for key, slot in items.items():
+            ordered = [slot[i] for i in range(len(atoms_list))]
+            out[key] = ordered if isinstance(parts[0][1][key], list) else np.stack(ordered, axis=-1)
+        return out
 
     def check_structures(self, atoms_list, source: str) -> None:
         """Raise DataError for an empty list, an element the model was not trained on, or NaN positions."""

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -432,8 +433,8 @@ def _board(out: Path, tcfg: dict):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        logger.info("training.tensorboard: tensorboard is not installed, no event files "
-                    "(pip install 'blip-mlip[tensorboard]')")
+        print("blip: training.tensorboard: tensorboard is not installed, so no event files "
+              "(pip install 'blip-mlip[tensorboard]')", file=sys.stderr)
         return None
     return SummaryWriter(log_dir=str(out))
 
