@@ -230,6 +230,9 @@ def _check_ranges(cfg: dict) -> None:
 
 
 def _validate(cfg: dict) -> None:
+    stop = cfg["training"]["max_epochs"]
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int)):
+        raise ConfigError(f"training.max_epochs must be an integer or null, got {stop!r}")
     _check_ranges(cfg)
     from .model import METHODS
 
