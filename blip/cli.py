@@ -12,26 +12,41 @@ from .errors import BlipError, DataError
 
 # -- train ---------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from . import config
+    from . import config, distributed
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("training.resume=true")
+    cfg = config.load(args.config, overrides)
+    with distributed.process_group_from_env(cfg["training"]["device"]) as device:
+        if device is not None:
+            cfg["training"]["device"] = device
+        return _train(cfg, args)
+
+
+def _train(cfg, args) -> int:
+    from . import distributed
     from .io import save_model
     from .report import format_table
     from .train.datasets import prepare_data
     from .train.loop import Trainer, write_test_metrics
     from .uq.recalibration import recalibrate
 
-    overrides = list(args.set or [])
-    if args.resume:
-        overrides.append("training.resume=true")
-    cfg = config.load(args.config, overrides)
     data = prepare_data(cfg)
-    print(f"blip train: {len(data.train)} train / {len(data.valid)} valid structures, "
-          f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}",
-          file=sys.stderr)
+    main = distributed.is_main()
+    world, bs = distributed.world_size(), int(cfg["training"]["batch_size"])
+    if main:
+        print(f"blip train: {len(data.train)} train / {len(data.valid)} valid structures, "
+              f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}; "
+              f"global batch {bs}" + (f" over {world} ranks (~{bs / world:.3g} per rank)" if world > 1 else ""),
+              file=sys.stderr)
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
+    if not main:  # rank 0 recalibrates, evaluates and writes; the others are done
+        return 0
     if cfg["uq"]["recalibrate"] and model.method != "deterministic":
         where = "validation split" if data.calibration is None else f"calibration set ({len(data.calibration)})"
-        factors = recalibrate(model, data.valid if data.calibration is None else data.calibration,
+        factors = recalibrate(model, list(data.valid) if data.calibration is None else data.calibration,
                               seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
         print(f"recalibrated on the {where}: standard deviations x "
@@ -45,17 +60,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -- preprocess ----------------------------------------------------------------------
+def cmd_preprocess(args) -> int:
+    from . import config
+    from .train.datasets import preprocess
+
+    cfg = config.load(args.config, list(args.set or []))
+    header = preprocess(cfg, args.output, shard_size=args.shard_size)
+    s = header["statistics"]["summary"]
+    print(f"wrote {header['n_structures']} structures in {len(header['shards'])} shard(s) to {args.output} "
+          f"(energy shift {s['energy_shift']:.4g} eV/atom, force scale {s['force_scale']:.4g} eV/A, "
+          f"{s['avg_num_neighbors']:.3g} neighbours); train with data.train_file: {args.output}", file=sys.stderr)
+    return 0
+
+
 # -- predict -------------------------------------------------------------------------
 def cmd_predict(args) -> int:
+    from . import distributed
+
+    with distributed.process_group_from_env(args.device) as device:
+        return _predict(args, device)
+
+
+def _predict(args, device) -> int:
     import ase.io
 
     from .data import read_structures
     from .io import load
 
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=device)
     atoms_list = read_structures(args.input)
-    pred = model.predict(atoms_list, samples=args.samples, seed=args.seed, progress=not args.quiet,
-                         source=args.input)
+    pred = model.predict_distributed(atoms_list, samples=args.samples, seed=args.seed, progress=not args.quiet,
+                                     source=args.input)
+    if pred is None:  # torchrun: rank 0 writes
+        return 0
     for i, atoms in enumerate(atoms_list):
         atoms.info["blip_energy"] = float(pred["energy"][i])
         atoms.info["blip_energy_std"] = float(pred["energy_std"][i])
@@ -72,6 +110,14 @@ def cmd_predict(args) -> int:
 
 # -- evaluate ------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
+    from . import distributed
+
+    with distributed.process_group_from_env(args.device) as device:
+        args.device = device
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from .data import read_labelled
     from .evaluate import evaluate_structures
     from .io import load
@@ -85,7 +131,9 @@ def cmd_evaluate(args) -> int:
         raise DataError(args.input, f"no reference labels to evaluate against (energy key '{ek}', forces key "
                                     f"'{fk}'; --energy-key / --forces-key name others)")
     metrics, arrays = evaluate_structures(model, structures, samples=args.samples, seed=args.seed,
-                                          progress=not args.quiet, source=args.input)
+                                          progress=not args.quiet, source=args.input, split=True)
+    if metrics is None:  # torchrun: rank 0 reports
+        return 0
     print(format_table(metrics))
     if args.json:
         write_text_atomic(args.json, json.dumps(metrics, indent=2))
@@ -142,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="write data.train_file to HDF5 shards for streamed training")
+    p.add_argument("config")
+    p.add_argument("-o", "--output", required=True, help="folder of the data set (header.json, shard-*.h5)")
+    p.add_argument("--shard-size", type=int, default=10000, help="structures per shard")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("predict", help="energies and forces with uncertainties -> extxyz")
     p.add_argument("model")

@@ -74,6 +74,9 @@ DEFAULTS: dict = {
         "max_minutes": None,
         "device": "cpu",
         "resume": False,
+        "max_epochs": None,          # stop this run after so many epochs (schedule still spans `epochs`); --resume goes on
+        "tensorboard": True,         # TensorBoard event files beside log.csv (off when tensorboard is not installed)
+        "num_workers": 0,            # DataLoader worker processes building neighbour lists (0: in the main process)
     },
     "output_dir": "runs/blip",
 }
@@ -204,7 +207,8 @@ _RANGES = {
     ("training", "ema_decay"): (0.0, 1.0, True), ("training", "min_lr_ratio"): (0.0, 1.0, True),
     ("training", "energy_weight"): (0.0, None, True), ("training", "forces_weight"): (0.0, None, True),
     ("training", "stress_weight"): (0.0, None, True),
-    ("training", "max_minutes"): (0.0, None, False), ("uq", "samples"): (1, None, True),
+    ("training", "max_minutes"): (0.0, None, False),
+    ("training", "max_epochs"): (1, None, True), ("training", "num_workers"): (0, None, True), ("uq", "samples"): (1, None, True),
     ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
@@ -229,6 +233,9 @@ def _check_ranges(cfg: dict) -> None:
 
 
 def _validate(cfg: dict) -> None:
+    stop = cfg["training"]["max_epochs"]
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int)):
+        raise ConfigError(f"training.max_epochs must be an integer or null, got {stop!r}")
     _check_ranges(cfg)
     from .model import METHODS
 

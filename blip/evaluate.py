@@ -20,17 +20,22 @@ def reference_arrays(structures) -> tuple[np.ndarray | None, list | None]:
 
 
 def evaluate_structures(model, structures, samples: int | None = None, seed: int = 0,
-                        progress: bool = False, source: str = "input") -> tuple[dict, dict]:
+                        progress: bool = False, source: str = "input", split: bool = False) -> tuple[dict, dict]:
     """Predict and score labelled structures.
 
+    ``split``: under ``torchrun`` (every rank calling this) the structures are split over the
+    ranks and rank 0 gets the results (the other ranks (None, None)).
     Returns (metrics, arrays): metrics as in ``blip evaluate --json``; arrays
     ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation)
     for plots, reports and recalibration. ``stress`` (Voigt components, eV/A^3) is scored
     when every structure is periodic and has a stress label.
     """
     with_stress = bool(structures) and all(s.stress is not None for s in structures)
-    pred = model.predict([s.atoms for s in structures], samples=samples, seed=seed,
-                         progress=progress, source=source, stress=with_stress)
+    predict = model.predict_distributed if split else model.predict
+    pred = predict([s.atoms for s in structures], samples=samples, seed=seed, progress=progress, source=source,
+                   stress=with_stress)
+    if pred is None:  # a rank other than 0 of a distributed run: rank 0 scores the gathered predictions
+        return None, None
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)

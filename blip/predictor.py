@@ -89,7 +89,7 @@ class BlipModel:
 
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
-                progress: bool = False, source: str = "input", stress: bool | None = None) -> dict:
+                progress: bool = False, source: str = "input", stress: bool | None = None, indices=None) -> dict:
         """Predict energies and forces (and stress) with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
@@ -104,7 +104,9 @@ class BlipModel:
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
         xz, xy; ASE's sign convention: the derivative of the energy with respect to strain over
         the volume) and ``stress_samples`` (K, N, 6); rows of open (non-periodic) structures
-        are NaN. None (default): when any structure is periodic. The stress spread takes its own
+        are NaN. None (default): when any structure is periodic.
+        ``indices``: the structures' positions in a larger input (they key the noise, so a part
+        predicted on its own gets the samples of the whole). The stress spread takes its own
         calibration factor when the model was recalibrated on stress labels, else the forces' one.
         """
         if hasattr(atoms_list, "get_positions"):
@@ -116,7 +118,8 @@ class BlipModel:
         self.check_structures(atoms_list, source)
         if stress is None:
             stress = any(bool(np.any(a.pbc)) for a in atoms_list)
-        graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in enumerate(atoms_list)]
+        indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
+        graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
         map_mean = samples > 0 and self.predicts_map
         keys = ("energy", "forces") + (("stress",) if stress else ())
@@ -159,6 +162,39 @@ class BlipModel:
             else:  # one value (energy) or one Voigt 6-vector (stress) per structure
                 out.update({key: np.stack(mean), f"{key}_std": np.stack(std),
                             f"{key}_samples": np.stack(samples, axis=1)})
+        return out
+
+    def predict_distributed(self, atoms_list, **kwargs) -> dict | None:
+        """:meth:`predict` with the structures split over the ranks of ``torch.distributed`` (r, r + W,
+        ...); the results are gathered in input order on rank 0 (other ranks get None). One
+        process: :meth:`predict`. Each structure's samples are those of a one-process run."""
+        from . import distributed
+
+        if not distributed.active():
+            return self.predict(atoms_list, **kwargs)
+        if hasattr(atoms_list, "get_positions"):
+            atoms_list = [atoms_list]
+        if kwargs.get("seed") is None:  # one seed for all ranks
+            kwargs["seed"] = int(distributed.all_gather_objects(int(np.random.SeedSequence().entropy % (2**31)))[0])
+        if kwargs.get("stress") is None:  # the same keys on every rank
+            kwargs["stress"] = any(bool(np.any(a.pbc)) for a in atoms_list)
+        self.check_structures(atoms_list, kwargs.get("source", "input"))
+        mine = list(range(distributed.rank(), len(atoms_list), distributed.world_size()))
+        part = self.predict([atoms_list[i] for i in mine], indices=mine, **kwargs) if mine else None
+        parts = distributed.all_gather_objects((mine, part))
+        if not distributed.is_main():
+            return None
+        template = next(p for _, p in parts if p is not None)
+        out = {}
+        for key, value in template.items():
+            axis = 1 if key.endswith("_samples") else 0  # (N, ...) or (K, N, ...); forces: lists
+            slot = {}
+            for idx, p in parts:
+                if p is not None:
+                    per = list(p[key]) if isinstance(value, list) else list(np.moveaxis(p[key], axis, 0))
+                    slot.update(zip(idx, per))
+            ordered = [slot[i] for i in range(len(atoms_list))]
+            out[key] = ordered if isinstance(value, list) else np.stack(ordered, axis=axis)
         return out
 
     def check_structures(self, atoms_list, source: str) -> None:

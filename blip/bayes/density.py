@@ -15,6 +15,8 @@ Statistics are collected in two ways: an exponential moving average during train
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -22,6 +24,43 @@ SHRINKAGE = 1e-2  # least shrinkage of the covariance towards its mean variance 
 UPDATE_STRIDE = 4  # training batches per moving-average update
 REFRESH_EVERY = 5  # moving-average updates between two whitening refreshes
 _FLOOR = 1e-4  # variance floor (features are O(1)): layers whose inputs barely vary do not blow up
+
+
+_SYNC = {"on": False, "weight": 1.0}
+
+
+@contextmanager
+def synchronised():
+    """Within this block the statistics are summed over the ranks of ``torch.distributed``: every
+    moving-average update and every exact fit uses the sums of all ranks' rows, so the statistics
+    stay identical on every rank (and equal those of one process seeing the global batch). Every
+    rank must then run the same sequence of passes; :func:`set_contribution` (0 or 1) lets a rank
+    without rows of its own take part with a placeholder batch that adds nothing."""
+    old = dict(_SYNC)
+    _SYNC["on"], _SYNC["weight"] = True, 1.0
+    try:
+        yield
+    finally:
+        _SYNC.update(old)
+
+
+def set_contribution(weight: float) -> None:
+    _SYNC["weight"] = float(weight)
+
+
+def _reduce(*tensors):
+    """Sums over the ranks of float64 tensors (one all_reduce); the tensors unchanged outside sync."""
+    from .. import distributed
+
+    if not _SYNC["on"] or not distributed.active():
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    distributed.all_reduce_sum(flat)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return tuple(out)
 
 
 def _group_sums(x: torch.Tensor, groups: torch.Tensor, n_groups: int):
@@ -64,10 +103,13 @@ class FeatureDensity(nn.Module):
                 return  # the moving average takes every UPDATE_STRIDE-th batch: statistics drift slowly
         x = x.detach().double()
         count, total, outer = _group_sums(x, groups, self.groups)
+        if _SYNC["on"] and _SYNC["weight"] != 1.0:
+            count, total, outer = (t * _SYNC["weight"] for t in (count, total, outer))
         if self._exact is not None:
             c, s, o = self._exact
             self._exact = (c + count, s + total, o + outer)
             return
+        count, total, outer = _reduce(count, total, outer)
         present = (count > 0).nonzero(as_tuple=True)[0]
         if not present.numel():
             return
@@ -97,7 +139,7 @@ class FeatureDensity(nn.Module):
     @torch.no_grad()
     def end_fit(self) -> None:
         """Replace the statistics by those of the exact pass (groups not seen keep theirs)."""
-        count, total, outer = self._exact
+        count, total, outer = _reduce(*self._exact)
         self._exact = None
         present = (count > 0).nonzero(as_tuple=True)[0]
         mean = total[present] / count[present, None]
@@ -109,7 +151,7 @@ class FeatureDensity(nn.Module):
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        """Whitening ``diag(1 / sqrt(lambda)) V^T`` of the shrunk covariance (eigenvalues lambda).
+        """Whitening ``V diag(1 / sqrt(lambda)) V^T`` of the shrunk covariance (eigenvalues lambda).
 
         The covariance is shrunk towards its mean variance by ``max(SHRINKAGE, d / (d + n))`` with
         n the rows seen, so that a few rows (rank-deficient covariance) give a near-isotropic metric.
@@ -119,7 +161,12 @@ class FeatureDensity(nn.Module):
         values = values.clamp_min(0.0)
         shrink = (self.dim / (self.dim + self.seen.double())).clamp_min(SHRINKAGE)[:, None]
         values = (1 - shrink) * values + shrink * values.mean(dim=1, keepdim=True) + _FLOOR
-        self.whiten.copy_((vectors / values.sqrt()[:, None, :]).transpose(1, 2).to(self.whiten.dtype))
+        # symmetric ("ZCA") whitening V diag(1 / sqrt(lambda)) V^T: unlike the rows diag(.) V^T alone it
+        # does not depend on the signs (or, for equal eigenvalues, the basis) eigh picks for the
+        # eigenvectors, so statistics equal up to rounding (e.g. summed over ranks in another order)
+        # give whitened features equal up to rounding
+        sym = (vectors / values.sqrt()[:, None, :]) @ vectors.transpose(1, 2)
+        self.whiten.copy_(sym.to(self.whiten.dtype))
 
     # -- scores ---------------------------------------------------------------------
     def standardise(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -150,3 +150,18 @@ def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:
         kl = 0.5 * (alpha / alpha0 - 1.0 - torch.log(alpha / alpha0))
         per_layer.append(kl.mean(dim=0))
     return torch.cat(per_layer).mean()
+
+
+def kl_sums(rates: dict, prior_p: float) -> list[tuple[torch.Tensor, int]]:
+    """Per layer (in the order of ``rates``): the KL of :func:`kl_divergence` summed over rows, per
+    slot (slots,), and the number of rows. ``kl_divergence`` is
+    ``cat([s / rows for s, rows in kl_sums(...)]).mean()``; with rows counted over all ranks it
+    is the KL of a global batch split over ranks."""
+    alpha0 = prior_p / (1.0 - prior_p)
+    out = []
+    for p in rates.values():
+        p = p if p.dim() == 2 else p[:, None]
+        alpha = p / (1.0 - p)
+        kl = 0.5 * (alpha / alpha0 - 1.0 - torch.log(alpha / alpha0))
+        out.append((kl.sum(dim=0), int(p.shape[0])))
+    return out

@@ -158,30 +158,31 @@ def train_step_ratios(model: dict, quick: bool, repeats: int, steps: int) -> lis
     """Median time of one training step (forward, forces, loss, backward, optimiser; BLIP's KL and
     noise-contrastive pass) of BLIP and MC dropout over the deterministic model's, on acetylacetone."""
     from ..train.datasets import prepare_data
-    from ..train.loop import Trainer, _graphs
+    from ..train.loop import GraphSet, Trainer, _sizes
 
     methods = ("deterministic", "blip", "mc_dropout")
     setups = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
+            bs = 4 if quick else 8
             cfg = config_mod.resolve({
-                "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": 64,
+                "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * bs,
                          "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
                 "model": dict(model), "uq": {"method": method, "samples": 16},
-                "training": {"batch_size": 4 if quick else 8, "seed": 0}, "output_dir": tmp})
+                "training": {"batch_size": bs, "seed": 0}, "output_dir": tmp})
             trainer = Trainer(cfg, progress=False)
             data = prepare_data(cfg)
-            bs = int(cfg["training"]["batch_size"])
-            graphs = _graphs(data.train, float(cfg["model"]["cutoff"]))
-            graphs = (graphs * (1 + steps * bs // max(len(graphs), 1)))[:steps * bs]
+            train_set, sizes = GraphSet(data.train, float(cfg["model"]["cutoff"])), _sizes(data.train)
+            n_steps = -(-len(train_set) // bs)
             net, opt, ema = trainer._new_member(data, 0)
             rng = np.random.default_rng(0)
-            trainer._train_epoch(net, opt, ema, graphs[:2 * bs], rng)  # warm-up
-            setups.append((method, trainer, net, opt, ema, graphs, rng))
+            trainer._train_epoch(net, opt, ema, train_set, sizes, rng)  # warm-up (and graphs built)
+            setups.append((method, trainer, net, opt, ema, train_set, sizes, rng, n_steps))
         times = {m: [] for m in methods}
         for rep in range(repeats):
-            for method, trainer, net, opt, ema, graphs, rng in setups[rep % 3:] + setups[:rep % 3]:
-                times[method].append(_seconds(lambda: trainer._train_epoch(net, opt, ema, graphs, rng)) / steps)
+            for method, trainer, net, opt, ema, train_set, sizes, rng, n_steps in setups[rep % 3:] + setups[:rep % 3]:
+                seconds = _seconds(lambda: trainer._train_epoch(net, opt, ema, train_set, sizes, rng, epoch=rep + 1))
+                times[method].append(seconds / n_steps)
     base = statistics.median(times["deterministic"])
     return [{"method": m, "seconds_per_step": statistics.median(times[m]),
              "ratio": statistics.median(times[m]) / base} for m in methods]

@@ -15,7 +15,7 @@ from ase.data import atomic_numbers, chemical_symbols
 from blip.data.io import Structure, read_labelled
 from blip.errors import DataError
 
-__all__ = ["e0s_from_file", "e0s_least_squares", "resolve_e0s"]
+__all__ = ["e0s_from_file", "e0s_least_squares", "resolve_e0s", "composition", "e0s_from_counts"]
 
 
 def _atoms(item):
@@ -61,18 +61,32 @@ def e0s_least_squares(structures) -> dict[int, float]:
     """
     if not structures:
         raise ValueError("e0s_least_squares needs at least one structure")
-    elements = _elements(structures)
-    column = {z: k for k, z in enumerate(elements)}
-    counts = np.zeros((len(structures), len(elements)), dtype=np.float64)
-    energies = np.zeros(len(structures), dtype=np.float64)
-    for row, s in enumerate(structures):
+    for s in structures:
         if s.energy is None:
             raise DataError(s.source, "no energy, needed to fit E0s", s.index)
-        zs, n = np.unique(s.atoms.numbers, return_counts=True)
+    elements, counts = composition(structures)
+    return e0s_from_counts(elements, counts, np.array([s.energy for s in structures], dtype=np.float64))
+
+
+def composition(structures, elements: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+    """(elements, counts (structures, elements) float64): how many atoms of each element."""
+    elements = _elements(structures) if elements is None else list(elements)
+    column = {z: k for k, z in enumerate(elements)}
+    counts = np.zeros((len(structures), len(elements)), dtype=np.float64)
+    for row, s in enumerate(structures):
+        zs, n = np.unique(_atoms(s).numbers, return_counts=True)
         counts[row, [column[int(z)] for z in zs]] = n
-        energies[row] = s.energy
-    solution = np.linalg.lstsq(counts, energies, rcond=None)[0]
-    return {z: float(solution[column[z]]) for z in elements}
+    return elements, counts
+
+
+def e0s_from_counts(elements: list[int], counts: np.ndarray, energies: np.ndarray) -> dict[int, float]:
+    """Least-squares (minimal-norm) E0s from element counts (structures, elements) and energies
+    (structures,): the fit of :func:`e0s_least_squares`, from arrays a streamed data set keeps.
+    Columns of elements that never occur are dropped."""
+    keep = counts.sum(axis=0) > 0
+    elements = [z for z, k in zip(elements, keep) if k]
+    solution = np.linalg.lstsq(counts[:, keep], energies, rcond=None)[0]
+    return {int(z): float(solution[k]) for k, z in enumerate(elements)}
 
 
 def _from_mapping(spec: Mapping) -> dict[int, float]:
@@ -85,19 +99,22 @@ def _from_mapping(spec: Mapping) -> dict[int, float]:
     return out
 
 
-def resolve_e0s(spec, structures, energy_key: str = "energy") -> dict[int, float]:
+def resolve_e0s(spec, structures, energy_key: str = "energy", *, elements=None, fit=None) -> dict[int, float]:
     """E0s (eV) for every element in ``structures``.
 
     ``spec``: a path to a file of isolated atoms, ``"average"`` (least-squares
     fit to ``structures``), None (zeros), or a mapping from atomic number or
     symbol to E0. Raises DataError if the file lacks an element present in
     ``structures``.
+
+    ``elements`` and ``fit`` (a function returning the least-squares E0s) replace
+    ``structures`` for streamed data sets.
     """
-    elements = _elements(structures)
+    elements = _elements(structures) if elements is None else list(elements)
     if spec is None:
         return {z: 0.0 for z in elements}
     if isinstance(spec, str) and spec == "average":
-        return e0s_least_squares(structures)
+        return fit() if fit is not None else e0s_least_squares(structures)
     if isinstance(spec, Mapping):
         e0s, where = _from_mapping(spec), "E0s"
     else:

@@ -218,41 +218,67 @@ def read_labelled(
     that is present must be finite, and forces must have shape (n_atoms, 3).
     """
     source = os.fspath(path)
-    out = []
-    for i, atoms in enumerate(read_structures(source, ":")):
-        try:
-            energy = get_energy(atoms, energy_key)
-            forces = get_forces(atoms, forces_key)
-            stress = get_stress(atoms, stress_key) if stress_key and atoms.pbc.any() else None
-        except ValueError as exc:
-            raise DataError(source, str(exc), i) from None
-        if energy is None and require_energy:
+    return [_labelled(atoms, i, source, energy_key, forces_key, require_energy, require_forces, stress_key)
+            for i, atoms in enumerate(read_structures(source, ":"))]
+
+
+def iter_labelled(path, energy_key: str = "energy", forces_key: str = "forces", require_energy: bool = True,
+                  require_forces: bool = True, stress_key: str | None = "stress"):
+    """:func:`read_labelled` one structure at a time (``ase.io.iread``): files larger than memory."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise DataError(source, "file not found" if not os.path.exists(source) else "is a directory, not a structure file")
+    if _is_blank(source):
+        raise DataError(source, "no structures (file is empty)")
+    i = -1
+    try:
+        for i, atoms in enumerate(ase.io.iread(source, index=":")):
+            if len(atoms) == 0:
+                raise DataError(source, "structure has zero atoms", i)
+            if not np.all(np.isfinite(atoms.positions)) or not np.all(np.isfinite(atoms.cell.array)):
+                raise DataError(source, "positions or cell contain NaN or inf", i)
+            yield _labelled(atoms, i, source, energy_key, forces_key, require_energy, require_forces, stress_key)
+    except DataError:
+        raise
+    except Exception as exc:  # ASE raises many types for malformed files
+        raise DataError(source, f"not a structure file ASE can read: {_short(exc)}", i + 1) from None
+
+
+def _labelled(atoms, i, source, energy_key, forces_key, require_energy, require_forces,
+              stress_key=None) -> Structure:
+    """One structure with its checked labels (see :func:`read_labelled`)."""
+    try:
+        energy = get_energy(atoms, energy_key)
+        forces = get_forces(atoms, forces_key)
+        stress = get_stress(atoms, stress_key) if stress_key and atoms.pbc.any() else None
+    except ValueError as exc:
+        raise DataError(source, str(exc), i) from None
+    if energy is None and require_energy:
+        raise DataError(
+            source,
+            f"no energy key {energy_key!r} (keys available: {_available_keys(atoms)})",
+            i,
+        )
+    if forces is None and require_forces:
+        raise DataError(
+            source,
+            f"no forces key {forces_key!r} (keys available: {_available_keys(atoms)})",
+            i,
+        )
+    if energy is not None and not np.isfinite(energy):
+        raise DataError(source, f"energy {energy_key!r} is {energy}", i)
+    if forces is not None:
+        if forces.shape != (len(atoms), 3):
             raise DataError(
                 source,
-                f"no energy key {energy_key!r} (keys available: {_available_keys(atoms)})",
+                f"forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)",
                 i,
             )
-        if forces is None and require_forces:
-            raise DataError(
-                source,
-                f"no forces key {forces_key!r} (keys available: {_available_keys(atoms)})",
-                i,
-            )
-        if energy is not None and not np.isfinite(energy):
-            raise DataError(source, f"energy {energy_key!r} is {energy}", i)
-        if forces is not None:
-            if forces.shape != (len(atoms), 3):
-                raise DataError(
-                    source,
-                    f"forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)",
-                    i,
-                )
-            if not np.all(np.isfinite(forces)):
-                raise DataError(source, f"forces {forces_key!r} contain NaN or inf", i)
-        if stress is not None and not np.all(np.isfinite(stress)):
-            raise DataError(source, f"stress {stress_key!r} contains NaN or inf", i)
-        out.append(Structure(atoms=atoms, energy=energy, forces=forces, index=i, source=source, stress=stress))
-    return out
+        if not np.all(np.isfinite(forces)):
+            raise DataError(source, f"forces {forces_key!r} contain NaN or inf", i)
+    if stress is not None and not np.all(np.isfinite(stress)):
+        raise DataError(source, f"stress {stress_key!r} contains NaN or inf", i)
+    return Structure(atoms=atoms, energy=energy, forces=forces, index=i, source=source, stress=stress)
 
 
 def check_elements(structures, known: set[int], path) -> None:

@@ -29,15 +29,29 @@ def perturbation(rng: np.random.Generator, rattle: tuple[float, float],
     return 0.0, s if rng.random() < 0.5 else 1.0 / s
 
 
-def perturbed_batch(batch: dict, rng: np.random.Generator, rattle: tuple[float, float],
-                    strain: tuple[float, float]) -> dict:
-    """A copy of a (prepared) batch with perturbed positions, cells and periodic shifts; no labels."""
+def perturbation_draws(rng: np.random.Generator, n_atoms, rattle: tuple[float, float],
+                       strain: tuple[float, float]) -> tuple[list, np.ndarray]:
+    """The draws of :func:`perturbed_batch` for graphs of ``n_atoms`` atoms: (params per graph,
+    standard normals (sum(n_atoms), 3)). A data-parallel step draws them for the global batch on
+    every rank (same generator state) and hands each rank the rows of its own graphs."""
+    params = [perturbation(rng, rattle, strain) for _ in range(len(n_atoms))]
+    return params, rng.standard_normal((int(np.sum(n_atoms)), 3))
+
+
+def perturbed_batch(batch: dict, rng: np.random.Generator | None, rattle: tuple[float, float],
+                    strain: tuple[float, float], draws: tuple[list, np.ndarray] | None = None) -> dict:
+    """A copy of a (prepared) batch with perturbed positions, cells and periodic shifts; no labels.
+
+    ``draws``: precomputed (params, normals) of this batch's graphs (see :func:`perturbation_draws`);
+    without them they are drawn from ``rng``."""
     n_graphs = batch["n_atoms"].shape[0]
-    params = [perturbation(rng, rattle, strain) for _ in range(n_graphs)]
     pos = batch["positions"].detach()
+    if draws is None:
+        draws = perturbation_draws(rng, batch["n_atoms"].cpu().numpy(), rattle, strain)
+    params, normals = draws
     sigma = pos.new_tensor([p[0] for p in params])[batch["batch"]]
     factor = pos.new_tensor([p[1] for p in params])
-    noise = torch.from_numpy(rng.standard_normal(tuple(pos.shape))).to(pos)
+    noise = torch.from_numpy(np.asarray(normals)).to(pos)
     periodic = batch["pbc"].any(dim=1)
     counts = batch["n_atoms"].to(pos.dtype)
     centre = torch.zeros((n_graphs, 3), dtype=pos.dtype, device=pos.device).index_add(0, batch["batch"], pos)

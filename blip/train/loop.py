@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
+import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,9 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
+from .. import distributed
+from ..bayes import density
+from ..bayes.inference import kl_sums
 from .._files import write_text_atomic
 from ..build import build_potential, dtype_of
 from ..data import build_graph, collate
@@ -22,9 +29,12 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_torch_save, save_model
 from ..predictor import BlipModel
 from ..bayes import kl_divergence
-from .contrastive import perturbed_batch
+from .contrastive import perturbation_draws, perturbed_batch
 from .datasets import PreparedData, prepare_data
-from .loss import data_loss
+from .loss import data_loss_sums, stress_loss_sum
+from .sampler import GlobalBatchSampler, shard
+
+logger = logging.getLogger("blip")
 
 LOG_FIELDS = ["member", "epoch", "lr", "train_loss", "train_data_loss", "kl", "mean_p", "contrastive_kl",
               "contrastive_mean_p",
@@ -40,14 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _graphs(structures, cutoff, stress: bool = False):
-    """Training graphs; ``stress``: every graph carries a stress label, NaN where it has none."""
-    missing = np.full((3, 3), np.nan)
-    return [build_graph(s.atoms, cutoff, index=i, energy=s.energy, forces=s.forces,
-                        stress=(missing if s.stress is None else s.stress) if stress else None)
-            for i, s in enumerate(structures)]
 
 
 def ema_update_fn(decay: float):
@@ -84,6 +86,9 @@ class Trainer:
         self.device = torch.device(self.tcfg["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device is 'cuda' but no CUDA device is available")
+        if self.device.type == "cuda" and distributed.active():
+            self.device = torch.device("cuda", torch.cuda.current_device())  # one device per local rank
+        self.board = None
         self.dtype = dtype_of(cfg)
         self.start_time = self.member_start = time.time()
         self.budget_s = None if self.tcfg["max_minutes"] is None else 60.0 * float(self.tcfg["max_minutes"])
@@ -95,6 +100,7 @@ class Trainer:
     def _new_member(self, data: PreparedData, member: int):
         seed_everything(int(self.tcfg["seed"]) + 1000 * member)
         model = build_potential(self.cfg, data.summary).to(self.device)
+        distributed.broadcast_module(model)  # identical already (same seed); rank 0's weights to be sure
         groups = [{"params": list(model.backbone.parameters()), "lr": float(self.tcfg["lr"])}]
         if model.inference is not None:
             lr_inf = self.tcfg["inference_lr"] or self.tcfg["lr"]
@@ -112,114 +118,206 @@ class Trainer:
         return time.time() - self.member_start > self.budget_s / self.n_members()
 
     # -- one epoch ------------------------------------------------------------------
-    def _contrastive_kl(self, model, batch, rng):
-        """KL of the noise rates of perturbed, unlabelled copies of ``batch`` towards the
-        contrastive prior (see :mod:`blip.train.contrastive`); trains the inference net only."""
-        ncp = self.uq["contrastive"]
-        rates = model.rates(batch, transform=lambda b: perturbed_batch(b, rng, tuple(ncp["rattle"]),
-                                                                       tuple(ncp["strain"])))
-        return kl_divergence(rates, float(ncp["prior_p"])), _mean_rate(rates)
+    def _collective_out_of_time(self) -> bool:
+        """``out_of_time`` as decided by rank 0, on every rank (wall clocks differ between ranks)."""
+        return False if self.budget_s is None else distributed.broadcast_flag(self.out_of_time())
 
-    def _train_epoch(self, model, opt, ema, graphs, rng) -> dict:
+    def _batches_of(self, dataset, index_lists):
+        """Collated batches (on the device) of ``dataset`` for each list of indices; with
+        ``training.num_workers`` > 0 graphs are built and collated in DataLoader worker processes."""
+        workers = int(self.tcfg["num_workers"])
+        if workers == 0:
+            for idx in index_lists:
+                yield collate([dataset[i] for i in idx], dtype=self.dtype, device=self.device)
+            return
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(index_lists), num_workers=workers,
+                                             collate_fn=functools.partial(collate, dtype=self.dtype))
+        for batch in loader:
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def _step_seed(self, member: int, epoch: int, step: int, stream: int = 0) -> int:
+        """Seed of the counter-based training noise of one step: each structure's noise depends on
+        (seed, member, epoch, step, structure), not on which rank or which batch position holds it."""
+        return int(np.random.SeedSequence([int(self.tcfg["seed"]), member, epoch, step, stream]).generate_state(1)[0] % 2**31)
+
+    def _train_epoch(self, model, opt, ema, train_set, sizes, rng, member=0, epoch=0) -> dict:
+        """One epoch of data-parallel steps (one process: the same with one rank).
+
+        Each rank's loss is its part of the global batch's loss (sums divided by global counts),
+        so the gradients summed over ranks are the global batch's; see :mod:`blip.distributed`."""
         model.train()
-        order = rng.permutation(len(graphs))
-        bs = int(self.tcfg["batch_size"])
+        sampler = GlobalBatchSampler(len(train_set), int(self.tcfg["batch_size"]), distributed.rank(),
+                                     distributed.world_size(), int(self.tcfg["seed"]), member)
+        sampler.set_epoch(epoch)
+        steps = sampler.steps()
         blip = model.method == "blip"
         beta = float(self.uq["beta"]) if blip else 0.0
-        ncp_weight = float(self.uq["contrastive"]["weight"]) if blip else 0.0
-        ncp_every = int(self.uq["contrastive"]["every"])
-        totals = {"train_loss": 0.0, "train_data_loss": 0.0, "kl": 0.0, "mean_p": 0.0, "contrastive_kl": 0.0,
-                  "contrastive_mean_p": 0.0}
-        steps = ncp_steps = 0
-        for start in range(0, len(order), bs):
-            batch = collate([graphs[i] for i in order[start:start + bs]], dtype=self.dtype, device=self.device)
-            out = model(batch, sample=True, training=True, stress="stress" in batch)
-            loss_data = self._data_loss(out, batch)
-            loss = loss_data + beta * out["kl"] if "kl" in out else loss_data
-            if ncp_weight > 0 and steps % ncp_every == 0:  # weighted by `every`: the same objective on average
-                ncp_kl, ncp_p = self._contrastive_kl(model, batch, rng)
-                loss = loss + ncp_every * ncp_weight * ncp_kl
-                totals["contrastive_kl"] += float(ncp_kl.detach())
-                totals["contrastive_mean_p"] += ncp_p
+        ncp = self.uq["contrastive"]
+        ncp_weight = float(ncp["weight"]) if blip else 0.0
+        ncp_every = int(ncp["every"])
+        ew, fw, kind = float(self.tcfg["energy_weight"]), float(self.tcfg["forces_weight"]), self.tcfg["loss"]
+        sw = self.stress_weight
+        keys = ["train_loss", "train_data_loss", "kl", "mean_p", "contrastive_kl", "contrastive_mean_p"]
+        partial = dict.fromkeys(keys, 0.0)  # this rank's parts of the global values, summed at the end
+        n_steps = ncp_steps = 0
+        batches = self._batches_of(train_set, [st.indices for st in steps])
+        for step_no, (step, batch) in enumerate(zip(steps, batches)):
+            w = step.weight
+            density.set_contribution(w)
+            out = model(batch, sample=True, training=True, seed=self._step_seed(member, epoch, step_no),
+                        stress=sw > 0)
+            sum_e, sum_f = data_loss_sums(out, batch, kind)
+            sum_s, n_s = stress_loss_sum(out, batch, kind)
+            kls = kl_sums(out["rates"], float(self.uq["prior_p"])) if "rates" in out else []
+            ncp_kls, ncp_rates = [], None
+            if ncp_weight > 0 and step_no % ncp_every == 0:  # the same steps on every rank
+                ncp_rates = self._contrastive_rates(model, batch, rng, step, sizes,
+                                                    self._step_seed(member, epoch, step_no, stream=1))
+                ncp_kls = kl_sums(ncp_rates, float(ncp["prior_p"]))
+            counts = distributed.sum_floats([w * batch["n_atoms"].shape[0], w * batch["forces"].numel(), w * n_s]
+                                            + [w * rows for _, rows in kls + ncp_kls])
+            n_graphs, n_forces, n_stress, rows = counts[0], counts[1], counts[2], counts[3:]
+            loss_data = w * (ew * sum_e / n_graphs + fw * sum_f / n_forces)
+            if n_stress > 0:  # the same on every rank: the counts are global
+                loss_data = loss_data + w * sw * sum_s / n_stress
+            loss = loss_data
+            if kls:
+                kl = w * torch.cat([s / r for (s, _), r in zip(kls, rows[:len(kls)])]).mean()
+                loss = loss + beta * kl
+                partial["kl"] += float(kl.detach())
+                partial["mean_p"] += _partial_mean_rate(out["rates"], rows[:len(kls)], w)
+            if ncp_kls:
+                ncp_rows = rows[len(kls):]
+                ncp_kl = w * torch.cat([s / r for (s, _), r in zip(ncp_kls, ncp_rows)]).mean()
+                loss = loss + ncp_every * ncp_weight * ncp_kl  # weighted by `every`: the same objective on average
+                partial["contrastive_kl"] += float(ncp_kl.detach())
+                partial["contrastive_mean_p"] += _partial_mean_rate(ncp_rates, ncp_rows, w)
                 ncp_steps += 1
-            if not torch.isfinite(loss):
-                raise FloatingPointError("training loss (data, KL or contrastive KL) became NaN/inf; "
-                                         "lower training.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            total = distributed.reduce_gradients(model.parameters(), extra=loss.detach().reshape(1))
+            if not torch.isfinite(total).all():
+                raise FloatingPointError("training loss (data, KL or contrastive KL) became NaN/inf; "
+                                         "lower training.lr")
             if self.tcfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg["grad_clip"]))
             opt.step()
             ema.update_parameters(model)
-            totals["train_loss"] += float(loss.detach())
-            totals["train_data_loss"] += float(loss_data.detach())
-            if "kl" in out:
-                totals["kl"] += float(out["kl"].detach())
-                totals["mean_p"] += _mean_rate(out["rates"])
-            steps += 1
-            if self.out_of_time():
+            partial["train_loss"] += float(loss.detach())
+            partial["train_data_loss"] += float(loss_data.detach())
+            n_steps += 1
+            if self._collective_out_of_time():
                 break
-        return {k: v / max(ncp_steps if k.startswith("contrastive") else steps, 1) for k, v in totals.items()}
+        density.set_contribution(1.0)
+        totals = dict(zip(keys, distributed.sum_floats([partial[k] for k in keys])))
+        return {k: v / max(ncp_steps if k.startswith("contrastive") else n_steps, 1) for k, v in totals.items()}
+
+    def _contrastive_rates(self, model, batch, rng, step, sizes, seed):
+        """Rates of perturbed, unlabelled copies of ``batch`` (see :mod:`blip.train.contrastive`); the
+        perturbations are drawn for the global batch on every rank, each rank uses its graphs' draws."""
+        ncp = self.uq["contrastive"]
+        rattle, strain = tuple(ncp["rattle"]), tuple(ncp["strain"])
+        n_atoms = sizes[step.global_indices]
+        params, normals = perturbation_draws(rng, n_atoms, rattle, strain)
+        start = np.concatenate([[0], np.cumsum(n_atoms)])
+        local = ([params[p] for p in step.positions],
+                 np.concatenate([normals[start[p]:start[p + 1]] for p in step.positions]))
+        return model.rates(batch, seed=seed, transform=lambda b: perturbed_batch(b, None, rattle, strain, draws=local))
 
     @property
     def stress_weight(self) -> float:
         return float(self.tcfg["stress_weight"])
 
-    def _data_loss(self, out: dict, batch: dict) -> torch.Tensor:
-        return data_loss(out, batch, self.tcfg["loss"], float(self.tcfg["energy_weight"]),
-                         float(self.tcfg["forces_weight"]), self.stress_weight)
+    def _validate(self, model, valid_set) -> dict:
+        """MAP (noise-free) validation loss and RMSEs: energy per atom (eV), forces (eV/A).
 
-    def _validate(self, model, graphs) -> dict:
-        """MAP (noise-free) validation loss and RMSEs: energy per atom (eV), forces (eV/A)."""
+        The loss is the data loss of the whole validation set as one batch (independent of how it
+        is batched or split over ranks); each rank scores its share and the sums are all-reduced."""
         model.eval()
-        se_e, se_f, n_f, loss, n_g = 0.0, 0.0, 0, 0.0, 0
+        ew, fw, kind = float(self.tcfg["energy_weight"]), float(self.tcfg["forces_weight"]), self.tcfg["loss"]
+        # penalty E, penalty F, squared error E/n, squared error F, force components, graphs,
+        # penalty S, labelled stress components
+        sums = np.zeros(8)
         bs = max(1, 4 * int(self.tcfg["batch_size"]))
-        for start in range(0, len(graphs), bs):
-            batch = collate(graphs[start:start + bs], dtype=self.dtype, device=self.device)
-            out = {k: v.detach() for k, v in model(batch, stress="stress" in batch).items()}
-            g = batch["n_atoms"].shape[0]
-            loss += g * float(self._data_loss(out, batch))
+        idx = shard(len(valid_set), distributed.rank(), distributed.world_size())
+        for batch in self._batches_of(valid_set, [idx[i:i + bs] for i in range(0, len(idx), bs)]):
+            out = {k: v.detach() for k, v in model(batch, stress=self.stress_weight > 0).items()}
+            pen_e, pen_f = data_loss_sums(out, batch, kind)
+            pen_s, n_s = stress_loss_sum(out, batch, kind)
             n = batch["n_atoms"].to(out["energy"].dtype)
-            se_e += float((((out["energy"] - batch["energy"]) / n) ** 2).sum())
-            se_f += float(((out["forces"] - batch["forces"]) ** 2).sum())
-            n_f += batch["forces"].numel()
-            n_g += g
-        return {"valid_loss": loss / n_g, "valid_energy_rmse_per_atom": math.sqrt(se_e / n_g),
-                "valid_forces_rmse": math.sqrt(se_f / n_f)}
+            sums += [float(pen_e), float(pen_f), float((((out["energy"] - batch["energy"]) / n) ** 2).sum()),
+                     float(((out["forces"] - batch["forces"]) ** 2).sum()), batch["forces"].numel(),
+                     batch["n_atoms"].shape[0], float(pen_s), n_s]
+        pen_e, pen_f, se_e, se_f, n_f, n_g, pen_s, n_s = distributed.sum_floats(sums.tolist())
+        stress_term = self.stress_weight * pen_s / n_s if n_s else 0.0
+        return {"valid_loss": ew * pen_e / n_g + fw * pen_f / n_f + stress_term,
+                "valid_energy_rmse_per_atom": math.sqrt(se_e / n_g), "valid_forces_rmse": math.sqrt(se_f / n_f)}
 
     # -- the run --------------------------------------------------------------------
     def run(self, data: PreparedData | None = None) -> BlipModel:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train every member; in a ``torch.distributed`` process group every rank calls this with
+        the same config and data, and rank 0 alone writes the output files."""
+        with density.synchronised():
+            return self._run(data)
+
+    def _run(self, data):
+        main = distributed.is_main()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         data = data or prepare_data(self.cfg)
         cutoff = float(self.cfg["model"]["cutoff"])
         fit_stress = self.stress_weight > 0
-        if fit_stress and not any(s.stress is not None for s in data.train):
+        if fit_stress and not getattr(data.train, "streaming", False) and all(s.stress is None for s in data.train):
             raise ConfigError(f"training.stress_weight is {self.stress_weight:g} but no periodic training structure "
                               f"has a stress label '{self.cfg['data']['stress_key']}' (data.stress_key)")
-        train_graphs = _graphs(data.train, cutoff, fit_stress)
-        valid_graphs = _graphs(data.valid, cutoff, fit_stress)
-        config_mod.dump(self.cfg, self.out / "config.yaml")
+        train_set, valid_set = GraphSet(data.train, cutoff, fit_stress), GraphSet(data.valid, cutoff, fit_stress)
         state = self._load_resume() if self.tcfg["resume"] else None
+        if main:
+            config_mod.dump(self.cfg, self.out / "config.yaml")
+            if not state:
+                write_text_atomic(self.out / "log.csv", ",".join(LOG_FIELDS) + "\n")
+        self.board = _board(self.out, self.tcfg) if main else None
         finished = state["finished"] if state else []
-        log_path = self.out / "log.csv"
-        if not state:
-            with open(log_path, "w", newline="") as fh:
-                csv.DictWriter(fh, LOG_FIELDS).writeheader()
         members_best = [self._state_to(s) for s in finished]
-        for member in range(len(finished), self.n_members()):
-            best = self._train_member(member, data, train_graphs, valid_graphs, log_path,
-                                      state if state and state["member"] == member else None, members_best)
-            members_best.append(best)
-            state = None
-        return self._final_model(members_best, data, train_graphs)
+        try:
+            for member in range(len(finished), self.n_members()):
+                best = self._train_member(member, data, train_set, valid_set,
+                                          state if state and state["member"] == member else None, members_best)
+                members_best.append(best)
+                state = None
+        except _Paused as paused:  # training.max_epochs reached: the checkpoint lets --resume go on
+            members_best.append(paused.best_state)
+        finally:
+            if self.board is not None:
+                self.board.close()
+        return self._final_model(members_best, data, train_set)
 
     def _state_to(self, s):
         return {k: v.to(self.device) for k, v in s.items()}
 
-    def _train_member(self, member, data, train_graphs, valid_graphs, log_path, resume, finished):
+    def _log(self, row: dict) -> None:
+        """Append one row to OUT/log.csv (rank 0; the whole file is rewritten atomically)."""
+        if not distributed.is_main():
+            return
+        path = self.out / "log.csv"
+        buf = io.StringIO()
+        csv.DictWriter(buf, LOG_FIELDS, lineterminator="\n").writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+        old = path.read_text() if path.is_file() else ",".join(LOG_FIELDS) + "\n"
+        write_text_atomic(path, old + buf.getvalue())
+        if self.board is not None:
+            prefix = f"member{row['member']}/" if self.n_members() > 1 else ""
+            epoch = int(row["epoch"])
+            for key, tag in _BOARD_TAGS.items():
+                value = row.get(key)
+                if isinstance(value, float) and math.isfinite(value):
+                    self.board.add_scalar(prefix + tag, value, epoch)
+            self.board.flush()
+
+    def _train_member(self, member, data, train_set, valid_set, resume, finished):
         self.member_start = time.time()
         model, opt, ema = self._new_member(data, member)
         epochs = int(self.tcfg["epochs"])
+        stop_at = self.tcfg["max_epochs"]
         first_epoch, best_loss, best_state, bad_epochs = 0, float("inf"), None, 0
         rng = np.random.default_rng(int(self.tcfg["seed"]) + 7919 * member)
         if resume:
@@ -228,38 +326,47 @@ class Trainer:
             opt.load_state_dict(resume["optimizer"])
             first_epoch, best_loss, bad_epochs = resume["epoch"] + 1, resume["best_loss"], resume["bad_epochs"]
             best_state = resume["best_state"]
+            if best_state is not None:
+                best_state = self._state_to(best_state)
             rng.bit_generator.state = resume["rng"]
             torch.set_rng_state(resume["torch_rng"])
             if resume.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(resume["cuda_rng"])
         if epochs == 0:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        sizes = _sizes(data.train)
         bar = tqdm(range(first_epoch, epochs), desc=f"train member {member}" if self.n_members() > 1 else "train",
-                   disable=not self.progress, unit="epoch", initial=first_epoch, total=epochs)
+                   disable=not (self.progress and distributed.is_main()), unit="epoch", initial=first_epoch,
+                   total=epochs)
         for epoch in bar:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * _lr_factor(epoch, self.tcfg)
             t0 = time.time()
-            stats = self._train_epoch(model, opt, ema, train_graphs, rng)
-            stats.update(self._validate(ema.module, valid_graphs))
+            stats = self._train_epoch(model, opt, ema, train_set, sizes, rng, member, epoch)
+            stats.update(self._validate(ema.module, valid_set))
             improved = stats["valid_loss"] < best_loss
             if improved:
                 best_loss, bad_epochs = stats["valid_loss"], 0
                 best_state = {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
-                self._save_model(finished + [best_state], data, partial=True)
+                if distributed.is_main():
+                    self._save_model(finished + [best_state], data, partial=True)
             else:
                 bad_epochs += 1
-            row = {"member": member, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "time_s": time.time() - t0,
-                   **stats}
-            with open(log_path, "a", newline="") as fh:
-                csv.DictWriter(fh, LOG_FIELDS).writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+            self._log({"member": member, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                       "time_s": time.time() - t0, **stats})
             bar.set_postfix(loss=f"{stats['train_loss']:.4g}", F_rmse=f"{stats['valid_forces_rmse']:.4g}",
                             p=f"{stats['mean_p']:.3g}")
-            stop = bad_epochs >= int(self.tcfg["patience"]) or self.out_of_time()
-            self._save_checkpoint(member, epoch, model, ema, opt, best_loss, best_state, bad_epochs, rng,
-                                  finished)
+            # validation is all-reduced (patience agrees on every rank); the clock is rank 0's
+            stop = bad_epochs >= int(self.tcfg["patience"]) or self._collective_out_of_time()
+            if distributed.is_main():
+                self._save_checkpoint(member, epoch, model, ema, opt, best_loss, best_state, bad_epochs, rng,
+                                      finished)
+            distributed.barrier()  # the checkpoint exists before any rank goes on (or stops)
             if stop:
                 break
+            if stop_at is not None and epoch + 1 >= int(stop_at) and epoch + 1 < epochs:
+                bar.close()
+                raise _Paused(best_state)
         bar.close()
         if best_state is None:
             raise FloatingPointError(f"member {member}: every validation loss was NaN or inf, so there is no "
@@ -307,15 +414,87 @@ class Trainer:
             return  # an ensemble is written once all its members exist
         save_model(self._blip_model(states, data), self.out / "model.pt")
 
-    def _batches(self, graphs):
+    def _batches(self, train_set):
+        """Batches of this rank's share of ``train_set`` (the exact statistics are summed over ranks)."""
         bs = max(1, 4 * int(self.tcfg["batch_size"]))
-        for start in range(0, len(graphs), bs):
-            yield collate(graphs[start:start + bs], dtype=self.dtype, device=self.device)
+        idx = shard(len(train_set), distributed.rank(), distributed.world_size())
+        return self._batches_of(train_set, [idx[i:i + bs] for i in range(0, len(idx), bs)])
 
-    def _final_model(self, states, data, train_graphs) -> BlipModel:
-        model = self._blip_model(states, data, train_graphs)
-        save_model(model, self.out / "model.pt")
+    def _final_model(self, states, data, train_set) -> BlipModel:
+        model = self._blip_model(states, data, train_set)
+        if distributed.is_main():
+            save_model(model, self.out / "model.pt")
+        distributed.barrier()
         return model
+
+
+class _Paused(Exception):
+    """training.max_epochs reached before training.epochs: the run stops after its checkpoint."""
+
+    def __init__(self, best_state):
+        super().__init__("paused")
+        self.best_state = best_state
+
+
+_BOARD_TAGS = {"train_loss": "train/loss", "train_data_loss": "train/data_loss", "kl": "train/kl",
+               "mean_p": "train/mean_noise_rate", "contrastive_kl": "train/contrastive_kl",
+               "contrastive_mean_p": "train/contrastive_mean_noise_rate", "valid_loss": "valid/loss",
+               "valid_energy_rmse_per_atom": "valid/energy_rmse_per_atom", "valid_forces_rmse": "valid/forces_rmse",
+               "lr": "lr"}
+
+
+def _board(out: Path, tcfg: dict):
+    """A TensorBoard SummaryWriter writing beside log.csv, or None (off, or tensorboard missing)."""
+    if not tcfg["tensorboard"]:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("blip: training.tensorboard: tensorboard is not installed, so no event files "
+              "(pip install 'blip-mlip[tensorboard]')", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(out))
+
+
+def _sizes(structures) -> np.ndarray:
+    """Atoms per structure (without building graphs; streamed data sets know them from their index)."""
+    sizes = getattr(structures, "n_atoms", None)
+    if sizes is not None:
+        return np.asarray(sizes, dtype=np.int64)
+    return np.array([len(s.atoms) for s in structures], dtype=np.int64)
+
+
+def _partial_mean_rate(rates: dict, rows: list, weight: float) -> float:
+    """This rank's part of the mean rate over the global batch's rows (each layer weighs the same)."""
+    parts = [weight * float(p.detach().sum()) / (r * (p.shape[1] if p.dim() == 2 else 1))
+             for p, r in zip(rates.values(), rows)]
+    return sum(parts) / len(parts)
+
+
+class GraphSet(torch.utils.data.Dataset):
+    """Graphs of a sequence of structures, built on first use (cached for in-memory lists; streamed
+    data sets build them anew, in the DataLoader workers with ``training.num_workers``)."""
+
+    MISSING_STRESS = np.full((3, 3), np.nan)
+
+    def __init__(self, structures, cutoff: float, stress: bool = False):
+        """``stress``: every graph carries a stress label (eV/A^3), NaN where its structure has none."""
+        self.structures, self.cutoff, self.stress = structures, float(cutoff), bool(stress)
+        self.cache = None if getattr(structures, "streaming", False) else {}
+
+    def __len__(self) -> int:
+        return len(self.structures)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        s = self.structures[i]
+        stress = (self.MISSING_STRESS if s.stress is None else s.stress) if self.stress else None
+        graph = build_graph(s.atoms, self.cutoff, index=i, energy=s.energy, forces=s.forces, stress=stress)
+        if self.cache is not None:
+            self.cache[i] = graph
+        return graph
 
 
 def _fmt(value):
