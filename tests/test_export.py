@@ -4,7 +4,8 @@ Tiny float64 PaiNN models (8 channels, 2 interactions), untrained but with featu
 fitted on the test structures and p_init 0.05, so that the rates vary from row to row and the
 spread is far from zero. Tolerances (float64): energies, samples and std 1e-10 eV, forces
 1e-10 eV/A (observed: equal to ~1e-14); stress vs a central finite difference of the exported
-energy (h = 1e-5), 1e-9 eV/A^3 (stress ~1e-4 eV/A^3 with these weights).
+energy (h = 1e-5), 1e-9 eV/A^3 (stress ~1e-4 eV/A^3 with these weights). The MACE section
+at the end runs the same checks on tiny MACE models, with the same tolerances.
 """
 
 from __future__ import annotations
