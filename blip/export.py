@@ -13,7 +13,7 @@ Outputs of the exported model (eV; per system unless stated):
   ``energy_samples`` and ``energy_std`` for one structure. Deterministic models (and
   ``--samples 0``) export ``energy`` only.
 
-See docs/export.md. Backbones: PaiNN (MACE and CHGNet are refused with the reason).
+See docs/export.md. Backbones: PaiNN and MACE (CHGNet is refused with the reason).
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ import torch
 from .errors import BlipError
 
 INSTALL_HINT = "pip install blip-mlip[metatomic]"
-SUPPORTED_BACKBONES = ("painn",)
+SUPPORTED_BACKBONES = ("painn", "mace")
 UNSUPPORTED_REASONS = {
     "chgnet": "CHGNet builds its atom and bond (angle) graphs in Python with its own graph converter "
               "(pymatgen/numpy) and runs on CrystalGraph objects, which TorchScript cannot compile; "
               "export is not available for CHGNet models",
-    "mace": "MACE export is not implemented yet: BLIP's noisy irreps layers (blip.bayes.irreps) replace "
-            "mace-torch linears and read the noise context from Python; only PaiNN models can be exported",
 }
 
 
@@ -83,8 +81,12 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         k = 0
     spread = k > 0
     predict_map = (not ensemble) and (not spread or not members[0].stochastic or model.predicts_map)
+    if backbone == "mace":
+        from ._export_mace import MaceEnergy as energy_of
+    else:
+        energy_of = PaiNNEnergy
     with torch.no_grad():
-        energies = [PaiNNEnergy(m) for m in members]
+        energies = [energy_of(m) for m in members]
     module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype).eval()
@@ -92,7 +94,8 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
         outputs["energy_ensemble"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
-    n_interactions = len(members[0].backbone.interactions)
+    n_interactions = len(members[0].backbone.model.interactions if backbone == "mace" else
+                         members[0].backbone.interactions)
     capabilities = ModelCapabilities(
         outputs=outputs,
         atomic_types=[int(z) for z in model.summary.elements],

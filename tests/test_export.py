@@ -4,7 +4,8 @@ Tiny float64 PaiNN models (8 channels, 2 interactions), untrained but with featu
 fitted on the test structures and p_init 0.05, so that the rates vary from row to row and the
 spread is far from zero. Tolerances (float64): energies, samples and std 1e-10 eV, forces
 1e-10 eV/A (observed: equal to ~1e-14); stress vs a central finite difference of the exported
-energy (h = 1e-5), 1e-9 eV/A^3 (stress ~1e-4 eV/A^3 with these weights).
+energy (h = 1e-5), 1e-9 eV/A^3 (stress ~1e-4 eV/A^3 with these weights). The MACE section
+at the end runs the same checks on tiny MACE models, with the same tolerances.
 """
 
 from __future__ import annotations
@@ -43,18 +44,30 @@ def _structures():
     return [ase.io.read(DATA / "acac_small.xyz", 1), rattled_si_cells()[0]]
 
 
-def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, **uq) -> BlipModel:
-    """A float64 PaiNN BlipModel for H, C, O, Si with fitted feature statistics and calibration 1.7."""
+MODEL_SETTINGS = {
+    "painn": {"features": 8, "interactions": 2, "radial": 6},
+    "mace": {"cutoff": 4.0, "hidden_irreps": "8x0e + 8x1o", "correlation": 2, "num_interactions": 2,
+             "num_radial": 4, "max_ell": 2, "radial_mlp": [8, 8], "mlp_irreps": "4x0e"},
+}
+
+
+def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, backbone: str = "painn", **uq) -> BlipModel:
+    """A float64 PaiNN (or MACE) BlipModel for H, C, O, Si with fitted feature statistics and
+    calibration 1.7; MACE's rate heads get random last layers (rates that vary from row to row)."""
     torch.manual_seed(seed)
     summary = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -107.2},
                              energy_shift=-1.0, force_scale=0.5)
     edge_noise = uq.pop("edge_noise", False)
-    cfg = config.resolve({"model": {"backbone": "painn", "features": 8, "interactions": 2, "radial": 6,
+    cfg = config.resolve({"model": {"backbone": backbone, **MODEL_SETTINGS[backbone],
                                     "dtype": "float64", "edge_noise": edge_noise},
                           "uq": {"method": method, "samples": 4, "p_init": 0.05, "dropout_p": 0.2, **uq}})
     pots = [build_potential(cfg, summary) for _ in range(members)]
-    batch = collate([build_graph(a, 5.0, index=i) for i, a in enumerate(_structures())], dtype=torch.float64)
+    cutoff = float(cfg["model"]["cutoff"])
+    batch = collate([build_graph(a, cutoff, index=i) for i, a in enumerate(_structures())], dtype=torch.float64)
     for pot in pots:
+        if backbone == "mace" and pot.inference is not None:
+            for head in pot.inference.heads_list():
+                torch.nn.init.normal_(head.net[2].weight, std=0.5)
         pot.fit_feature_statistics([batch])
     return BlipModel(pots, cfg, summary, calibration={"energy": 1.7, "forces": 1.3})
 
@@ -204,7 +217,8 @@ def test_cli_default_samples_are_the_models(tmp_path, model):
     assert len(r["energy_samples"]) == model.config["uq"]["samples"] == 4
 
 
-@pytest.mark.parametrize("backbone, reason", [("chgnet", "TorchScript cannot compile"), ("mace", "MACE export")])
+@pytest.mark.parametrize("backbone, reason", [("chgnet", "TorchScript cannot compile"),
+                                               ("schnet", "supports the painn, mace backbone")])
 def test_unsupported_backbones_fail_with_the_reason(backbone, reason):
     fake = types.SimpleNamespace(config={"model": {"backbone": backbone}, "uq": {"method": "blip"}})
     with pytest.raises(ExportError, match=reason):
@@ -236,3 +250,96 @@ def test_ipi_metatomic_driver_gives_energy_and_committee(exported_path, model, t
     assert unit_to_user("energy", "electronvolt", energy) == pytest.approx(ref.results["energy"], abs=1e-8)
     committee = [unit_to_user("energy", "electronvolt", e) for e in json.loads(extras)["committee_pot"]]
     np.testing.assert_allclose(committee, ref.results["energy_samples"], rtol=0, atol=1e-8)
+
+
+# -- MACE ----------------------------------------------------------------------------------
+# Tiny float64 MACE models (8x0e + 8x1o, 2 interactions, 4 radial functions, max_ell 2,
+# correlation 2), untrained, with random rate-head last layers and fitted feature statistics:
+# rates vary from row to row. Same tolerances as PaiNN (observed: energies and samples ~5e-12 eV,
+# from the order of the float64 sums of ~1e4 eV totals; forces ~1e-16 eV/A).
+@pytest.fixture(scope="module")
+def mace_model():
+    pytest.importorskip("mace")
+    return tiny_model(backbone="mace")
+
+
+@pytest.fixture(scope="module")
+def mace_calc(mace_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export-mace") / "blip-mace.pt"
+    source = tmp_path_factory.mktemp("model-mace") / "model.pt"
+    save_model(mace_model, source)
+    export_model(source, path, samples=K, seed=SEED)  # from the file, as `blip export` does
+    return MetatomicCalculator(load_atomistic_model(str(path)), check_consistency=True)
+
+
+def test_mace_rates_vary_from_row_to_row(mace_model):
+    pot = mace_model.members[0]
+    batch = collate([build_graph(a, 4.0, index=i) for i, a in enumerate(_structures())], dtype=torch.float64)
+    rates = pot.rates(batch, seed=0)
+    assert len(rates) == 5  # interactions.1.linear_up, interactions.{0,1}.linear, products.{0,1}.linear
+    for p in rates.values():
+        assert float(p.detach().std()) > 1e-2 * float(p.detach().mean())
+
+
+@pytest.mark.parametrize("which", ["acac", "si"])
+def test_mace_exported_model_equals_blip_calculator(which, mace_calc, mace_model):
+    atoms = _structures()[0 if which == "acac" else 1]
+    r = _compare(atoms, mace_calc, mace_model)
+    assert len(r["energy_samples"]) == K
+    per_atom = mace_calc.run_model(atoms, {"energy": ModelOutput(unit="eV", sample_kind="atom")})["energy"]
+    assert float(per_atom.block().values.sum()) == pytest.approx(r["energy"], abs=TOL)
+
+
+def test_mace_stress_is_the_strain_derivative_of_the_exported_energy(mace_calc):
+    atoms = rattled_si_cells()[1]
+    atoms.calc = mace_calc
+    stress = atoms.get_stress(voigt=False)
+    h, volume, cell, pos = 1e-5, atoms.get_volume(), atoms.cell.array.copy(), atoms.positions.copy()
+
+    def strained_energy(a, b, step):
+        eps = np.eye(3)
+        eps[a, b] += step / 2
+        eps[b, a] += step / 2
+        other = atoms.copy()
+        other.set_cell(cell @ eps, scale_atoms=False)
+        other.positions = pos @ eps
+        other.calc = mace_calc
+        return other.get_potential_energy()
+
+    fd = np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
+                   for a in range(3)])
+    assert np.abs(stress).max() > 1e-5
+    print("stress - finite difference", np.abs(stress - fd).max())
+    np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["edge_noise", "edge_noise_independent", "mc_dropout_edge_noise"])
+def test_mace_variants_equal_blip_calculator(variant, tmp_path):
+    """Every noisy layer kind: irreps channel noise (Gaussian, Bernoulli) and the radial MLPs' noise
+    (per-input Gaussian, local reparameterisation, Bernoulli) with edge rows."""
+    pytest.importorskip("mace")
+    if variant == "edge_noise":
+        model = tiny_model(backbone="mace", edge_noise=True)
+    elif variant == "edge_noise_independent":
+        model = tiny_model(backbone="mace", edge_noise=True, weight_noise="independent")
+    else:
+        model = tiny_model("mc_dropout", backbone="mace", edge_noise=True)
+    assert "edge" in model.members[0].layers
+    calc = MetatomicCalculator(_scripted(build_exported(model, samples=3, seed=1), tmp_path), check_consistency=True)
+    for atoms in _structures():
+        _compare(atoms, calc, model, samples=3, seed=1)
+
+
+def test_mace_ensemble_and_deterministic(tmp_path):
+    pytest.importorskip("mace")
+    model = tiny_model("ensemble", members=2, backbone="mace")
+    calc = MetatomicCalculator(_scripted(build_exported(model), tmp_path), check_consistency=True)
+    r = _compare(_structures()[1], calc, model, samples=None)
+    assert len(r["energy_samples"]) == 2
+    deterministic = tiny_model("deterministic", backbone="mace")
+    exported = build_exported(deterministic)
+    assert "energy_uncertainty" not in exported.capabilities().outputs
+    atoms = _structures()[0]
+    atoms.calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
+    ref = blip.Calculator(deterministic)
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(atoms.copy()), abs=TOL)

@@ -52,16 +52,43 @@ def irreps_channel_index(irreps) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
+# TorchScript-compatible (blip.export compiles them): the maths of the sampled passes, shared by
+# the layers below and the exported MACE models; the draws come in from the caller.
+def channel_factors(p: torch.Tensor, draws: torch.Tensor, kind: str) -> torch.Tensor:
+    """One multiplicative noise factor per (row, channel), shape (rows, channels), from rates ``p``
+    (rows, 1) and ``draws`` (rows, channels): U(0, 1) for "bernoulli", N(0, 1) otherwise.
+
+    gaussian kinds: ``1 + sqrt(alpha_row) * xi`` (mean 1, variance alpha); bernoulli: ``keep / (1 - p)``.
+    """
+    if kind == "bernoulli":
+        keep = (draws >= p).to(draws.dtype)
+        return keep / (1.0 - p)
+    return 1.0 + torch.sqrt(p / (1.0 - p)) * draws  # both Gaussian kinds
+
+
+def noisy_fc_preactivation(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, draws: torch.Tensor, kind: str,
+                           tiny: float = _TINY) -> torch.Tensor:
+    """Sampled pre-activation of a noisy e3nn dense layer (:class:`NoisyFCLayer`): input x (rows, h_in),
+    normalised weight w (h_in, h_out), rates p (rows, 1); ``draws`` (rows, h_in) U(0, 1) for
+    "bernoulli", (rows, h_in) N(0, 1) for "gaussian_inputs", (rows, h_out) N(0, 1) for "gaussian"."""
+    if kind == "bernoulli":
+        keep = (draws >= p).to(x.dtype)
+        return (x * keep / (1.0 - p)) @ w
+    if kind == "gaussian_inputs":  # as NoisyLinear: one factor per input channel
+        return (x * (1.0 + torch.sqrt(p / (1.0 - p)) * draws)) @ w
+    mean = x @ w
+    var = (x * x) @ (w * w)
+    return mean + torch.sqrt(p / (1.0 - p) * var + tiny) * draws
+
+
 def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, slot: int, rows: int, channels: int,
                         like: torch.Tensor) -> torch.Tensor:
-    """One multiplicative noise factor per (row, channel), shape (rows, channels); ``p`` (rows, 1).
-
-    gaussian: ``1 + sqrt(alpha_row) * xi`` (mean 1, variance alpha); bernoulli: ``keep / (1 - p)``.
-    """
+    """:func:`channel_factors` of one layer with the context's draws; ``p`` (rows, 1)."""
     if ctx.kind == "bernoulli":
-        keep = (ctx.uniform(domain, slot, rows, channels, like) >= p).to(like.dtype)
-        return keep / (1.0 - p)
-    return 1.0 + torch.sqrt(p / (1.0 - p)) * ctx.standard_normal(domain, slot, rows, channels, like)  # both Gaussian kinds
+        draws = ctx.uniform(domain, slot, rows, channels, like)
+    else:
+        draws = ctx.standard_normal(domain, slot, rows, channels, like)
+    return channel_factors(p, draws, ctx.kind)
 
 
 def even_scalar_channels(irreps) -> torch.Tensor:
@@ -72,13 +99,14 @@ def even_scalar_channels(irreps) -> torch.Tensor:
     return torch.tensor(flags, dtype=torch.bool)
 
 
-def invariant_summary(x: torch.Tensor, channel_of: torch.Tensor, even_scalar: torch.Tensor) -> torch.Tensor:
+def invariant_summary(x: torch.Tensor, channel_of: torch.Tensor, even_scalar: torch.Tensor,
+                      tiny: float = _TINY) -> torch.Tensor:
     """Invariant features of irreps rows (rows, channels): the value of every 0e channel and the
-    norm of every other (channel, irrep) block, which no rotation or inversion changes."""
+    norm of every other (channel, irrep) block, which no rotation or inversion changes (TorchScript-compatible)."""
     squares = torch.zeros((x.shape[0], even_scalar.numel()), dtype=x.dtype, device=x.device)
     squares = squares.index_add(1, channel_of, x * x)
     scalar_value = torch.zeros_like(squares).index_add(1, channel_of, x)  # = x for one-column channels
-    return torch.where(even_scalar, scalar_value, torch.sqrt(squares + _TINY))
+    return torch.where(even_scalar, scalar_value, torch.sqrt(squares + tiny))
 
 
 class NoisyIrrepsLinear(nn.Module):
@@ -172,16 +200,12 @@ class NoisyFCLayer(nn.Module):
         if x.dim() != 2:
             raise RuntimeError(f"noisy layer on domain '{self.domain}' expects (rows, features), got {tuple(x.shape)}")
         p = ctx.rate(self.domain, self.rate_slot, x.shape[0], self._rate_features(ctx, x))[:, None]
+        channels = self.h_out if ctx.kind == "gaussian" else self.h_in
         if ctx.kind == "bernoulli":
-            keep = (ctx.uniform(self.domain, self.slot, x.shape[0], x.shape[1], x) >= p).to(x.dtype)
-            return self._activate((x * keep / (1.0 - p)) @ w)
-        if ctx.kind == "gaussian_inputs":  # as NoisyLinear: one factor per input channel
-            xi = ctx.standard_normal(self.domain, self.slot, x.shape[0], self.h_in, x)
-            return self._activate((x * (1.0 + torch.sqrt(p / (1.0 - p)) * xi)) @ w)
-        mean = x @ w
-        var = (x * x) @ (w * w)
-        eps = ctx.standard_normal(self.domain, self.slot, x.shape[0], self.h_out, x)
-        return self._activate(mean + torch.sqrt(p / (1.0 - p) * var + _TINY) * eps)
+            draws = ctx.uniform(self.domain, self.slot, x.shape[0], channels, x)
+        else:
+            draws = ctx.standard_normal(self.domain, self.slot, x.shape[0], channels, x)
+        return self._activate(noisy_fc_preactivation(x, w, p, draws, ctx.kind))
 
     @property
     def rate_features_dim(self) -> int:
