@@ -104,3 +104,22 @@ def test_stress_weight_without_stress_labels_is_a_config_error(tmp_path):
     cfg = tiny_config(tmp_path, training={"stress_weight": 1.0})
     with pytest.raises(ConfigError, match="stress label"):
         Trainer(cfg, progress=False).run()
+
+
+def test_a_4096_atom_cell_with_samples_matches_its_8_atom_unit(lj_si_model, monkeypatch):
+    # A rattled 8-atom cell tiled 8 x 8 x 8: every image of an atom has that atom's MAP force,
+    # the energy is 512 x the unit's, the stress the unit's. K = 4 samples run one replica per
+    # pass (replica groups bound the memory) and equal those of all 4 replicas in one pass.
+    import blip.predictor as predictor
+
+    unit = lj_si_cells(1, seed=9)[0]
+    big = unit.repeat((8, 8, 8))
+    ref = lj_si_model.predict([unit], samples=0)
+    out = lj_si_model.predict([big], samples=4, seed=1)
+    np.testing.assert_allclose(out["forces"][0], np.tile(ref["forces"][0], (512, 1)), rtol=0, atol=1e-9)
+    assert out["energy"][0] == pytest.approx(512 * ref["energy"][0], rel=1e-12)
+    np.testing.assert_allclose(out["stress"][0], ref["stress"][0], rtol=0, atol=1e-10)
+    assert out["forces_samples"][0].shape == (4, 4096, 3) and np.all(out["forces_std"][0] > 0)
+    monkeypatch.setattr(predictor, "MAX_EDGES_PER_PASS", 2 * predictor.MAX_EDGES_PER_PASS * 40)
+    grouped = lj_si_model.predict([big], samples=4, seed=1)
+    np.testing.assert_allclose(grouped["forces_samples"][0], out["forces_samples"][0], rtol=0, atol=1e-10)
