@@ -50,8 +50,8 @@ def test_scores_from_predicted_std():
 def test_greedy_diversity_defers_near_duplicates():
     scores = np.array([0.9, 0.8, 0.7, 0.1])
     desc = np.array([[0.0, 0.0], [0.0, 0.001], [1.0, 0.0], [0.0, -2.0]])  # 1 duplicates 0
-    assert rank_greedy(scores, desc, n_select=2, threshold=0.1) == [0, 2, 1, 3]
-    assert rank_greedy(scores, desc, n_select=2, threshold=0.0) == [0, 1, 2, 3]
+    assert rank_greedy(scores, desc, n_select=2, radius=0.1) == [0, 2, 1, 3]
+    assert rank_greedy(scores, desc, n_select=2, radius=0.0) == [0, 1, 2, 3]
     assert rank_fps(scores, desc) == [0, 3, 2, 1]  # farthest first, duplicate last
 
 
