@@ -288,3 +288,16 @@ def test_warm_start_round_loads_the_previous_weights(tmp_path):
     ActiveLearning(cold, progress=False, log=lambda m: None).run()
     fresh = blip.load(cold.output_dir / "uncertainty" / "round_001" / "train" / "model.pt").members[0]
     assert any(not torch.equal(p, q) for p, q in zip(fresh.parameters(), before.parameters()))
+
+
+def test_bench_active_label_fraction_rule():
+    from blip.bench.active import labels_to_reach, overall_rmse
+
+    n, rmse = [20, 40, 60], [300.0, 200.0, 100.0]
+    assert labels_to_reach(n, rmse, 150.0, 120) == pytest.approx(50.0)  # linear between rounds
+    assert labels_to_reach(n, rmse, 400.0, 120) == 20.0
+    assert labels_to_reach(n, rmse, 50.0, 120) == pytest.approx(70.0)  # extrapolated last segment
+    assert labels_to_reach(n, rmse, 1.0, 120) == 120.0  # capped
+    assert labels_to_reach(n, [300.0, 200.0, 250.0], 150.0, 120) == 120.0  # no longer falling: the cap
+    rows = [{"test": "a", "forces_rmse_meV_A": 3.0}, {"test": "b", "forces_rmse_meV_A": 1.0}]
+    assert overall_rmse(rows, {"a": 1, "b": 3}) == pytest.approx(np.sqrt((9 + 3) / 4))
