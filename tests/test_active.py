@@ -297,7 +297,7 @@ def test_bench_active_label_fraction_rule():
     assert labels_to_reach(n, rmse, 150.0, 120) == pytest.approx(50.0)  # linear between rounds
     assert labels_to_reach(n, rmse, 400.0, 120) == 20.0
     assert labels_to_reach(n, rmse, 50.0, 120) == pytest.approx(70.0)  # extrapolated last segment
-    assert labels_to_reach(n, rmse, 1.0, 120) == 120.0  # capped
+    assert labels_to_reach(n, rmse, 1.0, 75) == 75.0  # capped
     assert labels_to_reach(n, [300.0, 200.0, 250.0], 150.0, 120) == 120.0  # no longer falling: the cap
     rows = [{"test": "a", "forces_rmse_meV_A": 3.0}, {"test": "b", "forces_rmse_meV_A": 1.0}]
     assert overall_rmse(rows, {"a": 1, "b": 3}) == pytest.approx(np.sqrt((9 + 3) / 4))
