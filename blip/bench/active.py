@@ -234,6 +234,19 @@ def overall_rmse(rows: list[dict], counts: dict) -> float:
     return float(np.sqrt(num / den))
 
 
+def regime_geomean(rows: list[dict]) -> float:
+    """Geometric mean over regimes of the per-regime force RMSEs (each regime weighs the same)."""
+    return float(np.exp(np.mean([np.log(row["forces_rmse_meV_A"]) for row in rows])))
+
+
+#: all-regime force errors: the headline (every test force component) and two secondary views
+METRICS = {
+    "forces_rmse_meV_A": "RMSE over every force component of the 6 test sets (headline)",
+    "forces_rmse_no_dimers_meV_A": "the same without the dimer test set",
+    "forces_rmse_regime_geomean_meV_A": "geometric mean over the 6 regimes of their force RMSEs",
+}
+
+
 def curve_of(rows: list[dict], strategy: str, counts: dict) -> dict:
     by_round: dict[int, list] = {}
     for row in rows:
@@ -244,6 +257,9 @@ def curve_of(rows: list[dict], strategy: str, counts: dict) -> dict:
         "round": rounds,
         "n_labelled": [int(by_round[r][0]["n_labelled"]) for r in rounds],
         "forces_rmse_meV_A": [overall_rmse(by_round[r], counts) for r in rounds],
+        "forces_rmse_no_dimers_meV_A": [overall_rmse([x for x in by_round[r] if x["test"] != "dimers"], counts)
+                                        for r in rounds],
+        "forces_rmse_regime_geomean_meV_A": [regime_geomean(by_round[r]) for r in rounds],
         "per_regime_forces_rmse_meV_A": {t: [next(x["forces_rmse_meV_A"] for x in by_round[r] if x["test"] == t)
                                              for r in rounds] for t in counts},
         "energy_per_atom_rmse_meV": [float(np.mean([x["energy_per_atom_rmse_meV"] for x in by_round[r]]))
@@ -342,7 +358,7 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
     for sel in selectors:
         cs = [raw[s][sel] for s in seeds]
         curves[sel] = {"n_labelled": cs[0]["n_labelled"],
-                       "forces_rmse_meV_A": _ms([c["forces_rmse_meV_A"] for c in cs]),
+                       **{m: _ms([c[m] for c in cs]) for m in METRICS},
                        "energy_per_atom_rmse_meV": _ms([c["energy_per_atom_rmse_meV"] for c in cs]),
                        "per_regime_forces_rmse_meV_A": {t: _ms([c["per_regime_forces_rmse_meV_A"][t] for c in cs])
                                                         for t in counts},
@@ -350,17 +366,24 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
                        "pool_max_force_std": cs[0]["pool_max_force_std"] if len(cs) == 1 else
                        _ms([[np.nan if v is None else v for v in c["pool_max_force_std"]] for c in cs]),
                        "per_seed_forces_rmse_meV_A": {str(s): raw[s][sel]["forces_rmse_meV_A"] for s in seeds}}
+    by_metric = {}
     if "random" in selectors:
-        for sel in selectors:
-            vals = []
-            for s in seeds:
-                rnd, c = raw[s]["random"], raw[s][sel]
-                target, n_final = rnd["forces_rmse_meV_A"][-1], rnd["n_labelled"][-1]
-                vals.append(labels_to_reach(c["n_labelled"], c["forces_rmse_meV_A"], target, 2 * n_final) / n_final)
-            fractions[sel] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
+        for metric in METRICS:
+            by_metric[metric] = {}
+            for sel in selectors:
+                vals = []
+                for s in seeds:
+                    rnd, c = raw[s]["random"], raw[s][sel]
+                    target, n_final = rnd[metric][-1], rnd["n_labelled"][-1]
+                    vals.append(labels_to_reach(c["n_labelled"], c[metric], target, 2 * n_final) / n_final)
+                by_metric[metric][sel] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
+        fractions = by_metric["forces_rmse_meV_A"]
     result = {"protocol": "active", "seeds": len(seeds), "curves": curves,
               "label_fraction_to_match_random": fractions.get("uncertainty", {}).get("mean"),
               "label_fraction_to_match_random_by_selector": fractions,
+              "label_fraction_to_match_random_secondary": {m: v for m, v in by_metric.items()
+                                                           if m != "forces_rmse_meV_A"},
+              "metrics": METRICS,
               "label_fraction_rule": "per seed: labels (initial set included) at which the selector's curve "
                                      "first reaches random's final test force RMSE (linear interpolation between "
                                      "rounds; never reached: linear extrapolation of the last segment if it "
@@ -372,7 +395,7 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
         w_t = [np.mean(x["train_seconds"][1:]) for x in w]
         result["warm_start"] = {
             "epochs_from_scratch": settings["epochs"], "epochs_warm": settings["warm_start_epochs"],
-            "curve_warm": {"n_labelled": w[0]["n_labelled"], "forces_rmse_meV_A": _ms([x["forces_rmse_meV_A"] for x in w]),
+            "curve_warm": {"n_labelled": w[0]["n_labelled"], **{m: _ms([x[m] for x in w]) for m in METRICS},
                            "train_seconds": _ms([x["train_seconds"] for x in w])},
             "round_seconds_scratch": {"mean": float(np.mean(sc_t)), "std": float(np.std(sc_t))},
             "round_seconds_warm": {"mean": float(np.mean(w_t)), "std": float(np.std(w_t))},
@@ -381,6 +404,9 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
                                           "std": float(np.std([x["forces_rmse_meV_A"][-1] for x in c]))},
             "final_forces_rmse_warm": {"mean": float(np.mean([x["forces_rmse_meV_A"][-1] for x in w])),
                                        "std": float(np.std([x["forces_rmse_meV_A"][-1] for x in w]))},
+            "per_seed_final_forces_rmse": {"scratch": [x["forces_rmse_meV_A"][-1] for x in c],
+                                           "warm": [x["forces_rmse_meV_A"][-1] for x in w]},
+            "per_seed_round_seconds": {"scratch": sc_t, "warm": w_t},
             "seconds": "mean over rounds 1..N of the trainer's wall time (round 0 is shared)",
         }
     return result
