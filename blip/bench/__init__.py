@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                         "folder (finished runs are reused; train seconds come from their log.csv)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is much faster on a busy machine")
+    p.add_argument("--warm-epochs", default=None,
+                   help="active: comma-separated epochs of the warm-started rounds, one warm-start run per value "
+                        "(default: a third of --epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines stay)")
     p.set_defaults(func=cmd_bench)
 
@@ -102,7 +105,8 @@ def cmd_bench(args) -> int:
             raise ConfigError("--seeds must be >= 1")
         active.run(Path(args.out or "bench/active"), data_dir(args.data), list(range(args.seed, args.seed + seeds)),
                    quick=args.quick, epochs=args.epochs, runs_dir=Path(args.runs_dir) if args.runs_dir else None,
-                   progress=not args.quiet)
+                   progress=not args.quiet,
+                   warm_epochs=[int(x) for x in args.warm_epochs.split(",")] if args.warm_epochs else None)
         return 0
     root = data_dir(args.data)
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,

@@ -204,7 +204,7 @@ def _write_e0s(e0s: dict, path: Path) -> str:
 
 
 # -- runs ---------------------------------------------------------------------------------
-def al_user_config(data: dict, out: Path, seed: int, settings: dict, warm: bool) -> dict:
+def al_user_config(data: dict, out: Path, seed: int, settings: dict, warm: bool, warm_epochs=None) -> dict:
     s = settings
     return {
         "active_learning": {
@@ -213,7 +213,7 @@ def al_user_config(data: dict, out: Path, seed: int, settings: dict, warm: bool)
             "strategies": ["uncertainty"] if warm else list(s["selectors"]), "score": "max_force_std",
             "diversity": "greedy", "diversity_space": "features", "diversity_threshold": s["diversity_threshold"],
             "samples": s["samples"], "ensemble_size": s["ensemble_size"], "warm_start": warm,
-            "warm_start_epochs": s["warm_start_epochs"] if warm else None, "seed": seed,
+            "warm_start_epochs": (warm_epochs or s["warm_start_epochs"]) if warm else None, "seed": seed,
         },
         "data": {"valid_fraction": 0.1, "test_files": dict(data["tests"]), "e0s": data["e0s_file"]},
         "model": dict(s["model"]),
@@ -285,7 +285,10 @@ def labels_to_reach(n: list, rmse: list, target: float, cap: float) -> float:
 
 
 def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: int | None = None,
-        runs_dir: Path | None = None, progress: bool = False, selectors=SELECTORS, warm: bool = True) -> dict:
+        runs_dir: Path | None = None, progress: bool = False, selectors=SELECTORS, warm: bool = True,
+        warm_epochs: list[int] | None = None) -> dict:
+    """All seeds of the benchmark. ``warm_epochs``: epochs of the warm-started rounds, one
+    warm-start run per value (default: a third of the from-scratch epochs)."""
     import torch
 
     from ..active import ActiveLearning, resolve_config
@@ -301,6 +304,7 @@ def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: in
         "initial": 4 if quick else 20, "rounds": 2 if quick else 5, "n_select": 3 if quick else 20,
         "samples": 4 if quick else 8, "ensemble_size": 5, "epochs": ep,
         "warm_start_epochs": max(1, ep // 3), "diversity_threshold": 0.5, "selectors": list(selectors),
+        "warm_start_variants": list(warm_epochs or [max(1, ep // 3)]),
         "model": ({"backbone": "painn", "cutoff": 5.0, "features": 8, "interactions": 1, "radial": 6} if quick else
                   {"backbone": "painn", "cutoff": 5.0, "features": 32, "interactions": 2, "radial": 16}),
     }
@@ -313,14 +317,15 @@ def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: in
         cfg = resolve_config(al_user_config(data, runs_dir / f"seed{seed}" / "scratch", seed, settings, False), out)
         rows = ActiveLearning(cfg, progress=progress, log=log).run()
         entry = {"scratch": rows}
-        if warm:
-            warm_out = runs_dir / f"seed{seed}" / "warm"
+        for n_warm in (settings["warm_start_variants"] if warm else []):
+            name = "warm" if n_warm == settings["warm_start_epochs"] else f"warm_e{n_warm}"
+            warm_out = runs_dir / f"seed{seed}" / name
             src = cfg.output_dir / "round_000"
             if not (warm_out / "round_000" / "metrics.json").is_file():  # round 0 is shared: copy it
                 shutil.copytree(src, warm_out / "round_000", dirs_exist_ok=True, ignore=shutil.ignore_patterns("selector"))
-            wcfg = resolve_config(al_user_config(data, warm_out, seed, settings, True), out)
-            log(f"seed {seed}: uncertainty with warm-started rounds ({settings['warm_start_epochs']} epochs each)")
-            entry["warm"] = ActiveLearning(wcfg, progress=progress, log=log).run()
+            wcfg = resolve_config(al_user_config(data, warm_out, seed, settings, True, n_warm), out)
+            log(f"seed {seed}: uncertainty with warm-started rounds ({n_warm} epochs each)")
+            entry[f"warm{n_warm}"] = ActiveLearning(wcfg, progress=progress, log=log).run()
         per_seed[seed] = entry
     result = summarise(per_seed, counts, settings, selectors)
     result["settings"] = {
@@ -388,13 +393,16 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
                                      "first reaches random's final test force RMSE (linear interpolation between "
                                      "rounds; never reached: linear extrapolation of the last segment if it "
                                      "still falls, capped at 2x), over random's final labels; mean over seeds"}
-    if all("warm" in per_seed[s] for s in seeds):
-        w = [curve_of(per_seed[s]["warm"], "uncertainty", counts) for s in seeds]
+    variants = {}
+    for n_warm in settings.get("warm_start_variants", [settings.get("warm_start_epochs")]):
+        if not all(f"warm{n_warm}" in per_seed[s] for s in seeds):
+            continue
+        w = [curve_of(per_seed[s][f"warm{n_warm}"], "uncertainty", counts) for s in seeds]
         c = [raw[s]["uncertainty"] for s in seeds]
         sc_t = [np.mean(x["train_seconds"][1:]) for x in c]
         w_t = [np.mean(x["train_seconds"][1:]) for x in w]
-        result["warm_start"] = {
-            "epochs_from_scratch": settings["epochs"], "epochs_warm": settings["warm_start_epochs"],
+        variants[str(n_warm)] = {
+            "epochs_from_scratch": settings["epochs"], "epochs_warm": n_warm,
             "curve_warm": {"n_labelled": w[0]["n_labelled"], **{m: _ms([x[m] for x in w]) for m in METRICS},
                            "train_seconds": _ms([x["train_seconds"] for x in w])},
             "round_seconds_scratch": {"mean": float(np.mean(sc_t)), "std": float(np.std(sc_t))},
@@ -409,6 +417,9 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
             "per_seed_round_seconds": {"scratch": sc_t, "warm": w_t},
             "seconds": "mean over rounds 1..N of the trainer's wall time (round 0 is shared)",
         }
+    if variants:
+        result["warm_start"] = variants.get(str(settings.get("warm_start_epochs")), next(iter(variants.values())))
+        result["warm_start_variants"] = variants
     return result
 
 
@@ -456,13 +467,15 @@ def write_plots(out: Path, result: dict) -> list[str]:
     fig.savefig(folder / "per_regime.png", dpi=110)
     names.append("plots/per_regime.png")
 
-    ws = result.get("warm_start")
-    if ws:
+    variants = result.get("warm_start_variants", {})
+    if variants:
         fig = Figure(figsize=(10, 3.8), layout="constrained")
         FigureCanvasAgg(fig)
         a1, a2 = fig.subplots(1, 2)
         sc = curves["uncertainty"]
-        for label, c in (("from scratch", sc), ("warm start", ws["curve_warm"])):
+        lines = [("from scratch", sc)] + [(f"warm start, {v['epochs_warm']} epochs", v["curve_warm"])
+                                          for v in variants.values()]
+        for label, c in lines:
             n = np.array(c["n_labelled"])
             for ax, key in ((a1, "forces_rmse_meV_A"), (a2, "train_seconds")):
                 m, s = np.array(c[key]["mean"]), np.array(c[key]["std"])
@@ -491,9 +504,8 @@ def markdown(result: dict, plots: list[str]) -> str:
         f = fr.get(sel)
         lines.append(f"| {sel} | {c['n_labelled'][-1]} | {m:.1f} ± {s:.1f} | "
                      + (f"{f['mean']:.2f} ± {f['std']:.2f}" if f else "n/a") + " |")
-    ws = result.get("warm_start")
-    if ws:
-        lines += ["", f"Warm start: {ws['round_seconds_warm']['mean']:.1f} s vs {ws['round_seconds_scratch']['mean']:.1f} s "
+    for ws in result.get("warm_start_variants", {}).values():
+        lines += ["", f"Warm start ({ws['epochs_warm']} epochs per round): {ws['round_seconds_warm']['mean']:.1f} s vs {ws['round_seconds_scratch']['mean']:.1f} s "
                       f"per round (ratio {ws['time_ratio_warm_over_scratch']:.2f}); final force RMSE "
                       f"{ws['final_forces_rmse_warm']['mean']:.1f} ± {ws['final_forces_rmse_warm']['std']:.1f} vs "
                       f"{ws['final_forces_rmse_scratch']['mean']:.1f} ± {ws['final_forces_rmse_scratch']['std']:.1f} meV/Å"]
