@@ -50,8 +50,8 @@ def test_scores_from_predicted_std():
 def test_greedy_diversity_defers_near_duplicates():
     scores = np.array([0.9, 0.8, 0.7, 0.1])
     desc = np.array([[0.0, 0.0], [0.0, 0.001], [1.0, 0.0], [0.0, -2.0]])  # 1 duplicates 0
-    assert rank_greedy(scores, desc, n_select=2, threshold=0.1) == [0, 2, 1, 3]
-    assert rank_greedy(scores, desc, n_select=2, threshold=0.0) == [0, 1, 2, 3]
+    assert rank_greedy(scores, desc, n_select=2, radius=0.1) == [0, 2, 1, 3]
+    assert rank_greedy(scores, desc, n_select=2, radius=0.0) == [0, 1, 2, 3]
     assert rank_fps(scores, desc) == [0, 3, 2, 1]  # farthest first, duplicate last
 
 
@@ -195,3 +195,109 @@ def test_fine_tune_starts_from_the_previous_weights(tiny_model_path, tmp_path):
     # weights are the starting ones; the feature statistics of the inference net are refitted
     for key, value in model.members[0].named_parameters():
         assert torch.equal(value, states[0][key]), key
+
+
+# -- batch diversity, selectors, stopping rule, warm start ----------------------------------
+def test_duplicate_radius_and_greedy_batch_drop_duplicates():
+    from blip.active.selection import duplicate_radius, farthest_from
+
+    labelled = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])  # NN distances 1, 1, 1, ~6.4
+    radius = duplicate_radius(labelled, 0.5)
+    assert radius == pytest.approx(0.5)  # 0.5 x median nearest-neighbour distance of the labelled set
+    assert duplicate_radius(labelled[:1], 0.5) == 0.0
+    cands = np.array([[3.0, 3.0], [3.0, 3.0], [3.3, 3.0], [3.6, 3.0], [9.0, 9.0]])
+    scores = np.array([0.9, 0.9, 0.8, 0.7, 0.1])
+    # exact duplicate (1) and near-duplicate within 0.5 (2) are passed over; 3 is 0.6 away: kept
+    assert rank_greedy(scores, cands, n_select=3, radius=radius) == [0, 3, 4, 1, 2]
+    # radius 0 still drops the exact duplicate, not the near one
+    assert rank_greedy(scores, cands, n_select=2, radius=0.0)[:2] == [0, 2]
+    # farthest-point sampling away from the labelled set, then from each other
+    assert farthest_from(labelled, cands, 2) == [4, 0]
+
+
+def test_model_features_are_per_structure_and_see_geometry(tiny_model_path):
+    import blip
+    from blip.active.selection import model_features
+
+    model = blip.load(tiny_model_path)
+    a = ase.io.read(SMALL, 0)
+    b = a.copy()
+    b.rotate(50, "x")
+    c = a.copy()
+    c.positions *= 1.1
+    f = model_features(model, [a, b, c])
+    assert f.shape[0] == 3 and f.shape[1] == 2 * model.config["model"]["features"]
+    np.testing.assert_allclose(f[1], f[0], atol=1e-5)
+    assert np.linalg.norm(f[2] - f[0]) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["uncertainty", "random", "fps", "ensemble"])
+def test_one_round_of_each_selector(tmp_path, strategy):
+    cfg = resolve_config(al_config(tmp_path, strategies=[strategy], rounds=1, n_select=2, ensemble_size=2,
+                                   diversity_threshold=0.5), tmp_path)
+    rows = ActiveLearning(cfg, progress=False, log=lambda m: None).run()
+    assert [(r["strategy"], r["round"], r["n_labelled"]) for r in rows] == [(strategy, 0, 2), (strategy, 1, 4)]
+    out = cfg.output_dir
+    picked = read_labelled(out / strategy / "round_001" / "labelled.xyz")
+    assert len({s.atoms.info["al_file_index"] for s in picked}) == 4
+    sel = json.loads((out / strategy / "round_001" / "selection.json").read_text())
+    assert len(sel["pool_indices"]) == 2 and sel["pool_max_force_std"] > 0
+    if strategy in ("uncertainty", "ensemble"):
+        assert sel["diversity_radius"] > 0 and len(sel["scores"]) == 2
+    if strategy == "ensemble":
+        import blip
+
+        assert blip.load(out / "round_000" / "selector" / "model.pt").method == "ensemble"
+    csv_rows = list(csv.DictReader(open(out / "learning_curve.csv")))
+    assert float(csv_rows[0]["pool_max_force_std"]) > 0 and csv_rows[0]["stopped"] == "False"
+
+
+def test_stopping_rule_ends_the_loop(tmp_path):
+    cfg = resolve_config(al_config(tmp_path, strategies=["uncertainty", "random"], rounds=3,
+                                   stop_max_force_std=1e6), tmp_path)
+    rows = ActiveLearning(cfg, progress=False, log=lambda m: None).run()
+    assert [(r["strategy"], r["round"]) for r in rows] == [("uncertainty", 0), ("random", 0)]
+    assert all(r["stopped"] for r in rows)
+    out = cfg.output_dir
+    assert not (out / "uncertainty" / "round_001").exists()
+    csv_rows = list(csv.DictReader(open(out / "learning_curve.csv")))
+    assert [r["stopped"] for r in csv_rows] == ["True", "True"]
+    assert 0 < float(csv_rows[0]["pool_max_force_std"]) < 1e6
+    # a rerun (resume) does not start the stopped strategies again
+    again = ActiveLearning(cfg, progress=False, log=lambda m: None).run()
+    assert len(again) == 2
+    with pytest.raises(ConfigError, match="stop_max_force_std"):
+        resolve_config(al_config(tmp_path, stop_max_force_std=-1), tmp_path)
+
+
+def test_warm_start_round_loads_the_previous_weights(tmp_path):
+    import torch
+
+    import blip
+
+    cfg = resolve_config(al_config(tmp_path, strategies=["uncertainty"], rounds=1, warm_start=True,
+                                   warm_start_epochs=0), tmp_path)
+    ActiveLearning(cfg, progress=False, log=lambda m: None).run()
+    out = cfg.output_dir
+    before = blip.load(out / "round_000" / "train" / "model.pt").members[0]
+    after = blip.load(out / "uncertainty" / "round_001" / "train" / "model.pt").members[0]
+    for (key, value), (_, start) in zip(after.named_parameters(), before.named_parameters()):
+        assert torch.equal(value, start), key
+    # from scratch, round 1 is a new network
+    cold = resolve_config(al_config(tmp_path / "cold", strategies=["uncertainty"], rounds=1), tmp_path)
+    ActiveLearning(cold, progress=False, log=lambda m: None).run()
+    fresh = blip.load(cold.output_dir / "uncertainty" / "round_001" / "train" / "model.pt").members[0]
+    assert any(not torch.equal(p, q) for p, q in zip(fresh.parameters(), before.parameters()))
+
+
+def test_bench_active_label_fraction_rule():
+    from blip.bench.active import labels_to_reach, overall_rmse
+
+    n, rmse = [20, 40, 60], [300.0, 200.0, 100.0]
+    assert labels_to_reach(n, rmse, 150.0, 120) == pytest.approx(50.0)  # linear between rounds
+    assert labels_to_reach(n, rmse, 400.0, 120) == 20.0
+    assert labels_to_reach(n, rmse, 50.0, 120) == pytest.approx(70.0)  # extrapolated last segment
+    assert labels_to_reach(n, rmse, 1.0, 75) == 75.0  # capped
+    assert labels_to_reach(n, [300.0, 200.0, 250.0], 150.0, 120) == 120.0  # no longer falling: the cap
+    rows = [{"test": "a", "forces_rmse_meV_A": 3.0}, {"test": "b", "forces_rmse_meV_A": 1.0}]
+    assert overall_rmse(rows, {"a": 1, "b": 3}) == pytest.approx(np.sqrt((9 + 3) / 4))

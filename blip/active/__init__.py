@@ -1,10 +1,14 @@
 """``blip active-learn CONFIG.yaml``: uncertainty-driven active learning with a random control.
 
-Each round, for each strategy: train on the labelled set (or fine-tune the previous round's
-model) -> test metrics -> score the remaining pool -> pick ``n_select`` -> label -> add.
-Strategy "uncertainty" ranks the pool by a score of the predicted uncertainty with a
-diversity rule; "random" picks uniformly with the same budget. Round 0 (the initial set) is
-shared by all strategies.
+Each round, for each strategy: train on the labelled set (or, with ``warm_start``, fine-tune
+the previous round's model) -> test metrics -> score the remaining pool -> stop if its
+largest calibrated force sigma is below ``stop_max_force_std`` -> pick ``n_select`` -> label
+-> add. Strategy "uncertainty" ranks the pool by a score of the predicted uncertainty with a
+batch-diversity rule (greedy on the score, skipping candidates within a data-driven radius
+of one already picked, in the model's feature space); "random" picks uniformly with the same
+budget; "fps" is farthest-point sampling in the model's feature space (no uncertainty);
+"ensemble" uses a deep ensemble trained on the same labels as the selector. Round 0 (the
+initial set) is shared by all strategies.
 
 The config file holds a normal ``blip train`` config (data/model/uq/training/output_dir;
 ``data.train_file`` is set by the loop) plus a section ``active_learning`` (see AL_DEFAULTS).
@@ -14,6 +18,8 @@ Output (OUT = output_dir):
     OUT/round_000/labelled.xyz              the initial labelled set (shared)
     OUT/<strategy>/round_NNN/labelled.xyz   labelled set of a round (written atomically)
     OUT/.../train/model.pt                  the round's model;  OUT/.../metrics.json its test rows
+    OUT/.../selector/model.pt               strategy "ensemble": the selector ensemble of the round
+    OUT/<strategy>/pool_NNN.json            the pool scan of round NNN (largest force sigma, stopped)
     OUT/learning_curve.csv, OUT/learning_curve.png
 A killed run restarted with the same command resumes after its last completed round.
 
@@ -29,11 +35,12 @@ from .config import AL_DEFAULTS, POOL_MD_DEFAULTS, STRATEGIES, ALConfig, load_co
 from .loop import ActiveLearning
 from .loop import _warm_start_trainer  # noqa: F401 (imported by tests)
 from .output import CSV_FIELDS, format_rows, plot_learning_curves
-from .selection import SCORES, pair_distance_descriptor, rank_fps, rank_greedy, uncertainty_scores
+from .selection import (SCORES, duplicate_radius, farthest_from, model_features, pair_distance_descriptor, rank_fps,
+                        rank_greedy, uncertainty_scores)
 
 __all__ = ["AL_DEFAULTS", "POOL_MD_DEFAULTS", "STRATEGIES", "SCORES", "CSV_FIELDS", "ALConfig", "ActiveLearning",
            "load_config", "resolve_config", "uncertainty_scores", "pair_distance_descriptor", "rank_greedy",
-           "rank_fps", "plot_learning_curves", "format_rows", "cmd_active_learn", "register"]
+           "rank_fps", "duplicate_radius", "farthest_from", "model_features", "plot_learning_curves", "format_rows", "cmd_active_learn", "register"]
 
 
 def cmd_active_learn(args) -> int:

@@ -21,18 +21,29 @@ AL_DEFAULTS: dict = {
     "tblite": {},  # settings of the tblite oracle (method, accuracy, electronic_temperature, ...)
     "rounds": 5,  # selection rounds after round 0
     "n_select": 25,  # structures labelled per round and strategy
-    "strategies": ["uncertainty", "random"],
+    "strategies": ["uncertainty", "random"],  # STRATEGIES
     "score": "max_force_std",  # SCORES
     "diversity": "greedy",  # greedy | fps | none
-    "diversity_threshold": 0.1,  # greedy: skip within this fraction of the median descriptor distance
-    "diversity_candidates": 4,  # greedy/fps: consider the top (this x n_select) scored structures
+    "diversity_space": "features",  # features (the model's own) | pairs (pair-distance histograms)
+    # greedy: a candidate within this fraction of the labelled set's median nearest-neighbour
+    # descriptor distance of one already picked in the batch is passed over (exact duplicates always)
+    "diversity_threshold": 0.5,
+    "diversity_candidates": 10,  # greedy/fps: consider the top (this x n_select) scored structures
     "samples": 16,  # Monte-Carlo samples K for scoring and test metrics
-    "fine_tune": False,  # start each round from the previous round's weights
+    "ensemble_size": 5,  # strategy "ensemble": members of the selector ensemble
+    "warm_start": False,  # fine-tune the previous round's model instead of training from scratch
+    "warm_start_epochs": None,  # epochs of a warm-started round (null = training.epochs)
+    "fine_tune": False,  # old name of warm_start
+    "stop_max_force_std": None,  # eV/A: stop when the pool's largest calibrated force sigma is below
     "seed": 0,
 }
 POOL_MD_DEFAULTS: dict = {"temperature": 600.0, "steps": 200, "every": 10, "timestep": 0.5,
                           "friction": 0.01, "starts": 4}
-STRATEGIES = ("uncertainty", "random")
+STRATEGIES = ("uncertainty", "random", "fps", "ensemble")
+#: uncertainty: the round's model's sigma (score) + batch diversity; random: uniform;
+#: fps: farthest-point sampling in the round's model's feature space (no sigma);
+#: ensemble: sigma of a deep ensemble (ensemble_size members) trained on the same labels as the
+#: selector; its curve is that of the round's main model trained on the ensemble-picked labels.
 
 
 @dataclass
@@ -63,6 +74,7 @@ def resolve_config(user: dict, base_dir, overrides=()) -> ALConfig:
             raise ConfigError("active_learning.pool_md must be a mapping (or null)")
         al["pool_md"] = config_mod.merge_known(POOL_MD_DEFAULTS, al["pool_md"], "active_learning.pool_md.")
     _check_al(al)
+    al["warm_start"] = bool(al["warm_start"] or al.pop("fine_tune"))
     for key in ("initial_file", "pool_file"):
         if al[key] is not None:
             al[key] = str((base_dir / al[key]).resolve())
@@ -99,7 +111,7 @@ def _check_al(al: dict) -> None:
         need(al["pool_md"] is None, "pool_md needs a reference calculator (oracle 'tblite'), not 'pool'")
     else:
         need(al["pool_file"] or al["pool_md"], "give pool_file and/or pool_md")
-    for key in ("rounds", "n_select", "samples", "diversity_candidates", "seed"):
+    for key in ("rounds", "n_select", "samples", "diversity_candidates", "seed", "ensemble_size"):
         need(isinstance(al[key], int) and not isinstance(al[key], bool), f"{key} must be an integer")
     need(al["rounds"] >= 0, "rounds must be >= 0")
     need(al["n_select"] >= 1, "n_select must be >= 1")
@@ -118,6 +130,16 @@ def _check_al(al: dict) -> None:
          and set(al["strategies"]) <= set(STRATEGIES) and len(set(al["strategies"])) == len(al["strategies"]),
          f"strategies must be a list of distinct names from {', '.join(STRATEGIES)}")
     need(isinstance(al["fine_tune"], bool), "fine_tune must be true or false")
+    need(isinstance(al["warm_start"], bool), "warm_start must be true or false")
+    need(al["warm_start_epochs"] is None or (isinstance(al["warm_start_epochs"], int)
+                                             and not isinstance(al["warm_start_epochs"], bool)
+                                             and al["warm_start_epochs"] >= 0),
+         "warm_start_epochs must be an integer >= 0 or null")
+    need(al["ensemble_size"] >= 2, "ensemble_size must be >= 2")
+    need(al["diversity_space"] in ("features", "pairs"), "diversity_space must be features or pairs")
+    stop = al["stop_max_force_std"]
+    need(stop is None or (isinstance(stop, (int, float)) and not isinstance(stop, bool) and stop > 0),
+         "stop_max_force_std must be a positive number (eV/A) or null")
     need(isinstance(al["tblite"], dict), "tblite must be a mapping")
     md = al["pool_md"]
     if md is not None:

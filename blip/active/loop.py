@@ -14,7 +14,8 @@ from .._files import write_text_atomic
 from ..errors import ConfigError
 from .config import ALConfig
 from .output import _f, plot_learning_curves, write_learning_curve_csv
-from .selection import pair_distance_descriptor, rank_fps, rank_greedy, uncertainty_scores
+from .selection import (duplicate_radius, farthest_from, model_features, pair_distance_descriptor, rank_fps,
+                        rank_greedy, uncertainty_scores)
 
 
 class ActiveLearning:
@@ -34,6 +35,10 @@ class ActiveLearning:
     def round_dir(self, strategy: str, r: int) -> Path:
         return self.out / "round_000" if r == 0 else self.out / strategy / f"round_{r:03d}"
 
+    def pool_path(self, strategy: str, r: int) -> Path:
+        """JSON of a round's pool scan: largest force sigma, pool size, whether the run stopped."""
+        return self.out / strategy / f"pool_{r:03d}.json"
+
     # -- entry point
     def run(self) -> list[dict]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -44,6 +49,8 @@ class ActiveLearning:
         rows = []
         for r in range(self.al["rounds"] + 1):
             for strategy in self.al["strategies"]:
+                if self._stopped_before(strategy, r):
+                    continue
                 unit_rows = self._round(strategy, r)
                 rows.extend(unit_rows)
                 self._write_csv()
@@ -143,6 +150,14 @@ class ActiveLearning:
         write_labelled(path, labelled, self.ek, self.fk, info)
 
     # -- one round of one strategy
+    def _stopped_before(self, strategy: str, r: int) -> bool:
+        """True if the stopping rule ended ``strategy`` in a round before ``r``."""
+        for k in range(r):
+            path = self.pool_path(strategy, k)
+            if path.is_file() and json.loads(path.read_text()).get("stopped"):
+                return True
+        return False
+
     def _round(self, strategy: str, r: int) -> list[dict]:
         from ..data import read_labelled
         from ..io import load
@@ -150,40 +165,77 @@ class ActiveLearning:
         here = self.round_dir(strategy, r)
         labelled = read_labelled(here / "labelled.xyz", self.ek, self.fk)
         metrics_path = here / "metrics.json"
+        model = selector = None
         if metrics_path.is_file():
             rows = json.loads(metrics_path.read_text())
-            model = None
         else:
-            init = self.round_dir(strategy, r - 1) / "train" / "model.pt" if (r and self.al["fine_tune"]) else None
-            model, n_train, seconds = self._train(here, init)
+            model, n_train, seconds = self._train(here, self._init_of(strategy, r, "train"))
             rows = self._evaluate(model, len(labelled), n_train, seconds, r)
+            if strategy == "ensemble" and r < self.al["rounds"]:
+                selector, _, sel_seconds = self._train(here, self._init_of(strategy, r, "selector"), selector=True)
+                for row in rows:
+                    row["selector_seconds"] = sel_seconds
             write_text_atomic(metrics_path, json.dumps(rows, indent=1))
-        rows = [{**row, "strategy": strategy} for row in rows]
         nxt = self.round_dir(strategy, r + 1) / "labelled.xyz"
-        if r < self.al["rounds"] and not nxt.is_file():
+        pool_path = self.pool_path(strategy, r)
+        if not pool_path.is_file() or (r < self.al["rounds"] and not nxt.is_file()
+                                       and not json.loads(pool_path.read_text()).get("stopped")):
             model = model or load(here / "train" / "model.pt")
+            if strategy == "ensemble" and r < self.al["rounds"]:
+                selector = selector or self._selector(strategy, r)
             self._ensure_pool(model)
-            self._select_and_label(strategy, r, model, labelled, nxt)
+            self._select_and_label(strategy, r, model, selector or model, labelled, nxt)
+        rows = [{**row, **self._pool_info(strategy, r), "strategy": strategy} for row in rows]
         for row in rows:
             self.log(f"round {r} {strategy:11s} n={row['n_labelled']:4d} {row['test']}: "
                      f"E {row['energy_rmse_meV']:.2f} meV, F {row['forces_rmse_meV_A']:.1f} meV/A, "
-                     f"F NLL {_f(row['forces_nll'])}")
+                     f"F NLL {_f(row['forces_nll'])}, pool max F sigma {_f(row.get('pool_max_force_std'))} eV/A"
+                     + (" -> stop" if row.get("stopped") else ""))
         return rows
 
-    def _train(self, here: Path, init_model: Path | None):
+    def _init_of(self, strategy: str, r: int, which: str) -> Path | None:
+        """The previous round's model to fine-tune (warm start), else None (from scratch)."""
+        if not (r and self.al["warm_start"]):
+            return None
+        path = self.round_dir(strategy, r - 1) / which / "model.pt"
+        return path if path.is_file() else None
+
+    def _selector(self, strategy: str, r: int):
+        """The ensemble selector of a round (trained if its model file is missing)."""
+        from ..io import load
+
+        here = self.round_dir(strategy, r)
+        path = here / "selector" / "model.pt"
+        if path.is_file():
+            return load(path)
+        return self._train(here, self._init_of(strategy, r, "selector"), selector=True)[0]
+
+    def _pool_info(self, strategy: str, r: int) -> dict:
+        path = self.pool_path(strategy, r)
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        return {"pool_max_force_std": info.get("pool_max_force_std"), "pool_size": info.get("pool_size"),
+                "stopped": bool(info.get("stopped", False))}
+
+    def _train(self, here: Path, init_model: Path | None, selector: bool = False):
         from ..train.datasets import prepare_data
         from ..train.loop import Trainer
 
         cfg = copy.deepcopy(self.cfg.training)
         cfg["data"]["train_file"] = str(here / "labelled.xyz")
         cfg["data"]["test_files"] = {}
-        cfg["output_dir"] = str(here / "train")
+        cfg["output_dir"] = str(here / ("selector" if selector else "train"))
         cfg["training"]["resume"] = False
+        if selector:
+            cfg["uq"]["method"] = "ensemble"
+            cfg["uq"]["ensemble_size"] = int(self.al["ensemble_size"])
         data = prepare_data(cfg)
         t0 = time.time()
         if init_model is not None:
             from ..io import load
 
+            if self.al["warm_start_epochs"] is not None:
+                cfg["training"]["epochs"] = int(self.al["warm_start_epochs"])
+                cfg["training"]["patience"] = max(int(cfg["training"]["patience"]), cfg["training"]["epochs"] + 1)
             states = [m.state_dict() for m in load(init_model).members]
             trainer = _warm_start_trainer(cfg, states, progress=self.progress)
         else:
@@ -250,17 +302,43 @@ class ActiveLearning:
         self.log(f"active-learn: pool MD at {md['temperature']} K gave {len(frames)} frames")
         return frames
 
-    def _select_and_label(self, strategy, r, model, labelled, path) -> None:
+    def _select_and_label(self, strategy, r, model, selector, labelled, path) -> None:
+        """Score the remaining pool, apply the stopping rule, pick and label ``n_select``.
+
+        Writes ``pool.json`` of this round (largest calibrated force sigma of the pool and
+        whether the stopping rule fired) and, unless it fired or this is the last round,
+        the next round's labelled set and ``selection.json``.
+        """
         from ..oracle import write_labelled
 
+        al = self.al
         taken = {int(s.atoms.info.get("al_pool_index", -1)) for s in labelled}
         remaining = [i for i in range(len(self.pool)) if i not in taken]
-        if not remaining:
+        scores = None
+        if remaining and selector.method != "deterministic":
+            atoms = [self.pool[i] for i in remaining]
+            pred = selector.predict(atoms, samples=al["samples"], seed=al["seed"] + 1000 + r,
+                                    progress=self.progress, source="pool")
+            scores = uncertainty_scores(pred, al["score"], [len(a) for a in atoms])
+            pool_max = float(np.max(uncertainty_scores(pred, "max_force_std", [len(a) for a in atoms])))
+        else:
+            pool_max = None
+        last = r >= al["rounds"]
+        stop = (not last and al["stop_max_force_std"] is not None and pool_max is not None
+                and pool_max < float(al["stop_max_force_std"]))
+        if not remaining and not last:
             self.log(f"active-learn: pool exhausted before round {r + 1} ({strategy})")
-        ranking, scores, skipped = self._rank(strategy, r, model, remaining)
+        if stop:
+            self.log(f"active-learn: {strategy}: the pool's largest force sigma {pool_max:.4f} eV/A < "
+                     f"stop_max_force_std {al['stop_max_force_std']:g}; no more rounds")
+        if last or stop:
+            write_text_atomic(self.pool_path(strategy, r), json.dumps(
+                {"pool_max_force_std": pool_max, "pool_size": len(remaining), "stopped": stop}, indent=1))
+            return
+        ranking, skipped, radius = self._rank(strategy, r, model, selector, remaining, scores, labelled)
         new, info, chosen = [], [], []
         for idx in ranking:
-            if len(new) == self.al["n_select"]:
+            if len(new) == al["n_select"]:
                 break
             item = self.oracle.label(self.pool[idx], idx)
             if item is not None:
@@ -268,44 +346,60 @@ class ActiveLearning:
                 chosen.append(idx)
                 info.append({"al_pool_index": int(idx), "al_round": r + 1,
                              **{k: v for k, v in self.pool[idx].info.items() if k.startswith("al_")}})
-        if len(new) < self.al["n_select"]:
-            self.log(f"active-learn: only {len(new)} of {self.al['n_select']} structures labelled in round {r + 1}")
+        if len(new) < al["n_select"]:
+            self.log(f"active-learn: only {len(new)} of {al['n_select']} structures labelled in round {r + 1}")
+        by_index = None if scores is None else {remaining[k]: float(scores[k]) for k in range(len(remaining))}
+        selection = {"strategy": strategy, "score": al["score"] if by_index else None,
+                     "pool_indices": chosen,
+                     "scores": [by_index[i] for i in chosen] if by_index else None,
+                     "pool_score_mean": float(np.mean(scores)) if scores is not None else None,
+                     "pool_max_force_std": pool_max, "diversity_radius": radius,
+                     "passed_over_for_diversity": skipped}
+        # the pool file last: a kill before it redoes the selection (same seed -> same picks)
         old_info = [{k: v for k, v in s.atoms.info.items() if k.startswith("al_")} for s in labelled]
         write_labelled(path, list(labelled) + new, self.ek, self.fk, old_info + info)
-        selection = {"strategy": strategy, "score": self.al["score"] if scores else None,
-                     "pool_indices": chosen, "scores": [float(scores[i]) for i in chosen] if scores else None,
-                     "pool_score_mean": float(np.mean(list(scores.values()))) if scores else None,
-                     "passed_over_for_diversity": skipped}
         write_text_atomic(path.parent / "selection.json", json.dumps(selection, indent=1))
+        write_text_atomic(self.pool_path(strategy, r), json.dumps(
+            {"pool_max_force_std": pool_max, "pool_size": len(remaining), "stopped": False}, indent=1))
 
-    def _rank(self, strategy, r, model, remaining):
-        """Pool indices in the order they should be labelled, {pool index: score} and how many
-        of the ``n_select`` best-scored structures the diversity rule passed over."""
+    def _descriptors(self, model, atoms) -> np.ndarray:
+        if self.al["diversity_space"] == "features":
+            return model_features(model, atoms)
+        elements = sorted(set(model.summary.elements) | {int(z) for a in atoms for z in a.numbers})
+        return np.stack([pair_distance_descriptor(a, elements, model.cutoff) for a in atoms])
+
+    def _rank(self, strategy, r, model, selector, remaining, scores, labelled):
+        """Pool indices in labelling order, how many of the ``n_select`` best-scored structures
+        the diversity rule passed over, and the near-duplicate radius it used."""
         al = self.al
+        n = al["n_select"]
         if not remaining:
-            return [], None, 0
+            return [], 0, None
         if strategy == "random":
             rng = np.random.default_rng([al["seed"], r, 1])
-            return [remaining[k] for k in rng.permutation(len(remaining))], None, 0
+            return [remaining[k] for k in rng.permutation(len(remaining))], 0, None
         atoms = [self.pool[i] for i in remaining]
-        pred = model.predict(atoms, samples=al["samples"], seed=al["seed"] + 1000 + r, progress=self.progress,
-                             source="pool")
-        scores = uncertainty_scores(pred, al["score"], [len(a) for a in atoms])
+        if strategy == "fps":  # farthest-point sampling in the round's model's feature space
+            ref = self._descriptors(model, [s.atoms for s in labelled])
+            local = farthest_from(ref, self._descriptors(model, atoms), len(atoms))
+            return [remaining[k] for k in local], 0, None
+        if scores is None:
+            raise ConfigError(f"strategy {strategy!r} needs a model with uncertainty")
         order = np.argsort(-scores, kind="stable")
-        by_index = {remaining[k]: scores[k] for k in range(len(remaining))}
         if al["diversity"] == "none":
-            return [remaining[k] for k in order], by_index, 0
-        top = order[: al["diversity_candidates"] * al["n_select"]]
-        elements = sorted(model.summary.elements)
-        desc = np.stack([pair_distance_descriptor(atoms[k], elements, model.cutoff) for k in top])
+            return [remaining[k] for k in order], 0, None
+        top = order[: al["diversity_candidates"] * n]
+        desc = self._descriptors(selector, [atoms[k] for k in top])
+        radius = None
         if al["diversity"] == "greedy":
-            local = rank_greedy(scores[top], desc, al["n_select"], float(al["diversity_threshold"]))
+            ref = self._descriptors(selector, [s.atoms for s in labelled])
+            radius = duplicate_radius(ref, float(al["diversity_threshold"]))
+            local = rank_greedy(scores[top], desc, n, radius)
         else:
             local = rank_fps(scores[top], desc)
         ranked = [remaining[top[k]] for k in local] + [remaining[k] for k in order[len(top):]]
-        n = al["n_select"]
         skipped = len({remaining[k] for k in order[:n]} - set(ranked[:n]))  # top scores passed over
-        return ranked, by_index, skipped
+        return ranked, skipped, radius
 
     # -- outputs
     def _all_rows(self) -> list[dict]:
@@ -314,7 +408,8 @@ class ActiveLearning:
             for strategy in self.al["strategies"]:
                 path = self.round_dir(strategy, r) / "metrics.json"
                 if path.is_file():
-                    rows += [{**row, "strategy": strategy} for row in json.loads(path.read_text())]
+                    rows += [{**row, **self._pool_info(strategy, r), "strategy": strategy}
+                             for row in json.loads(path.read_text())]
         return rows
 
     def _write_csv(self) -> None:

@@ -10,7 +10,8 @@ from .._files import atomic_path, write_text_atomic
 
 CSV_FIELDS = ["strategy", "round", "n_labelled", "n_train", "test", "energy_rmse_meV",
               "energy_per_atom_rmse_meV", "forces_rmse_meV_A", "energy_nll", "forces_nll",
-              "forces_spearman", "train_seconds"]
+              "forces_spearman", "train_seconds", "selector_seconds", "pool_max_force_std", "pool_size",
+              "stopped"]
 
 
 def write_learning_curve_csv(rows: list[dict], path) -> None:

@@ -51,19 +51,70 @@ def _pairwise(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0.0))
 
 
-def rank_greedy(scores: np.ndarray, descriptors: np.ndarray, n_select: int, threshold: float) -> list[int]:
-    """Ranking (positions into ``scores``): highest scores first, skipping near-duplicates.
+def model_features(model, atoms_list) -> np.ndarray:
+    """Per-structure features of the model itself, (N, 2F): mean and max over atoms of the
+    scalar features that enter the energy readout (first member, noise-free pass).
 
-    A candidate is deferred if its descriptor lies within ``threshold`` x the median
-    pairwise descriptor distance of an already-picked one; deferred ones follow the picks.
+    Backbones without a ``readout`` module fall back to :func:`pair_distance_descriptor`.
+    """
+    import torch
+
+    from ..data import build_graph, collate
+
+    member = model.members[0]
+    readout = getattr(member.backbone, "readout", None)
+    if readout is None:
+        elements = sorted(model.summary.elements)
+        return np.stack([pair_distance_descriptor(a, elements, model.cutoff) for a in atoms_list])
+    captured = []
+    hook = readout.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    feats = []
+    try:
+        for start in range(0, len(atoms_list), 64):
+            chunk = atoms_list[start:start + 64]
+            graphs = [build_graph(a, model.cutoff, index=i) for i, a in enumerate(chunk)]
+            batch = collate(graphs, dtype=model.dtype, device=model.device)
+            captured.clear()
+            with torch.no_grad():
+                member(batch, sample=False, forces=False)
+            s = captured[-1].double().cpu().numpy()
+            owner = batch["batch"].cpu().numpy()
+            for g in range(len(chunk)):
+                rows = s[owner == g]
+                feats.append(np.concatenate([rows.mean(0), rows.max(0)]))
+    finally:
+        hook.remove()
+    return np.stack(feats)
+
+
+def _pairwise(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    y = x if y is None else y
+    sq_x, sq_y = (x * x).sum(1), (y * y).sum(1)
+    return np.sqrt(np.maximum(sq_x[:, None] + sq_y[None] - 2 * x @ y.T, 0.0))
+
+
+def duplicate_radius(reference: np.ndarray, fraction: float) -> float:
+    """Data-driven near-duplicate radius: ``fraction`` x the median distance from each
+    reference descriptor (e.g. the labelled set's) to its nearest other one; 0 with < 2 rows."""
+    if len(reference) < 2 or fraction <= 0:
+        return 0.0
+    d = _pairwise(reference)
+    np.fill_diagonal(d, np.inf)
+    return float(fraction) * float(np.median(d.min(1)))
+
+
+def rank_greedy(scores: np.ndarray, descriptors: np.ndarray, n_select: int, radius: float) -> list[int]:
+    """Batch ranking (positions into ``scores``): highest scores first, skipping near-duplicates.
+
+    A candidate is deferred if its descriptor lies within ``radius`` (distance <= radius, so
+    exact duplicates always) of one already picked in this batch; deferred candidates follow
+    the ``n_select`` picks in score order.
     """
     order = list(np.argsort(-scores, kind="stable"))
     dist = _pairwise(descriptors)
-    off = dist[np.triu_indices(len(dist), 1)]
-    tau = threshold * float(np.median(off)) if off.size else 0.0
     picked, deferred = [], []
     for c in order:
-        if len(picked) < n_select and all(dist[c, p] >= tau for p in picked):
+        if len(picked) < n_select and all(dist[c, p] > radius for p in picked):
             picked.append(c)
         else:
             deferred.append(c)
@@ -82,4 +133,19 @@ def rank_fps(scores: np.ndarray, descriptors: np.ndarray) -> list[int]:
         chosen.append(best)
         mind = np.minimum(mind, dist[best])
         mind[chosen] = -1.0
+    return chosen
+
+
+def farthest_from(labelled: np.ndarray, candidates: np.ndarray, n: int) -> list[int]:
+    """Farthest-point sampling of ``n`` candidates (positions) away from the labelled
+    descriptors and from each other: each pick maximises its distance to the nearest
+    labelled-or-picked structure (no uncertainty involved)."""
+    mind = _pairwise(candidates, labelled).min(1) if len(labelled) else np.full(len(candidates), np.inf)
+    chosen: list[int] = []
+    mind = mind.copy()
+    for _ in range(min(n, len(candidates))):
+        k = int(np.argmax(mind))
+        chosen.append(k)
+        mind = np.minimum(mind, _pairwise(candidates, candidates[k:k + 1])[:, 0])
+        mind[chosen] = -np.inf
     return chosen

@@ -34,9 +34,11 @@ def register(subparsers) -> None:
         description="Train every method on the same splits, seeds and budget; recalibrate on "
                     "validation; write OUT/results.md, OUT/results.json and plots. Protocols: "
                     + "; ".join(f"{k}: {v[1]}" for k, v in PROTOCOLS.items()))
-    p.add_argument("protocol", choices=[*PROTOCOLS, "cost", "all"],
+    p.add_argument("protocol", choices=[*PROTOCOLS, "cost", "active", "all"],
                    help="benchmark protocol ('all': each in OUT/NAME); 'cost': prediction, training and MD "
-                        "cost as ratios to the MAP pass (--backbone painn,mace; --sets acac,Si64,Si1000)")
+                        "cost as ratios to the MAP pass (--backbone painn,mace; --sets acac,Si64,Si1000); "
+                        "'active': active-learning selectors (BLIP sigma, random, FPS, ensemble) on a mixed "
+                        "GFN2-xTB-labelled ethanol pool, and warm-started rounds (--seeds, --epochs)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a handful of structures, a tiny model, 1 epoch")
     p.add_argument("--out", default=None, help="output folder (default: bench/PROTOCOL)")
@@ -70,6 +72,9 @@ def register(subparsers) -> None:
                         "folder (finished runs are reused; train seconds come from their log.csv)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is much faster on a busy machine")
+    p.add_argument("--warm-epochs", default=None,
+                   help="active: comma-separated epochs of the warm-started rounds, one warm-start run per value "
+                        "(default: a third of --epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines stay)")
     p.set_defaults(func=cmd_bench)
 
@@ -91,6 +96,17 @@ def cmd_bench(args) -> int:
             raise ConfigError(f"bench cost: unknown backbone(s) {', '.join(unknown)}; choose from {', '.join(cost.MODELS)}")
         cost.run(Path(args.out or "bench/cost"), backbones, quick=args.quick, repeats=args.repeats,
                  system_names=[x.strip() for x in args.sets.split(",")] if args.sets else None)
+        return 0
+    if args.protocol == "active":
+        from . import active
+
+        seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+        if seeds < 1:
+            raise ConfigError("--seeds must be >= 1")
+        active.run(Path(args.out or "bench/active"), data_dir(args.data), list(range(args.seed, args.seed + seeds)),
+                   quick=args.quick, epochs=args.epochs, runs_dir=Path(args.runs_dir) if args.runs_dir else None,
+                   progress=not args.quiet,
+                   warm_epochs=[int(x) for x in args.warm_epochs.split(",")] if args.warm_epochs else None)
         return 0
     root = data_dir(args.data)
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,
