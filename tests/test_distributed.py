@@ -2,7 +2,9 @@
 
 ``training.batch_size`` is the global batch: with the same order and seed, the 2-rank run
 ends with the parameters of the 1-rank run up to floating-point summation order (float64,
-relative tolerance 1e-10). A 2-rank run stopped after an epoch (training.max_epochs) and
+relative tolerance 1e-8: the rate heads see principal-component coordinates of the feature
+statistics, and the eigenvectors amplify the rounding of sums taken in another order by one
+over the eigenvalue gaps; measured 8.5e-10). A 2-rank run stopped after an epoch (training.max_epochs) and
 resumed gives the uninterrupted run's model.
 """
 
@@ -21,7 +23,7 @@ from blip.train.datasets import prepare_data
 from blip.train.loop import Trainer
 from conftest import tiny_config
 
-TOL = 1e-10
+TOL = 1e-8
 
 
 def _config(tmp_path, **training):

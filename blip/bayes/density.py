@@ -151,22 +151,30 @@ class FeatureDensity(nn.Module):
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        """Whitening ``V diag(1 / sqrt(lambda)) V^T`` of the shrunk covariance (eigenvalues lambda).
+        """Whitening ``diag(1 / sqrt(lambda)) V^T`` of the shrunk covariance (eigenvalues lambda):
+        the rate heads see principal-component coordinates.
 
         The covariance is shrunk towards its mean variance by ``max(SHRINKAGE, d / (d + n))`` with
         n the rows seen, so that a few rows (rank-deficient covariance) give a near-isotropic metric.
+        Each eigenvector's sign is fixed (its largest entry positive) and the graded floor separates
+        the eigenvalues of directions the data do not span, so statistics equal up to rounding (e.g.
+        summed over ranks in another order) give whitened features equal up to rounding. (The symmetric form ``V diag(.) V^T`` would too, but measured worse: on the ethanol
+        energy split it made the force sigma grow 2.6x instead of 1.9x on the high-energy half,
+        recalibrated NLL -1.02 against -1.13, seed 0.)
         """
         cov = self.cov.double()
-        values, vectors = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)))
-        values = values.clamp_min(0.0)
+        # the variance floor is added before the decomposition and graded along the diagonal
+        # (1 ... 2 x _FLOOR): directions the data do not span (equal, rounding-level eigenvalues
+        # otherwise) get distinct eigenvalues, so their eigenvectors do not depend on rounding
+        floor = _FLOOR * (1.0 + torch.arange(self.dim, dtype=cov.dtype, device=cov.device) / max(self.dim, 1))
+        values, vectors = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)) + torch.diag(floor))
+        values = values.clamp_min(_FLOOR)
         shrink = (self.dim / (self.dim + self.seen.double())).clamp_min(SHRINKAGE)[:, None]
-        values = (1 - shrink) * values + shrink * values.mean(dim=1, keepdim=True) + _FLOOR
-        # symmetric ("ZCA") whitening V diag(1 / sqrt(lambda)) V^T: unlike the rows diag(.) V^T alone it
-        # does not depend on the signs (or, for equal eigenvalues, the basis) eigh picks for the
-        # eigenvectors, so statistics equal up to rounding (e.g. summed over ranks in another order)
-        # give whitened features equal up to rounding
-        sym = (vectors / values.sqrt()[:, None, :]) @ vectors.transpose(1, 2)
-        self.whiten.copy_(sym.to(self.whiten.dtype))
+        values = (1 - shrink) * values + shrink * values.mean(dim=1, keepdim=True)
+        largest = vectors.abs().argmax(dim=1, keepdim=True)  # (G, 1, d): row of each column's largest entry
+        signs = torch.sign(vectors.gather(1, largest))
+        vectors = vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+        self.whiten.copy_((vectors / values.sqrt()[:, None, :]).transpose(1, 2).to(self.whiten.dtype))
 
     # -- scores ---------------------------------------------------------------------
     def standardise(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
