@@ -21,9 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .backbones.mace import MaceBackbone  # noqa: F401  (imports mace before e3nn, see there)
-from ._export_torchscript import FixedRate, LearnedRate
+from ._export_torchscript import FixedRate, LearnedRate, replica_graph
 from .bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, channel_factors, invariant_summary, noisy_fc_preactivation
-from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
+from .bayes.noise import counter_normal, counter_uniform, stream_word
 
 from e3nn.util import jit as e3nn_jit  # noqa: E402  (after mace)
 from mace.tools.scatter import scatter_sum  # noqa: E402
@@ -247,7 +247,7 @@ class MaceEnergy(nn.Module):
         sender i, receiver j); pairs (E, 2) [i, j]; shifts (E, 3) integer cell shifts.
         ``sampled``: copy k is noise replica k.
         """
-        n, n_edges = types.shape[0], pairs.shape[0]
+        n = types.shape[0]
         dtype, device = vectors.dtype, vectors.device
         z = self.index_of[types]
         i, j = pairs[:, 0], pairs[:, 1]
@@ -255,20 +255,8 @@ class MaceEnergy(nn.Module):
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
         edge_attrs = self.spherical_harmonics(vectors)
         edge_feats, cutoff = self.radial_embedding(lengths, onehot, pairs.t(), self.atomic_numbers)
-        offsets = torch.arange(copies, device=device)
-        first_atom = (offsets * n)[:, None]  # replica-major copies, as blip.data.replicate lays them out
-        edge_index = torch.stack([(i[None, :] + first_atom).reshape(-1), (j[None, :] + first_atom).reshape(-1)])
-        node_keys: Optional[torch.Tensor] = None
-        edge_keys: Optional[torch.Tensor] = None
-        if sampled and self.stochastic:
-            replica = offsets
-            structure = torch.zeros_like(replica)
-            if self.noisy_nodes:
-                local = torch.arange(n, device=device).repeat(copies)[:, None]
-                node_keys = row_keys(seed, replica, structure, torch.full_like(replica, n), local)
-            if self.noisy_edges:
-                ids = torch.cat([pairs.to(torch.long), shifts.to(torch.long)], dim=1).repeat(copies, 1)
-                edge_keys = row_keys(seed, replica, structure, torch.full_like(replica, n_edges), ids)
+        edge_index, node_keys, edge_keys = replica_graph(pairs, shifts, n, copies, seed, sampled and self.stochastic,
+                                                         self.noisy_nodes, self.noisy_edges)
         node_attrs = onehot.repeat(copies, 1)
         node_groups = z.repeat(copies)
         edge_base = torch.cat([edge_feats, onehot[i], onehot[j]], dim=1).repeat(copies, 1)

@@ -9,7 +9,7 @@ message and update steps from :mod:`blip.backbones.painn`. Importing this module
 """
 
 # no `from __future__ import annotations`: metatomic checks the forward annotations as objects
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -129,6 +129,31 @@ def noisy_stack(module: nn.Module, potential) -> NoisyStack:
     return NoisyStack(linears, True, kind, rate)
 
 
+# -- K noise replicas of one system -------------------------------------------------------
+def replica_graph(pairs: torch.Tensor, shifts: torch.Tensor, n: int, copies: int, seed: int, sampled: bool,
+                  noisy_nodes: bool, noisy_edges: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Edge index (2, K E) of K replica-major copies of one system (as :func:`blip.data.replicate`
+    lays them out) and the counter keys of their node (K N,) and edge (K E,) rows: replica k,
+    structure 0, rows keyed by atom index and (i, j, cell shift) as in ``BayesianPotential``;
+    None where that domain is noise-free or ``sampled`` is False."""
+    device = pairs.device
+    i, j = pairs[:, 0], pairs[:, 1]
+    offsets = torch.arange(copies, device=device)
+    first_atom = (offsets * n)[:, None]
+    edge_index = torch.stack([(i[None, :] + first_atom).reshape(-1), (j[None, :] + first_atom).reshape(-1)])
+    node_keys: Optional[torch.Tensor] = None
+    edge_keys: Optional[torch.Tensor] = None
+    if sampled:
+        structure = torch.zeros_like(offsets)
+        if noisy_nodes:
+            local = torch.arange(n, device=device).repeat(copies)[:, None]
+            node_keys = row_keys(seed, offsets, structure, torch.full_like(offsets, n), local)
+        if noisy_edges:
+            ids = torch.cat([pairs.to(torch.long), shifts.to(torch.long)], dim=1).repeat(copies, 1)
+            edge_keys = row_keys(seed, offsets, structure, torch.full_like(offsets, pairs.shape[0]), ids)
+    return edge_index, node_keys, edge_keys
+
+
 # -- PaiNN -------------------------------------------------------------------------------
 class PaiNNInteraction(nn.Module):
     def __init__(self, block: nn.Module, potential):
@@ -170,7 +195,7 @@ class PaiNNEnergy(nn.Module):
         types (N,) atomic numbers; vectors (E, 3) r_ij = pos[j] - pos[i] + shift; pairs (E, 2)
         [i, j]; shifts (E, 3) integer cell shifts. ``sampled``: copy k is noise replica k.
         """
-        n, n_edges = types.shape[0], pairs.shape[0]
+        n = types.shape[0]
         dtype, device = vectors.dtype, vectors.device
         z = self.index_of[types]
         i, j = pairs[:, 0], pairs[:, 1]
@@ -178,20 +203,8 @@ class PaiNNEnergy(nn.Module):
         unit = vectors / d[:, None]
         rbf, fcut = sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
         onehot = F.one_hot(z, self.n_species).to(dtype)
-        offsets = torch.arange(copies, device=device)
-        first_atom = (offsets * n)[:, None]  # replica-major copies, as blip.data.replicate lays them out
-        edge_index = torch.stack([(i[None, :] + first_atom).reshape(-1), (j[None, :] + first_atom).reshape(-1)])
-        node_keys: Optional[torch.Tensor] = None
-        edge_keys: Optional[torch.Tensor] = None
-        if sampled and self.stochastic:
-            replica = offsets
-            structure = torch.zeros_like(replica)
-            if self.noisy_nodes:
-                local = torch.arange(n, device=device).repeat(copies)[:, None]
-                node_keys = row_keys(seed, replica, structure, torch.full_like(replica, n), local)
-            if self.noisy_edges:
-                ids = torch.cat([pairs.to(torch.long), shifts.to(torch.long)], dim=1).repeat(copies, 1)
-                edge_keys = row_keys(seed, replica, structure, torch.full_like(replica, n_edges), ids)
+        edge_index, node_keys, edge_keys = replica_graph(pairs, shifts, n, copies, seed, sampled and self.stochastic,
+                                                         self.noisy_nodes, self.noisy_edges)
         node_base = onehot.repeat(copies, 1)
         node_groups = z.repeat(copies)
         edge_base = torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1).repeat(copies, 1)

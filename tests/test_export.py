@@ -127,11 +127,9 @@ def test_exported_model_equals_blip_calculator(which, metatomic_calc, model):
     assert float(np.std(r["energy_samples"])) == pytest.approx(r["energy_std"], rel=1e-12)  # ddof 0
 
 
-def test_stress_is_the_strain_derivative_of_the_exported_energy(metatomic_calc):
-    atoms = rattled_si_cells()[1]
-    atoms.calc = metatomic_calc
-    stress = atoms.get_stress(voigt=False)
-    h, volume, cell, pos = 1e-5, atoms.get_volume(), atoms.cell.array.copy(), atoms.positions.copy()
+def _finite_difference_stress(atoms, calc, h: float = 1e-5) -> np.ndarray:
+    """Central difference of the energy under a symmetric strain, over the volume (3, 3), eV/A^3."""
+    volume, cell, pos = atoms.get_volume(), atoms.cell.array.copy(), atoms.positions.copy()
 
     def strained_energy(a, b, step):
         eps = np.eye(3)
@@ -140,11 +138,18 @@ def test_stress_is_the_strain_derivative_of_the_exported_energy(metatomic_calc):
         other = atoms.copy()
         other.set_cell(cell @ eps, scale_atoms=False)
         other.positions = pos @ eps
-        other.calc = metatomic_calc
+        other.calc = calc
         return other.get_potential_energy()
 
-    fd = np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
-                   for a in range(3)])
+    return np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
+                     for a in range(3)])
+
+
+def test_stress_is_the_strain_derivative_of_the_exported_energy(metatomic_calc):
+    atoms = rattled_si_cells()[1]
+    atoms.calc = metatomic_calc
+    stress = atoms.get_stress(voigt=False)
+    fd = _finite_difference_stress(atoms, metatomic_calc)
     assert np.abs(stress).max() > 1e-5
     np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-9)
 
@@ -294,22 +299,8 @@ def test_mace_stress_is_the_strain_derivative_of_the_exported_energy(mace_calc):
     atoms = rattled_si_cells()[1]
     atoms.calc = mace_calc
     stress = atoms.get_stress(voigt=False)
-    h, volume, cell, pos = 1e-5, atoms.get_volume(), atoms.cell.array.copy(), atoms.positions.copy()
-
-    def strained_energy(a, b, step):
-        eps = np.eye(3)
-        eps[a, b] += step / 2
-        eps[b, a] += step / 2
-        other = atoms.copy()
-        other.set_cell(cell @ eps, scale_atoms=False)
-        other.positions = pos @ eps
-        other.calc = mace_calc
-        return other.get_potential_energy()
-
-    fd = np.array([[(strained_energy(a, b, h) - strained_energy(a, b, -h)) / (2 * h * volume) for b in range(3)]
-                   for a in range(3)])
+    fd = _finite_difference_stress(atoms, mace_calc)
     assert np.abs(stress).max() > 1e-5
-    print("stress - finite difference", np.abs(stress - fd).max())
     np.testing.assert_allclose(stress, fd, rtol=0, atol=1e-9)
 
 
