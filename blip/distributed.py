@@ -22,9 +22,25 @@ import torch
 import torch.distributed as dist
 
 
+_LOCAL = {"on": False}
+
+
 def active() -> bool:
-    """True inside an initialised process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group with more than one rank (and not in :func:`local`)."""
+    return (not _LOCAL["on"]) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local():
+    """Within this block this rank works on its own: every helper acts as for one process (rank 0
+    of 1): no collectives, and this rank counts as the one that writes (e.g. ensemble members
+    spread over the ranks, each trained by one rank)."""
+    old = _LOCAL["on"]
+    _LOCAL["on"] = True
+    try:
+        yield
+    finally:
+        _LOCAL["on"] = old
 
 
 def rank() -> int:

@@ -94,3 +94,39 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(tmp_path):
     assert len(log) == 3  # header + one row per epoch, written by rank 0 only
     assert not any(p.name.startswith(".") for p in (tmp_path / "paused" / "run").iterdir())
     assert os.path.isfile(tmp_path / "paused" / "run" / "checkpoint.pt")
+
+
+def _ensemble_worker(rank, world, init_file, cfg, result):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = Trainer(cfg, progress=False).run()
+        if rank == 0:
+            torch.save([{k: v.cpu() for k, v in m.state_dict().items()} for m in model.members], result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_ensemble_members_are_spread_over_ranks_and_gathered(tmp_path):
+    # 3 members on 2 ranks: rank 0 trains members 0 and 2, rank 1 member 1, each alone on the whole
+    # training set; the gathered ensemble equals the one-process ensemble member by member.
+    def cfg(where):
+        c = _config(where, epochs=1)
+        c["uq"].update(method="ensemble", ensemble_size=3)
+        return c
+
+    one = Trainer(cfg(tmp_path / "one"), progress=False).run()
+    init_file, result = tmp_path / "rendezvous", tmp_path / "members.pt"
+    mp.spawn(_ensemble_worker, args=(2, str(init_file), cfg(tmp_path / "two"), str(result)), nprocs=2, join=True)
+    members = torch.load(result, weights_only=False)
+    assert len(members) == 3
+    for got, ref in zip(members, one.members):
+        assert_close(got, {k: v.cpu() for k, v in ref.state_dict().items()}, tol=1e-12)
+    run = tmp_path / "two" / "run"
+    log = (run / "log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["0", "1", "2"]  # one epoch per member, in order
+    assert (run / "rank0" / "checkpoint.pt").is_file() and (run / "rank1" / "checkpoint.pt").is_file()
+    from blip.io import load
+
+    assert len(load(run / "model.pt").members) == 3

@@ -271,16 +271,25 @@ class Trainer:
             raise ConfigError(f"training.stress_weight is {self.stress_weight:g} but no periodic training structure "
                               f"has a stress label '{self.cfg['data']['stress_key']}' (data.stress_key)")
         train_set, valid_set = GraphSet(data.train, cutoff, fit_stress), GraphSet(data.valid, cutoff, fit_stress)
-        state = self._load_resume() if self.tcfg["resume"] else None
         if main:
             config_mod.dump(self.cfg, self.out / "config.yaml")
-            if not state:
-                write_text_atomic(self.out / "log.csv", ",".join(LOG_FIELDS) + "\n")
+        if self.n_members() > 1 and distributed.active():
+            return self._run_members_over_ranks(data, train_set, valid_set)
+        members_best = self._train_members(list(range(self.n_members())), data, train_set, valid_set)
+        return self._final_model(members_best, data, train_set)
+
+    def _train_members(self, members: list[int], data, train_set, valid_set) -> list:
+        """Train ``members`` one after the other (from OUT/checkpoint.pt with ``training.resume``);
+        their best states, in order (fewer when ``training.max_epochs`` pauses the run)."""
+        main = distributed.is_main()
+        state = self._load_resume() if self.tcfg["resume"] else None
+        if main and not state:
+            write_text_atomic(self.out / "log.csv", ",".join(LOG_FIELDS) + "\n")
         self.board = _board(self.out, self.tcfg) if main else None
         finished = state["finished"] if state else []
         members_best = [self._state_to(s) for s in finished]
         try:
-            for member in range(len(finished), self.n_members()):
+            for member in members[len(finished):]:
                 best = self._train_member(member, data, train_set, valid_set,
                                           state if state and state["member"] == member else None, members_best)
                 members_best.append(best)
@@ -290,6 +299,34 @@ class Trainer:
         finally:
             if self.board is not None:
                 self.board.close()
+        return members_best
+
+    def _run_members_over_ranks(self, data, train_set, valid_set) -> BlipModel:
+        """An ensemble with several ranks: rank r trains members r, r + W, ... on its own (each on
+        the whole training set, no gradient exchange; the members equal those of one process) in
+        OUT/rank{r}/ (its log.csv and checkpoint.pt, for ``--resume`` with the same number of
+        ranks); the members are gathered into OUT/model.pt and their log rows into OUT/log.csv."""
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = list(range(rank, self.n_members(), world))
+        top = self.out
+        self.out = top / f"rank{rank}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            with distributed.local():
+                best = self._train_members(mine, data, train_set, valid_set)
+        finally:
+            self.out = top
+        gathered = distributed.all_gather_objects(
+            {m: {k: v.detach().cpu() for k, v in s.items()} for m, s in zip(mine, best)})
+        states = {m: s for part in gathered for m, s in part.items()}
+        members_best = [self._state_to(states[m]) for m in sorted(states)]
+        if distributed.is_main():
+            rows = []
+            for r in range(world):
+                log = top / f"rank{r}" / "log.csv"
+                rows += log.read_text().splitlines()[1:] if log.is_file() else []
+            rows.sort(key=lambda line: [float(x) for x in line.split(",")[:2]])  # member, epoch
+            write_text_atomic(top / "log.csv", "\n".join([",".join(LOG_FIELDS)] + rows) + "\n")
         return self._final_model(members_best, data, train_set)
 
     def _state_to(self, s):
