@@ -301,3 +301,19 @@ def test_bench_active_label_fraction_rule():
     assert labels_to_reach(n, [300.0, 200.0, 250.0], 150.0, 120) == 120.0  # no longer falling: the cap
     rows = [{"test": "a", "forces_rmse_meV_A": 3.0}, {"test": "b", "forces_rmse_meV_A": 1.0}]
     assert overall_rmse(rows, {"a": 1, "b": 3}) == pytest.approx(np.sqrt((9 + 3) / 4))
+
+
+def test_weighted_batch_selection_trades_sigma_against_distance_to_the_known():
+    from blip.active.selection import rank_weighted
+
+    reference = np.array([[0.0, 0.0]])  # the labelled set
+    cands = np.array([[1.0, 0.0], [1.0, 0.01], [3.0, 0.0], [0.1, 0.0]])
+    scores = np.array([1.0, 1.0, 0.5, 1.0])
+    # score x distance: 1.0, 1.00005, 1.5, 0.1 -> the far candidate first, then 1 (a hair farther
+    # from the known than 0); its near-duplicate 0 then drops to 0.01, below 3 (near the known, 0.1)
+    assert rank_weighted(scores, cands, reference, n_select=3) == [2, 1, 3, 0]
+    # beyond n_select the rest follow in score order (stable)
+    assert rank_weighted(scores, cands, reference, n_select=1) == [2, 0, 1, 3]
+    # exact duplicates of a pick are never picked while anything else is left
+    dup = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    assert rank_weighted(np.array([1.0, 1.0, 0.1]), dup, reference, n_select=2) == [0, 2, 1]

@@ -23,7 +23,7 @@ AL_DEFAULTS: dict = {
     "n_select": 25,  # structures labelled per round and strategy
     "strategies": ["uncertainty", "random"],  # STRATEGIES
     "score": "max_force_std",  # SCORES
-    "diversity": "greedy",  # greedy | fps | none
+    "diversity": "greedy",  # greedy | weighted (sigma x distance to the known) | fps | none
     "diversity_space": "features",  # features (the model's own) | pairs (pair-distance histograms)
     # greedy: a candidate within this fraction of the labelled set's median nearest-neighbour
     # descriptor distance of one already picked in the batch is passed over (exact duplicates always)
@@ -123,7 +123,7 @@ def _check_al(al: dict) -> None:
          "pool_size must be a positive integer or null")
     need(al["initial_pick"] in ("random", "first"), "initial_pick must be random or first")
     need(al["score"] in SCORES, f"score must be one of {', '.join(SCORES)}")
-    need(al["diversity"] in ("greedy", "fps", "none"), "diversity must be greedy, fps or none")
+    need(al["diversity"] in ("greedy", "weighted", "fps", "none"), "diversity must be greedy, weighted, fps or none")
     need(isinstance(al["diversity_threshold"], (int, float)) and al["diversity_threshold"] >= 0,
          "diversity_threshold must be a number >= 0")
     need(isinstance(al["strategies"], list) and al["strategies"]

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from .config import ALConfig
 from .output import _f, plot_learning_curves, write_learning_curve_csv
 from .selection import (duplicate_radius, farthest_from, model_features, pair_distance_descriptor, rank_fps,
-                        rank_greedy, uncertainty_scores)
+                        rank_greedy, rank_weighted, uncertainty_scores)
 
 
 class ActiveLearning:
@@ -395,6 +395,8 @@ class ActiveLearning:
             ref = self._descriptors(selector, [s.atoms for s in labelled])
             radius = duplicate_radius(ref, float(al["diversity_threshold"]))
             local = rank_greedy(scores[top], desc, n, radius)
+        elif al["diversity"] == "weighted":
+            local = rank_weighted(scores[top], desc, self._descriptors(selector, [s.atoms for s in labelled]), n)
         else:
             local = rank_fps(scores[top], desc)
         ranked = [remaining[top[k]] for k in local] + [remaining[k] for k in order[len(top):]]

@@ -149,3 +149,20 @@ def farthest_from(labelled: np.ndarray, candidates: np.ndarray, n: int) -> list[
         mind = np.minimum(mind, _pairwise(candidates, candidates[k:k + 1])[:, 0])
         mind[chosen] = -np.inf
     return chosen
+
+
+def rank_weighted(scores: np.ndarray, descriptors: np.ndarray, reference: np.ndarray, n_select: int) -> list[int]:
+    """Batch ranking (positions into ``scores``): each of the ``n_select`` picks maximises its score
+    times its descriptor distance to the nearest labelled (``reference``) or already picked
+    structure, so uncertain structures far from what is known come first; the rest follow in
+    score order."""
+    mind = _pairwise(descriptors, reference).min(1) if len(reference) else np.ones(len(scores))
+    chosen: list[int] = []
+    for _ in range(min(n_select, len(scores))):
+        value = np.where(mind >= 0, scores * mind, -np.inf)
+        k = int(np.argmax(value))
+        chosen.append(k)
+        mind = np.minimum(mind, _pairwise(descriptors, descriptors[k:k + 1])[:, 0])
+        mind[chosen] = -1.0
+    picked = set(chosen)
+    return chosen + [int(k) for k in np.argsort(-scores, kind="stable") if int(k) not in picked]

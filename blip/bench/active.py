@@ -211,7 +211,7 @@ def al_user_config(data: dict, out: Path, seed: int, settings: dict, warm: bool,
             "initial_file": data["initial"], "initial_size": s["initial"], "initial_pick": "random",
             "pool_file": data["pool"], "oracle": "pool", "rounds": s["rounds"], "n_select": s["n_select"],
             "strategies": ["uncertainty"] if warm else list(s["selectors"]), "score": "max_force_std",
-            "diversity": "greedy", "diversity_space": "features", "diversity_threshold": s["diversity_threshold"],
+            "diversity": s.get("diversity", "greedy"), "diversity_space": "features", "diversity_threshold": s["diversity_threshold"],
             "samples": s["samples"], "ensemble_size": s["ensemble_size"], "warm_start": warm,
             "warm_start_epochs": (warm_epochs or s["warm_start_epochs"]) if warm else None, "seed": seed,
         },
@@ -286,7 +286,7 @@ def labels_to_reach(n: list, rmse: list, target: float, cap: float) -> float:
 
 def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: int | None = None,
         runs_dir: Path | None = None, progress: bool = False, selectors=SELECTORS, warm: bool = True,
-        warm_epochs: list[int] | None = None) -> dict:
+        warm_epochs: list[int] | None = None, diversity: str = "greedy") -> dict:
     """All seeds of the benchmark. ``warm_epochs``: epochs of the warm-started rounds, one
     warm-start run per value (default: a third of the from-scratch epochs)."""
     import torch
@@ -304,6 +304,7 @@ def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: in
         "initial": 4 if quick else 20, "rounds": 2 if quick else 5, "n_select": 3 if quick else 20,
         "samples": 4 if quick else 8, "ensemble_size": 5, "epochs": ep,
         "warm_start_epochs": max(1, ep // 3), "diversity_threshold": 0.5, "selectors": list(selectors),
+        "diversity": diversity,
         "warm_start_variants": list(warm_epochs or [max(1, ep // 3)]),
         "model": ({"backbone": "painn", "cutoff": 5.0, "features": 8, "interactions": 1, "radial": 6} if quick else
                   {"backbone": "painn", "cutoff": 5.0, "features": 32, "interactions": 2, "radial": 16}),
