@@ -23,7 +23,7 @@ AL_DEFAULTS: dict = {
     "n_select": 25,  # structures labelled per round and strategy
     "strategies": ["uncertainty", "random"],  # STRATEGIES
     "score": "max_force_std",  # SCORES
-    "diversity": "greedy",  # greedy | weighted (sigma x distance to the known) | fps | none
+    "diversity": "weighted",  # weighted (sigma x distance to the known) | greedy | fps | none
     "diversity_space": "features",  # features (the model's own) | pairs (pair-distance histograms)
     # greedy: a candidate within this fraction of the labelled set's median nearest-neighbour
     # descriptor distance of one already picked in the batch is passed over (exact duplicates always)

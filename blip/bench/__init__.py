@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--warm-epochs", default=None,
                    help="active: comma-separated epochs of the warm-started rounds, one warm-start run per value "
                         "(default: a third of --epochs)")
+    p.add_argument("--diversity", choices=("weighted", "greedy", "fps", "none"), default="weighted",
+                   help="active: batch selection of the uncertainty selector (default weighted: sigma x distance "
+                        "to the labelled and picked structures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines stay)")
     p.set_defaults(func=cmd_bench)
 
@@ -106,7 +109,8 @@ def cmd_bench(args) -> int:
         active.run(Path(args.out or "bench/active"), data_dir(args.data), list(range(args.seed, args.seed + seeds)),
                    quick=args.quick, epochs=args.epochs, runs_dir=Path(args.runs_dir) if args.runs_dir else None,
                    progress=not args.quiet,
-                   warm_epochs=[int(x) for x in args.warm_epochs.split(",")] if args.warm_epochs else None)
+                   warm_epochs=[int(x) for x in args.warm_epochs.split(",")] if args.warm_epochs else None,
+                   diversity=args.diversity)
         return 0
     root = data_dir(args.data)
     opts = Options(quick=args.quick, seed=args.seed, epochs=args.epochs, steps=args.steps,

@@ -211,7 +211,7 @@ def al_user_config(data: dict, out: Path, seed: int, settings: dict, warm: bool,
             "initial_file": data["initial"], "initial_size": s["initial"], "initial_pick": "random",
             "pool_file": data["pool"], "oracle": "pool", "rounds": s["rounds"], "n_select": s["n_select"],
             "strategies": ["uncertainty"] if warm else list(s["selectors"]), "score": "max_force_std",
-            "diversity": s.get("diversity", "greedy"), "diversity_space": "features", "diversity_threshold": s["diversity_threshold"],
+            "diversity": s.get("diversity", "weighted"), "diversity_space": "features", "diversity_threshold": s["diversity_threshold"],
             "samples": s["samples"], "ensemble_size": s["ensemble_size"], "warm_start": warm,
             "warm_start_epochs": (warm_epochs or s["warm_start_epochs"]) if warm else None, "seed": seed,
         },
@@ -286,7 +286,7 @@ def labels_to_reach(n: list, rmse: list, target: float, cap: float) -> float:
 
 def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: int | None = None,
         runs_dir: Path | None = None, progress: bool = False, selectors=SELECTORS, warm: bool = True,
-        warm_epochs: list[int] | None = None, diversity: str = "greedy") -> dict:
+        warm_epochs: list[int] | None = None, diversity: str = "weighted") -> dict:
     """All seeds of the benchmark. ``warm_epochs``: epochs of the warm-started rounds, one
     warm-start run per value (default: a third of the from-scratch epochs)."""
     import torch
@@ -337,8 +337,10 @@ def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: in
                        "labels each round to pick from",
         "fps_space": "per-structure mean and max over atoms of the round's BLIP model's scalar features "
                      "(the energy readout's input, noise-free pass)",
-        "diversity": "greedy on sigma: skip a candidate within 0.5 x the labelled set's median nearest-neighbour "
-                     "distance (model feature space) of one already picked in the batch",
+        "diversity": ("weighted: each pick maximises sigma x its distance (model feature space) to the nearest "
+                      "labelled or already picked structure" if settings["diversity"] == "weighted" else
+                      "greedy on sigma: skip a candidate within 0.5 x the labelled set's median nearest-neighbour "
+                      "distance (model feature space) of one already picked in the batch"),
         "test_force_rmse": "over every force component of the 6 regime test sets together",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform()},
