@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .predictor import full_to_voigt
+from .data.io import full_to_voigt
 from .uq.metrics import evaluate_predictions, prediction_arrays, regression_metrics
 
 

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from .backbones.base import DatasetSummary
 from .data import build_graph, check_elements, collate, replicate
+from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 
@@ -219,12 +220,6 @@ def _scatter(batch, chunk, values: dict, out: dict) -> None:
         if "stress" in values:
             out["stress"][i] = full_to_voigt(values["stress"][:, pos])
         start += n
-
-
-def full_to_voigt(stress: np.ndarray) -> np.ndarray:
-    """(..., 3, 3) -> (..., 6) in ASE's Voigt order xx, yy, zz, yz, xz, xy."""
-    a, b = np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1])
-    return stress[..., a, b]
 
 
 def _chunks(graphs: list[dict], replicas: int, max_edges: int):

@@ -142,14 +142,7 @@ def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:
     (same gradients). Averaged over rows for each layer, then over layers.
     rates: layer -> p of shape (rows,) or (rows, slots).
     """
-    alpha0 = prior_p / (1.0 - prior_p)
-    per_layer = []
-    for p in rates.values():
-        p = p if p.dim() == 2 else p[:, None]
-        alpha = p / (1.0 - p)
-        kl = 0.5 * (alpha / alpha0 - 1.0 - torch.log(alpha / alpha0))
-        per_layer.append(kl.mean(dim=0))
-    return torch.cat(per_layer).mean()
+    return torch.cat([total / rows for total, rows in kl_sums(rates, prior_p)]).mean()
 
 
 def kl_sums(rates: dict, prior_p: float) -> list[tuple[torch.Tensor, int]]:

@@ -24,26 +24,16 @@ from pathlib import Path
 import ase
 import numpy as np
 
-from blip.data.io import Structure
+from blip.data.io import Structure, full_to_voigt, voigt_to_full
 from blip.errors import DataError
 
 FORMAT, SHARD_FORMAT, VERSION = "blip-hdf5", "blip-hdf5-shard", 1
 HEADER = "header.json"
 
 
-_VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
-
-
 def _stress(structure: Structure) -> np.ndarray:
     """The structure's stress label as a Voigt 6-vector (NaN where it has none)."""
-    return np.full(6, np.nan) if structure.stress is None else structure.stress[_VOIGT]
-
-
-def _stress_tensor(voigt: np.ndarray) -> np.ndarray | None:
-    if not np.all(np.isfinite(voigt)):
-        return None
-    xx, yy, zz, yz, xz, xy = voigt
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return np.full(6, np.nan) if structure.stress is None else full_to_voigt(structure.stress)
 
 
 def _write_shard(path: Path, index: int, structures: list) -> dict:
@@ -173,7 +163,8 @@ class H5Store:
             pbc = np.asarray(f["pbc"][j], dtype=bool)
             atoms = ase.Atoms(numbers=f["numbers"][a:b], positions=f["positions"][a:b], cell=f["cell"][j], pbc=pbc)
             energy, forces = float(f["energy"][j]), np.asarray(f["forces"][a:b], dtype=np.float64)
-            stress = _stress_tensor(np.asarray(f["stress"][j], dtype=np.float64))
+            voigt = np.asarray(f["stress"][j], dtype=np.float64)
+            stress = voigt_to_full(voigt) if np.all(np.isfinite(voigt)) else None
         except OSError as exc:
             raise DataError(self.path / self.shards[k]["file"], f"unreadable structure (truncated shard?): "
                                                                 f"{str(exc).splitlines()[0][:100]}", j) from None

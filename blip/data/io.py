@@ -174,6 +174,24 @@ def get_forces(atoms: ase.Atoms, key: str = "forces") -> np.ndarray | None:
         raise ValueError(f"forces key {key!r} is not numeric") from None
 
 
+#: ASE's Voigt order xx, yy, zz, yz, xz, xy as (row, column) indices of the 3x3 tensor
+VOIGT_INDEX = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
+
+
+def full_to_voigt(stress: np.ndarray) -> np.ndarray:
+    """(..., 3, 3) -> (..., 6) in ASE's Voigt order."""
+    return stress[..., VOIGT_INDEX[0], VOIGT_INDEX[1]]
+
+
+def voigt_to_full(voigt: np.ndarray) -> np.ndarray:
+    """(..., 6) in ASE's Voigt order -> the symmetric (..., 3, 3)."""
+    voigt = np.asarray(voigt, dtype=np.float64)
+    full = np.empty(voigt.shape[:-1] + (3, 3))
+    full[..., VOIGT_INDEX[0], VOIGT_INDEX[1]] = voigt
+    full[..., VOIGT_INDEX[1], VOIGT_INDEX[0]] = voigt
+    return full
+
+
 def get_stress(atoms: ase.Atoms, key: str = "stress") -> np.ndarray | None:
     """Reference stress (3, 3) float64 eV/A^3 stored under ``key`` (Voigt 6-vector, in ASE's
     order xx, yy, zz, yz, xz, xy, or a 3x3 / 9-vector), or None.
@@ -188,8 +206,7 @@ def get_stress(atoms: ase.Atoms, key: str = "stress") -> np.ndarray | None:
     except (TypeError, ValueError):
         raise ValueError(f"stress key {key!r} is not numeric") from None
     if arr.size == 6:
-        xx, yy, zz, yz, xz, xy = arr
-        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        return voigt_to_full(arr)
     if arr.size == 9:
         return arr.reshape(3, 3)
     raise ValueError(f"stress key {key!r} has {arr.size} values, expected 6 (Voigt) or 9 (3x3)")
