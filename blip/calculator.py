@@ -52,12 +52,15 @@ class BlipCalculator(Calculator):
     dtype: None keeps the model's precision; "float64" runs a float64 copy of the model
         (use it for finite differences or long NVE runs: total energies of ~1e4 eV
         in float32 are only good to ~1 meV).
+    map_pass: False skips the noise-free pass of "sample" mode: energy and forces are then the
+        sample means (the spreads are the same); for callers that only need the spread.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model, samples: int | None = None, seed: int | None = None,
-                 device: str = "cpu", mode: str = "sample", dtype: str | None = None, **kwargs):
+                 device: str = "cpu", mode: str = "sample", dtype: str | None = None, map_pass: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         if isinstance(model, (str, Path)):
             from .io import load
@@ -73,6 +76,7 @@ class BlipCalculator(Calculator):
             raise ValueError("samples must be >= 0")
         self.seed = None if seed is None else int(seed)
         self._mode = _check_mode(mode)
+        self.map_pass = bool(map_pass)
 
     @property
     def mode(self) -> str:
@@ -97,7 +101,8 @@ class BlipCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(np.any(self.atoms.pbc))
-        out = self.model.predict([self.atoms], samples=self.effective_samples, seed=self.seed, stress=periodic)
+        out = self.model.predict([self.atoms], samples=self.effective_samples, seed=self.seed, stress=periodic,
+                                 map_pass=self.map_pass)
         energy_std = float(out["energy_std"][0])
         forces_std = np.asarray(out["forces_std"][0], dtype=float)
         self.results = {

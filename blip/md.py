@@ -222,7 +222,8 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
     dyn_calc.check_atoms(atoms, source)  # before step 0, before any file is opened
     if s.ensemble == "npt" and not np.all(atoms.pbc):
         raise ConfigError(f"md: {source}: --ensemble npt needs a cell periodic in all three directions")
-    watch = BlipCalculator(dyn_calc.model, samples=s.samples, seed=s.seed, mode="sample")
+    # the watch needs only the spread: the step's MAP pass is not repeated
+    watch = BlipCalculator(dyn_calc.model, samples=s.samples, seed=s.seed, mode="sample", map_pass=False)
     atoms = atoms.copy()
     atoms.info = {}
     atoms.calc = dyn_calc

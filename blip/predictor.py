@@ -90,7 +90,8 @@ class BlipModel:
 
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
-                progress: bool = False, source: str = "input", stress: bool | None = None, indices=None) -> dict:
+                progress: bool = False, source: str = "input", stress: bool | None = None, indices=None,
+                map_pass: bool = True) -> dict:
         """Predict energies and forces (and stress) with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
@@ -109,6 +110,9 @@ class BlipModel:
         ``indices``: the structures' positions in a larger input (they key the noise, so a part
         predicted on its own gets the samples of the whole). The stress spread takes its own
         calibration factor when the model was recalibrated on stress labels, else the forces' one.
+        ``map_pass=False`` skips the noise-free pass: ``energy`` and ``forces`` are then the sample
+        means, the spreads are unchanged (for callers that need only the spread, such as the MD
+        watch, whose step has just computed the MAP forces).
         """
         if hasattr(atoms_list, "get_positions"):
             atoms_list = [atoms_list]
@@ -122,7 +126,7 @@ class BlipModel:
         indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
-        map_mean = samples > 0 and self.predicts_map
+        map_mean = samples > 0 and self.predicts_map and map_pass
         keys = ("energy", "forces") + (("stress",) if stress else ())
         sampled = {key: [None] * len(graphs) for key in keys}
         noise_free = {key: [None] * len(graphs) for key in keys}

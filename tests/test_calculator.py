@@ -73,6 +73,21 @@ def test_map_mode_is_the_noise_free_prediction(model, atoms):
         calc.mode = "mean"
 
 
+def test_without_the_map_pass_the_spread_is_the_same_and_the_prediction_the_sample_mean(model, atoms):
+    """map_pass=False (the MD watch) skips only the noise-free pass: same samples, same spreads."""
+    atoms.calc = BlipCalculator(model, samples=8, seed=2)
+    atoms.get_potential_energy()
+    full = dict(atoms.calc.results)
+    atoms.calc = BlipCalculator(model, samples=8, seed=2, map_pass=False)
+    atoms.get_potential_energy()
+    spread = atoms.calc.results
+    for key in ("energy_std", "forces_std", "energy_samples", "forces_samples"):
+        np.testing.assert_allclose(spread[key], full[key], rtol=0, atol=1e-12)
+    assert spread["energy"] == pytest.approx(float(np.mean(full["energy_samples"])), abs=1e-9)
+    np.testing.assert_allclose(spread["forces"], full["forces_samples"].mean(axis=0), rtol=0, atol=1e-9)
+    assert abs(spread["energy"] - full["energy"]) > 1e-9  # the sample mean is not the MAP pass
+
+
 def _finite_difference_forces(calc, atoms, entries, h=1e-4):
     out = []
     for i, c in entries:

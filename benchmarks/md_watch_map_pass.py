@@ -1,0 +1,63 @@
+"""Cost of the MD watch with and without its own noise-free pass, side by side in one process.
+
+    OMP_NUM_THREADS=1 python benchmarks/md_watch_map_pass.py [--backbones painn,mace] [--repeats 3]
+
+For each backbone (an untrained model of the example config: cost does not depend on the
+weights): `blip md` on acetylacetone, 200 NVT steps, K = 16 samples every 20 steps, over the same
+run without checks; "before" repeats the MAP pass in every check (``map_pass=True``, the
+behaviour before the watch reused the step's MAP forces), "after" is the current watch. Prints
+the median ratio and every repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import blip.md as md
+from blip.bench import cost
+from blip.calculator import BlipCalculator
+
+
+class WatchWithMapPass(BlipCalculator):
+    """The watch as it was: every check also runs the noise-free pass."""
+
+    def __init__(self, *args, map_pass: bool = True, **kwargs):
+        super().__init__(*args, map_pass=True, **kwargs)
+
+
+def seconds(model, atoms, samples: int, every: int, old: bool) -> float:
+    md.BlipCalculator = WatchWithMapPass if old else BlipCalculator
+    try:
+        start = time.perf_counter()
+        md.run_md(model, atoms, md.MDSettings(steps=200, every=every, samples=samples, seed=0))
+        return time.perf_counter() - start
+    finally:
+        md.BlipCalculator = BlipCalculator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="painn,mace")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in args.backbones.split(","):
+        model = cost.build_models(cost.MODELS[name], False)["blip"]
+        acac = cost.systems(False)["acac"]
+        cost._fit_statistics(model, acac)
+        seconds(model, acac[0], 2, 201, False)  # warm-up
+        before, after = [], []
+        for _ in range(args.repeats):  # interleaved, each over its own plain run
+            before.append(seconds(model, acac[0], 16, 20, True) / seconds(model, acac[0], 1, 201, False))
+            after.append(seconds(model, acac[0], 16, 20, False) / seconds(model, acac[0], 1, 201, False))
+        print(f"{name}: watch K=16 every 20 over MD without checks: before {statistics.median(before):.3f} "
+              f"after {statistics.median(after):.3f} (repeats {[round(x, 3) for x in before]}, "
+              f"{[round(x, 3) for x in after]})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
