@@ -92,9 +92,12 @@ def test_training_on_stress_labels_fits_them(lj_si_files, tmp_path):
     def stress_rmse(model):
         return evaluate_structures(model, structures, samples=0)[0]["stress"]["rmse"]
 
-    without = train_lj_si(lj_si_files, tmp_path, stress_weight=0.0, epochs=6)
-    with_stress = train_lj_si(lj_si_files, tmp_path, stress_weight=1e4, epochs=6)
-    assert stress_rmse(with_stress) < 0.6 * stress_rmse(without)  # measured 0.020 vs 0.051 eV/A^3
+    # 12 epochs: after 6 the tiny model's stress error still swings with harmless numerical changes
+    # (without stress labels 0.025-0.049 eV/A^3 under a 1e-4-level change of the feature whitening);
+    # after 12 it is 0.030-0.036 without and 0.0028-0.0030 with them, for both variants
+    without = train_lj_si(lj_si_files, tmp_path, stress_weight=0.0, epochs=12)
+    with_stress = train_lj_si(lj_si_files, tmp_path, stress_weight=1e4, epochs=12)
+    assert stress_rmse(with_stress) < 0.3 * stress_rmse(without)
 
 
 def test_stress_weight_without_stress_labels_is_a_config_error(tmp_path):
