@@ -46,11 +46,6 @@ def pair_distance_descriptor(atoms, elements: list[int], cutoff: float, bins: in
     return out.ravel() / max(len(atoms), 1)
 
 
-def _pairwise(x: np.ndarray) -> np.ndarray:
-    sq = (x * x).sum(1)
-    return np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0.0))
-
-
 def model_features(model, atoms_list) -> np.ndarray:
     """Per-structure features of the model itself, (N, 2F): mean and max over atoms of the
     scalar features that enter the energy readout (first member, noise-free pass).
@@ -136,19 +131,26 @@ def rank_fps(scores: np.ndarray, descriptors: np.ndarray) -> list[int]:
     return chosen
 
 
+def _max_min_picks(weights: np.ndarray, descriptors: np.ndarray, reference: np.ndarray, n: int) -> list[int]:
+    """``n`` positions, each maximising its weight times its descriptor distance to the nearest
+    ``reference`` row or earlier pick (without reference rows the first pick is the largest weight)."""
+    mind = _pairwise(descriptors, reference).min(1) if len(reference) else None
+    chosen: list[int] = []
+    for _ in range(min(n, len(weights))):
+        value = weights if mind is None else np.where(mind >= 0, weights * mind, -np.inf)
+        k = int(np.argmax(value))
+        chosen.append(k)
+        d = _pairwise(descriptors, descriptors[k:k + 1])[:, 0]
+        mind = d if mind is None else np.minimum(mind, d)
+        mind[chosen] = -1.0
+    return chosen
+
+
 def farthest_from(labelled: np.ndarray, candidates: np.ndarray, n: int) -> list[int]:
     """Farthest-point sampling of ``n`` candidates (positions) away from the labelled
     descriptors and from each other: each pick maximises its distance to the nearest
     labelled-or-picked structure (no uncertainty involved)."""
-    mind = _pairwise(candidates, labelled).min(1) if len(labelled) else np.full(len(candidates), np.inf)
-    chosen: list[int] = []
-    mind = mind.copy()
-    for _ in range(min(n, len(candidates))):
-        k = int(np.argmax(mind))
-        chosen.append(k)
-        mind = np.minimum(mind, _pairwise(candidates, candidates[k:k + 1])[:, 0])
-        mind[chosen] = -np.inf
-    return chosen
+    return _max_min_picks(np.ones(len(candidates)), candidates, labelled, n)
 
 
 def rank_weighted(scores: np.ndarray, descriptors: np.ndarray, reference: np.ndarray, n_select: int) -> list[int]:
@@ -156,13 +158,6 @@ def rank_weighted(scores: np.ndarray, descriptors: np.ndarray, reference: np.nda
     times its descriptor distance to the nearest labelled (``reference``) or already picked
     structure, so uncertain structures far from what is known come first; the rest follow in
     score order."""
-    mind = _pairwise(descriptors, reference).min(1) if len(reference) else np.ones(len(scores))
-    chosen: list[int] = []
-    for _ in range(min(n_select, len(scores))):
-        value = np.where(mind >= 0, scores * mind, -np.inf)
-        k = int(np.argmax(value))
-        chosen.append(k)
-        mind = np.minimum(mind, _pairwise(descriptors, descriptors[k:k + 1])[:, 0])
-        mind[chosen] = -1.0
+    chosen = _max_min_picks(np.asarray(scores, dtype=float), descriptors, reference, n_select)
     picked = set(chosen)
     return chosen + [int(k) for k in np.argsort(-scores, kind="stable") if int(k) not in picked]

@@ -355,6 +355,7 @@ def run(out: Path, root: Path, seeds: list[int], quick: bool = False, epochs: in
 
 
 def _ms(values) -> dict:
+    """Mean and (population) standard deviation over seeds, the first axis of ``values``."""
     a = np.asarray(values, dtype=float)
     return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist()}
 
@@ -371,8 +372,8 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
                        "per_regime_forces_rmse_meV_A": {t: _ms([c["per_regime_forces_rmse_meV_A"][t] for c in cs])
                                                         for t in counts},
                        "train_seconds": _ms([c["train_seconds"] for c in cs]),
-                       "pool_max_force_std": cs[0]["pool_max_force_std"] if len(cs) == 1 else
-                       _ms([[np.nan if v is None else v for v in c["pool_max_force_std"]] for c in cs]),
+                       "pool_max_force_std": _ms([[np.nan if v is None else v for v in c["pool_max_force_std"]]
+                                                  for c in cs]),
                        "per_seed_forces_rmse_meV_A": {str(s): raw[s][sel]["forces_rmse_meV_A"] for s in seeds}}
     by_metric = {}
     if "random" in selectors:
@@ -384,7 +385,7 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
                     rnd, c = raw[s]["random"], raw[s][sel]
                     target, n_final = rnd[metric][-1], rnd["n_labelled"][-1]
                     vals.append(labels_to_reach(c["n_labelled"], c[metric], target, 2 * n_final) / n_final)
-                by_metric[metric][sel] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
+                by_metric[metric][sel] = {**_ms(vals), "per_seed": vals}
         fractions = by_metric["forces_rmse_meV_A"]
     result = {"protocol": "active", "seeds": len(seeds), "curves": curves,
               "label_fraction_to_match_random": fractions.get("uncertainty", {}).get("mean"),
@@ -408,13 +409,11 @@ def summarise(per_seed: dict, counts: dict, settings: dict, selectors) -> dict:
             "epochs_from_scratch": settings["epochs"], "epochs_warm": n_warm,
             "curve_warm": {"n_labelled": w[0]["n_labelled"], **{m: _ms([x[m] for x in w]) for m in METRICS},
                            "train_seconds": _ms([x["train_seconds"] for x in w])},
-            "round_seconds_scratch": {"mean": float(np.mean(sc_t)), "std": float(np.std(sc_t))},
-            "round_seconds_warm": {"mean": float(np.mean(w_t)), "std": float(np.std(w_t))},
+            "round_seconds_scratch": _ms(sc_t),
+            "round_seconds_warm": _ms(w_t),
             "time_ratio_warm_over_scratch": float(np.mean(w_t) / np.mean(sc_t)),
-            "final_forces_rmse_scratch": {"mean": float(np.mean([x["forces_rmse_meV_A"][-1] for x in c])),
-                                          "std": float(np.std([x["forces_rmse_meV_A"][-1] for x in c]))},
-            "final_forces_rmse_warm": {"mean": float(np.mean([x["forces_rmse_meV_A"][-1] for x in w])),
-                                       "std": float(np.std([x["forces_rmse_meV_A"][-1] for x in w]))},
+            "final_forces_rmse_scratch": _ms([x["forces_rmse_meV_A"][-1] for x in c]),
+            "final_forces_rmse_warm": _ms([x["forces_rmse_meV_A"][-1] for x in w]),
             "per_seed_final_forces_rmse": {"scratch": [x["forces_rmse_meV_A"][-1] for x in c],
                                            "warm": [x["forces_rmse_meV_A"][-1] for x in w]},
             "per_seed_round_seconds": {"scratch": sc_t, "warm": w_t},
