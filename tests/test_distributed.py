@@ -4,8 +4,8 @@
 ends with the parameters of the 1-rank run up to floating-point summation order (float64,
 relative tolerance 1e-8: the rate heads see principal-component coordinates of the feature
 statistics, and the eigenvectors amplify the rounding of sums taken in another order by one
-over the eigenvalue gaps; measured 8.5e-10). A 2-rank run stopped after an epoch (training.max_epochs) and
-resumed gives the uninterrupted run's model.
+over the eigenvalue gaps; measured 8.5e-10). A 2-rank run stopped after an epoch
+(training.max_epochs) and resumed gives the uninterrupted run's model.
 """
 
 from __future__ import annotations

@@ -158,9 +158,10 @@ class FeatureDensity(nn.Module):
         n the rows seen, so that a few rows (rank-deficient covariance) give a near-isotropic metric.
         Each eigenvector's sign is fixed (its largest entry positive) and the graded floor separates
         the eigenvalues of directions the data do not span, so statistics equal up to rounding (e.g.
-        summed over ranks in another order) give whitened features equal up to rounding. (The symmetric form ``V diag(.) V^T`` would too, but measured worse: on the ethanol
-        energy split it made the force sigma grow 2.6x instead of 1.9x on the high-energy half,
-        recalibrated NLL -1.02 against -1.13, seed 0.)
+        summed over ranks in another order) give whitened features equal up to rounding. (The
+        symmetric form ``V diag(.) V^T`` would too, but measured worse: on the ethanol energy split
+        it made the force sigma grow 2.6x instead of 1.9x on the high-energy half, recalibrated
+        NLL -1.02 against -1.13, seed 0.)
         """
         cov = self.cov.double()
         # the variance floor is added before the decomposition and graded along the diagonal
