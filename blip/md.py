@@ -41,6 +41,11 @@ class MDFault(BlipError):
 
 
 ENSEMBLES = ("nvt", "nve", "npt")
+#: K of a watch check unless given. 8 samples rank and flag as 16 do (the same stop steps in
+#: docs/results/cost/md_watch.md; recalibrated force NLL 0.04-0.06 nats worse in docs/results/samples)
+#: at about half the cost: a check of acetylacetone costs 4.3 plain MD steps against 8.1 (PaiNN;
+#: MACE 3.6 against 7.6), benchmarks/md_watch_cost.py.
+WATCH_SAMPLES = 8
 
 
 @dataclass
@@ -61,7 +66,7 @@ class MDSettings:
     adaptive: float | None = 0.5  # check every step while the last check is above this x max_force_std
     log_every: int | None = None  # frame interval (default: every)
     flag_only: bool = False  # mark uncertain frames instead of stopping
-    samples: int | None = None  # K of the checks (default: the model's uq.samples)
+    samples: int | None = None  # K of the checks (default: WATCH_SAMPLES, at most the model's uq.samples)
     seed: int = 0  # velocities, Langevin noise and model noise
     max_temperature_K: float | None = None  # fault above this (default 10 T + 1000 K)
     init_velocities: bool = True  # Maxwell-Boltzmann at temperature_K (else keep momenta)
@@ -223,7 +228,8 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
     if s.ensemble == "npt" and not np.all(atoms.pbc):
         raise ConfigError(f"md: {source}: --ensemble npt needs a cell periodic in all three directions")
     # the watch needs only the spread: the step's MAP pass is not repeated
-    watch = BlipCalculator(dyn_calc.model, samples=s.samples, seed=s.seed, mode="sample", map_pass=False)
+    samples = s.samples if s.samples is not None else min(WATCH_SAMPLES, dyn_calc.model.default_samples)
+    watch = BlipCalculator(dyn_calc.model, samples=samples, seed=s.seed, mode="sample", map_pass=False)
     atoms = atoms.copy()
     atoms.info = {}
     atoms.calc = dyn_calc
@@ -367,7 +373,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="precision of the model during MD (default: the model's own)")
     p.add_argument("--samples", type=nonnegative_int, default=None,
-                   help="K of each check (default: the model's uq.samples)")
+                   help=f"K of each check (default: {WATCH_SAMPLES}, at most the model's uq.samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of velocities, Langevin noise and model noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone, apply_strain, cell_volumes
-from .bayes import InferenceNet, NoiseContext, NoiseState, kl_divergence, wrap
+from .bayes import InferenceNet, NoiseContext, NoiseState, wrap
 from .bayes.noise import positions_in_graph, row_keys
 from .bayes.wrap import rate_slots
 
@@ -102,7 +102,8 @@ class BayesianPotential(nn.Module):
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
                 forces: bool = True, training: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
-        """Energies (G,) eV and forces (N, 3) eV/A of one pass; ``kl`` (scalar) when sampling BLIP.
+        """Energies (G,) eV and forces (N, 3) eV/A of one pass; ``rates`` (the noise rates of every
+        noisy layer, for the KL) when sampling BLIP.
 
         sample: draw noise (a Monte-Carlo sample); False gives the noise-free MAP pass.
         seed: with ``batch["replica"]`` and ``batch["structure_index"]``, makes the noise of each
@@ -127,8 +128,7 @@ class BayesianPotential(nn.Module):
             energy = self.backbone.energy(batch)
         out["energy"] = energy
         if ctx is not None and self.method == "blip":
-            out["rates"] = dict(ctx.used)
-            out["kl"] = kl_divergence(ctx.used, self.prior_p)
+            out["rates"] = dict(ctx.used)  # the KL is the caller's (training), not every sampled pass's
         wrt = ([positions] if forces else []) + ([strain] if stress else [])
         if wrt:
             grads = torch.autograd.grad(energy.sum(), wrt, create_graph=training)

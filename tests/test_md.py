@@ -106,6 +106,31 @@ def test_adaptive_watch_checks_every_step_once_close_to_the_threshold(model, equ
     assert checked == ([0, 1, 2, 3] if adaptive else [0, 0, 0, 0])
 
 
+def test_watch_takes_at_most_watch_samples_unless_told(tiny_model_path, equilibrium):
+    # the step-0 check's max force std is that of K = min(WATCH_SAMPLES, uq.samples) samples
+    # (fixed seed), not of the model's K = 16
+    from blip.md import WATCH_SAMPLES
+
+    model = blip.load(tiny_model_path)
+    model.config["uq"]["samples"] = 16
+
+    def checked(samples):
+        s = MDSettings(steps=1, temperature_K=0, timestep_fs=0.1, every=1000, log_every=1, samples=samples, seed=0)
+        return run_md(model, equilibrium[0], s, keep_frames=True).frames[0].info["max_force_std"]
+
+    def direct(samples):
+        calc = BlipCalculator(model, samples=samples, seed=0, mode="sample", map_pass=False)
+        calc.calculate(equilibrium[0].copy(), ["energy", "forces"])
+        return max_atom_force_std(calc.results["forces_std"])
+
+    assert WATCH_SAMPLES == 8
+    assert checked(None) == pytest.approx(direct(8), rel=1e-6)
+    assert checked(16) == pytest.approx(direct(16), rel=1e-6)
+    assert abs(direct(16) - direct(8)) > 1e-3 * direct(8)
+    model.config["uq"]["samples"] = 4
+    assert checked(None) == pytest.approx(direct(4), rel=1e-6)
+
+
 def test_flag_only_marks_frames_and_keeps_going(model, equilibrium, threshold, tmp_path):
     s = MDSettings(steps=4, temperature_K=0, timestep_fs=0.1, max_force_std=threshold, every=2, log_every=4,
                    flag_only=True, samples=SAMPLES, seed=0)
