@@ -47,9 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.backbones.split(","):
-        model = cost.build_models(cost.MODELS[name], False)["blip"]
-        acac = cost.systems(False)["acac"]
-        cost._fit_statistics(model, acac)
+        model, acac = cost.acac_blip_model(name)
         atoms = acac[0].copy()
         atoms.calc = BlipCalculator(model, seed=0, mode="map")
         dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.01, fixcm=False)

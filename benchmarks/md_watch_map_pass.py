@@ -46,9 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.backbones.split(","):
-        model = cost.build_models(cost.MODELS[name], False)["blip"]
-        acac = cost.systems(False)["acac"]
-        cost._fit_statistics(model, acac)
+        model, acac = cost.acac_blip_model(name)
         seconds(model, acac[0], 2, 201, False)  # warm-up
         before, after = [], []
         for _ in range(args.repeats):  # interleaved, each over its own plain run

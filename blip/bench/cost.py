@@ -87,6 +87,15 @@ def build_models(model: dict, quick: bool, seed: int = 0) -> dict[str, BlipModel
     return out
 
 
+def acac_blip_model(backbone: str) -> tuple[BlipModel, list]:
+    """An untrained BLIP model of ``backbone``'s example config (cost does not depend on the
+    weights) with its feature statistics fitted, and the acetylacetone structures they were fitted on."""
+    model = build_models(MODELS[backbone], False)["blip"]
+    acac = systems(False)["acac"]
+    _fit_statistics(model, acac)
+    return model, acac
+
+
 def _fit_statistics(model: BlipModel, structures) -> None:
     from ..data import build_graph, collate
 
