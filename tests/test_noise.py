@@ -10,7 +10,8 @@ from scipy import stats
 
 from blip.build import build_backbone
 from blip.backbones.base import DatasetSummary
-from blip.bayes.noise import counter_normal, counter_uniform, mix32, positions_in_graph, row_keys, stream_word
+from blip.bayes.noise import (_GOLDEN, column_hashes, counter_normal, counter_normals, counter_uniform, mix32,
+                              positions_in_graph, row_keys, stream_word)
 from blip.config import resolve
 from blip.data import build_graph, collate
 from blip.model import BayesianPotential
@@ -51,6 +52,70 @@ def test_mix32_matches_unsigned_reference_even_where_int64_products_wrap():
 def _keys(n_rows: int, seed: int = 5, replica: int = 0, structure: int = 0) -> torch.Tensor:
     return row_keys(seed, torch.tensor([replica]), torch.tensor([structure]), torch.tensor([n_rows]),
                     torch.arange(n_rows)[:, None])
+
+
+def _unsigned(x: torch.Tensor) -> np.ndarray:
+    return x.numpy().view(np.uint32).astype(np.uint64)
+
+
+def test_mix32_with_a_scratch_tensor_equals_mix32_allocating():
+    x = torch.as_tensor(np.random.default_rng(1).integers(0, 2 ** 32, (300, 7)).astype(np.uint32).view(np.int32))
+    scratch = torch.full_like(x, 123)
+    assert torch.equal(mix32(x.clone(), scratch), mix32(x.clone()))
+
+
+def test_counter_normal_is_box_muller_of_the_reference_hash():
+    """The in-place float64 draws equal Box-Muller written out in numpy on the unsigned hash."""
+    keys, stream, channels = _keys(500), stream_word("edge", 2), 7
+    pairs = (channels + 1) // 2
+    m = np.uint64(0xFFFFFFFF)
+    column = _mix32_reference((np.arange(pairs, dtype=np.uint64) * np.uint64(2) + np.uint64(stream & 0xFFFFFFFF)) & m)
+    bits = _mix32_reference(_unsigned(keys)[:, None] ^ column[None, :])
+    radius = np.sqrt(-2.0 * np.log((bits.astype(np.float64) + 0.5) * 2.0 ** -32))
+    second = _mix32_reference(bits ^ np.uint64(_GOLDEN & 0xFFFFFFFF))
+    angle = (second.astype(np.float64) + 0.5) * 2.0 ** -32 * 2.0 * np.pi
+    expected = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :channels]
+    np.testing.assert_allclose(counter_normal(keys, stream, channels, torch.float64).numpy(), expected,
+                               rtol=1e-12, atol=1e-12)
+    assert np.array_equal(column, _unsigned(column_hashes(stream, pairs, torch.device("cpu"))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drawing_several_layers_at_once_gives_each_its_own_numbers(dtype):
+    layers = [(stream_word("node", slot), channels) for slot, channels in enumerate([64, 7, 1, 32, 2])]
+    for rows in (1, 13, 300):
+        for max_elements in (1, 2 ** 10, 2 ** 30):  # every layer alone, some groups, all at once
+            together = counter_normals(_keys(rows), layers, dtype, max_elements)
+            assert len(together) == len(layers)
+            for (stream, channels), draws in zip(layers, together):
+                assert torch.equal(draws, counter_normal(_keys(rows), stream, channels, dtype))
+
+
+@pytest.mark.parametrize("backbone", ["painn", "mace"])
+def test_noise_plan_learned_from_the_first_pass_leaves_samples_unchanged(backbone, monkeypatch):
+    """Later passes draw each domain's numbers at once (the plan); the samples stay bit-identical."""
+    import ase.io
+
+    from blip.bayes import noise
+
+    calls = []
+    monkeypatch.setattr(noise, "counter_normal", lambda *a, **k: calls.append(1) or counter_normal(*a, **k))
+    model = _potential(backbone, cutoff=4.0, p_init=0.2)
+    frames = ase.io.read(DATA / "acac_small.xyz", ":2")
+    batch = collate([build_graph(a, 4.0, index=i) for i, a in enumerate(frames)], torch.float64)
+    assert not model.noise_state.plans
+    first = model(batch, sample=True, seed=7)
+    plan = model.noise_state.plans[model.noise_kind]
+    layer_calls = len(calls)
+    assert layer_calls == sum(len(layers) for layers in plan.values()) > len(plan)  # one call per noisy layer
+    calls.clear()
+    again = model(batch, sample=True, seed=7)
+    assert len(calls) == len(plan)  # one call per domain
+    for key in ("energy", "forces"):
+        assert torch.equal(first[key], again[key]), key
+    other = model(batch, sample=True, seed=8)
+    assert not torch.allclose(first["forces"], other["forces"])
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
