@@ -240,7 +240,7 @@ class NoiseContext:
     plan: domain -> [(slot, channels)] of the normal draws a pass asks for (:class:`NoiseState`
     learns it from the first pass): the first request of a domain draws all its layers' numbers
     in one batch of kernels (the same numbers as layer by layer), the others take theirs.
-    requested: (domain, slot, channels) of every normal draw asked for, in order.
+    requested: (domain, slot, channels) of every normal draw asked for, in order (passes without a plan).
     """
 
     provider: RateProvider
@@ -274,8 +274,11 @@ class NoiseContext:
         keys = self._keys(domain, rows)
         if keys is None:
             return torch.randn((rows, channels), dtype=like.dtype, device=like.device)
-        self.requested.append((domain, slot, channels))
-        planned = self.plan.get(domain, []) if self.plan is not None else []
+        if self.plan is None:  # a first pass: it shows the plan of later ones
+            self.requested.append((domain, slot, channels))
+            planned = []
+        else:
+            planned = self.plan.get(domain, [])
         if (slot, channels) in planned:
             drawn = self._drawn.get((domain, like.dtype))
             if drawn is None:
