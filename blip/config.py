@@ -40,6 +40,7 @@ DEFAULTS: dict = {
         "inference_hidden": 32,      # hidden width of each rate head
         "rate_inputs": "hidden",     # hidden: each MLP's own input features + species; species: base only
         "distance": True,            # rates rise with the Mahalanobis distance from the training features
+        "distance_mean_one": False,  # divide that distance by its mean over the training rows (fine-tuning)
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean

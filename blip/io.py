@@ -58,7 +58,7 @@ def read_payload(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: a BLIP model written by BLIP {payload.get('blip_version', '0.1')} "
                                   f"(format {payload.get('format_version')}), whose inference net this version "
                                   "no longer builds; retrain it with this version")
-        payload["config"] = _with_new_keys(payload["config"])  # baselines load unchanged
+    payload["config"] = _with_new_keys(payload["config"])  # keys added since the file was written: defaults
     return payload
 
 

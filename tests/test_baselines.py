@@ -230,3 +230,16 @@ def test_evaluate_report_of_a_calibrated_model_shows_before_and_after(trained, t
     assert main(["evaluate", trained["mc_dropout"], str(DATA / "acac_small.xyz"), "--samples", "3",
                  "--report", str(tmp_path / "plain"), "--quiet"]) == 0
     assert "Recalibration" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, atoms, tmp_path):
+    """Files written before a uq key existed (here ``distance_mean_one``) load with its default."""
+    import torch
+
+    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
+    del payload["config"]["uq"]["distance_mean_one"]
+    torch.save(payload, tmp_path / "older.pt")
+    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    assert older.config["uq"]["distance_mean_one"] is False
+    np.testing.assert_array_equal(older.predict(atoms[:2], samples=2, seed=0)["forces_std"][0],
+                                  current.predict(atoms[:2], samples=2, seed=0)["forces_std"][0])

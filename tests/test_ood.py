@@ -52,6 +52,35 @@ def test_density_distance_is_about_one_on_its_own_data_and_grows_away_from_it():
     assert float(density.distance(far, groups[:10]).min()) > 20.0
 
 
+def test_density_distance_mean_one_where_features_span_few_directions():
+    """Shrinkage alone puts the training rows of such features far below a distance of 1 (2 of 32
+    directions: 0.06), where the distance term of the rates stays off; ``mean_one`` rescales it."""
+    torch.manual_seed(2)
+    groups = torch.zeros(3000, dtype=torch.long)
+    x = torch.randn(3000, 2, dtype=torch.float64) @ torch.randn(2, 32, dtype=torch.float64) + 1.0
+    x = x + 1e-3 * torch.randn(3000, 32, dtype=torch.float64)
+    off_plane = x[:10] + 0.1 * torch.randn(10, 32, dtype=torch.float64)  # leaves the plane of the data
+    own, off = {}, {}
+    for mean_one in (False, True):
+        density = FeatureDensity(1, 32, mean_one=mean_one).double()
+        density.begin_fit()
+        density.update(x, groups)
+        density.end_fit()
+        own[mean_one] = float(density.distance(x, groups).mean())
+        off[mean_one] = float(density.distance(off_plane, groups[:10]).min())
+    assert own[False] < 0.1 and own[True] == pytest.approx(1.0, abs=0.02)
+    assert off[True] > 4.0 and off[True] / off[False] == pytest.approx(1.0 / own[False], rel=0.02)
+
+
+def test_uq_distance_mean_one_reaches_every_feature_density(acac_summary):
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
+                              distance_mean_one=True)
+    densities = model.inference.densities_list()
+    assert densities and all(d.mean_one for d in densities)
+    default = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4))
+    assert not any(d.mean_one for d in default.inference.densities_list())
+
+
 def test_moving_average_statistics_approach_the_exact_ones():
     torch.manual_seed(1)
     x = torch.randn(20000, 4, dtype=torch.float64) @ torch.tensor([[1.0, 0.5, 0, 0], [0, 1, 0, 0],

@@ -4,7 +4,8 @@ One :class:`FeatureDensity` per noisy layer holds, for each group of rows (a spe
 atoms, a species pair for edges), the mean and the covariance of that layer's invariant
 input features over the training set. ``distance(x, groups)`` is the squared Mahalanobis
 distance divided by the feature width: about 1 for training rows (less where the
-covariance, shrunk towards its mean variance, has few large directions) and growing
+covariance, shrunk towards its mean variance, has few large directions: about 0.05-0.09 for
+pretrained CHGNet's features on silicon; exactly 1 on average with ``mean_one``) and growing
 without bound away from them; it is invariant to rotations, translations and
 permutations because the features are.
 
@@ -77,9 +78,12 @@ def _group_sums(x: torch.Tensor, groups: torch.Tensor, n_groups: int):
 class FeatureDensity(nn.Module):
     """Per-group mean (G, d), covariance and whitening matrix (G, d, d) of features of width d."""
 
-    def __init__(self, groups: int, dim: int, momentum: float = 0.05):
+    def __init__(self, groups: int, dim: int, momentum: float = 0.05, mean_one: bool = False):
+        """``mean_one``: rescale the whitening so that the fitted Gaussian's own rows have a mean
+        distance of exactly 1 (undoing what shrinkage and floor take off)."""
         super().__init__()
         self.groups, self.dim, self.momentum = int(groups), int(dim), float(momentum)
+        self.mean_one = bool(mean_one)
         self.register_buffer("mean", torch.zeros(self.groups, self.dim))
         self.register_buffer("cov", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("whiten", torch.eye(self.dim).repeat(self.groups, 1, 1))
@@ -172,6 +176,9 @@ class FeatureDensity(nn.Module):
         values = values.clamp_min(_FLOOR)
         shrink = (self.dim / (self.dim + self.seen.double())).clamp_min(SHRINKAGE)[:, None]
         values = (1 - shrink) * values + shrink * values.mean(dim=1, keepdim=True)
+        if self.mean_one:  # the mean of (x - mu)^T W^T W (x - mu) / d over the Gaussian: 1
+            own = torch.einsum("gij,gik,gkj->gj", vectors, cov, vectors)  # variance along each direction
+            values = values * (own / values).mean(dim=1, keepdim=True).clamp_min(1e-12)
         largest = vectors.abs().argmax(dim=1, keepdim=True)  # (G, 1, d): row of each column's largest entry
         signs = torch.sign(vectors.gather(1, largest))
         vectors = vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -193,4 +200,4 @@ class FeatureDensity(nn.Module):
         return (z * z).mean(dim=1)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, dim={self.dim}"
+        return f"groups={self.groups}, dim={self.dim}" + (", mean_one=True" if self.mean_one else "")

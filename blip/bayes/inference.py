@@ -6,8 +6,9 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
 * ``hidden``: the layer's own invariant input features, whitened by the training statistics
   of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
 * ``distance``: ``u = log(1 + m)`` with ``m`` the squared Mahalanobis distance of those
-  features from the training data over their width (at most about 1 on training rows; the
-  shrinkage of the covariance makes it smaller where features vary in few directions).
+  features from the training data over their width (below 1 on training rows where the
+  features vary in few directions; exactly 1 on average with ``distance_mean_one``, see
+  :class:`~blip.bayes.density.FeatureDensity`).
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
 ``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
@@ -80,12 +81,14 @@ class InferenceNet(nn.Module):
     species pairs) of the feature statistics. ``hidden`` / ``distance`` choose the inputs
     (module docstring); ``detach``: in training steps the features enter detached (no gradient
     through them into the backbone, and the training forces ignore d(rate)/d(positions); every
-    prediction keeps the full derivative, so each sample's forces are exact).
+    prediction keeps the full derivative, so each sample's forces are exact);
+    ``distance_mean_one``: the densities' distance has mean 1 on their own rows.
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
-                 use_hidden: bool = True, distance: bool = True, detach: bool = False):
+                 use_hidden: bool = True, distance: bool = True, detach: bool = False,
+                 distance_mean_one: bool = False):
         super().__init__()
         if not 0.0 < p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
@@ -99,8 +102,9 @@ class InferenceNet(nn.Module):
                 str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance)
                 for slot, d in dims.items()})
             if self.wants_features:
-                self.densities[domain] = nn.ModuleDict({str(slot): FeatureDensity(groups.get(domain, 1), d)
-                                                        for slot, d in dims.items()})
+                self.densities[domain] = nn.ModuleDict({
+                    str(slot): FeatureDensity(groups.get(domain, 1), d, mean_one=distance_mean_one)
+                    for slot, d in dims.items()})
 
     @property
     def wants_features(self) -> bool:
