@@ -8,6 +8,7 @@ import json
 import ase.io
 import numpy as np
 import pytest
+import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 
 import blip
@@ -234,8 +235,6 @@ def test_evaluate_report_of_a_calibrated_model_shows_before_and_after(trained, t
 
 def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, atoms, tmp_path):
     """Files written before a uq key existed (here ``distance_mean_one``) load with its default."""
-    import torch
-
     payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
     del payload["config"]["uq"]["distance_mean_one"]
     torch.save(payload, tmp_path / "older.pt")
