@@ -7,6 +7,7 @@ from torch import nn
 
 from .backbones.base import Backbone, apply_strain, cell_volumes
 from .bayes import InferenceNet, NoiseContext, NoiseState, wrap
+from .bayes.density import GroupSplit
 from .bayes.noise import positions_in_graph, row_keys
 from .bayes.wrap import rate_slots
 
@@ -77,11 +78,17 @@ class BayesianPotential(nn.Module):
         keys = None if seed is None else self._noise_keys(batch, counts, seed)
         if self.method == "blip":
             base = {d: f for d, (f, _) in feats.items()}
-            groups = self.backbone.domain_groups(batch) if self.inference.wants_features else {}
+            groups = {}  # rows sorted by group once per domain, for all its layers' densities
+            if self.inference.wants_features:
+                n_groups = self.backbone.domain_group_counts()
+                groups = {d: GroupSplit.of(g, n_groups.get(d, 1)) for d, g in self.backbone.domain_groups(batch).items()}
             inference = self.inference
 
+            memo: list = []  # the last layer's rate inputs: a gated MLP's gate reuses its core's
+
             def provider(domain, slot, rows, features):
-                return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training)
+                return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training,
+                                      memo=memo)
 
             return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features)
         p = self.dropout_p

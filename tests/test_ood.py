@@ -8,7 +8,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from blip.backbones.painn import PaiNN
-from blip.bayes.density import FeatureDensity
+from blip.bayes.density import FeatureDensity, GroupSplit
+from blip.bayes.inference import InferenceNet
 from blip.data import build_graph, collate
 from blip.model import BayesianPotential
 from blip.train.contrastive import perturbed_batch
@@ -119,8 +120,8 @@ def test_noise_free_rates_permute_with_the_atoms(potential, acac_small):
     captured = []
     original = inf.rate
 
-    def record(domain, slot, base, features, groups, update=False, training=False):
-        p = original(domain, slot, base, features, groups, update, training)
+    def record(domain, slot, base, features, groups, update=False, training=False, memo=None):
+        p = original(domain, slot, base, features, groups, update, training, memo)
         if domain == "node":
             captured.append(p.detach())
         return torch.zeros_like(p)  # no noise: the features are the noise-free ones
@@ -234,3 +235,63 @@ def test_strained_periodic_copies_scale_every_edge_vector():
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), atol=1e-12)
     assert float(ratio[0]) in (pytest.approx(1.0), pytest.approx(1.2), pytest.approx(1 / 1.2))
     torch.testing.assert_close(copies["cell"], batch["cell"] * ratio[0])
+
+
+def _fitted_density(groups: int, dim: int, seed: int) -> FeatureDensity:
+    torch.manual_seed(seed)
+    density = FeatureDensity(groups, dim).double()
+    rows = torch.randint(0, groups, (600,))
+    density.begin_fit()
+    density.update(torch.randn(600, dim, dtype=torch.float64) * (1.0 + rows[:, None]) + rows[:, None], rows)
+    density.end_fit()
+    return density
+
+
+@pytest.mark.parametrize("rows", [0, 1, 257])
+def test_whitening_group_by_group_equals_every_row_against_every_group(rows):
+    """``standardise_split`` (one product per group) gives the numbers and gradients of ``standardise``,
+    also with groups that have no rows in the pass."""
+    density = _fitted_density(5, 7, seed=3)
+    groups = torch.randint(0, 3, (rows,)) * 2  # groups 0, 2, 4 only
+    x = torch.randn(rows, 7, dtype=torch.float64, requires_grad=True)
+    split = GroupSplit.of(groups, 5)
+    assert split.counts[1] == split.counts[3] == 0 and sum(split.counts) == rows
+    assert torch.equal(groups[split.order], torch.sort(groups).values)
+    fast, slow = density.standardise_split(x, split), density.standardise(x, groups)
+    assert fast.shape == (rows, 7)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    if rows:
+        weights = torch.randn(rows, 7, dtype=torch.float64)
+        (g_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+        (g_slow,) = torch.autograd.grad((slow * weights).sum(), x)
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-12, atol=1e-12)
+
+
+def test_layers_fed_the_same_input_share_one_whitening_only_when_their_statistics_agree(monkeypatch):
+    """The core and gate of a gated MLP see one input tensor: with a pass's memo the second layer reuses
+    the first one's whitening when both densities hold equal statistics, and computes its own otherwise;
+    the rates equal those computed without the memo either way."""
+    net = InferenceNet({"edge": 3}, {"edge": {0: 6, 1: 6}}, {"edge": 2}, p_max=0.5).double()
+    for head in net.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=0.5)
+    calls = []
+    original = FeatureDensity.standardise_split
+    monkeypatch.setattr(FeatureDensity, "standardise_split",
+                        lambda self, x, split: calls.append(self) or original(self, x, split))
+    torch.manual_seed(0)
+    base, features = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    groups = GroupSplit.of(torch.randint(0, 2, (40,)), 2)
+    for same in (True, False):
+        for slot in (0, 1):
+            net.densities["edge"][str(slot)].load_state_dict(_fitted_density(2, 6, seed=0 if same else slot).state_dict())
+        alone = [net.rate("edge", slot, base, features, groups) for slot in (0, 1)]
+        calls.clear()
+        memo: list = []
+        shared = [net.rate("edge", slot, base, features, groups, memo=memo) for slot in (0, 1)]
+        assert len(calls) == (1 if same else 2)
+        assert not torch.equal(shared[0], shared[1])  # each layer keeps its own head
+        for a, b in zip(alone, shared):
+            assert torch.equal(a, b)
+        calls.clear()
+        net.rate("edge", 1, base, features.clone(), groups, memo=memo)  # another tensor: its own whitening
+        assert len(calls) == 1

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .density import FeatureDensity
+from .density import FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
 _U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
@@ -111,20 +111,33 @@ class InferenceNet(nn.Module):
         return self.use_hidden or self.distance
 
     def rate(self, domain: str, slot: int, base: torch.Tensor, features: torch.Tensor | None,
-             groups: torch.Tensor | None, update: bool = False, training: bool = False) -> torch.Tensor:
-        """Dropout rate p (rows,) of one layer; ``update`` adds the features to its statistics;
-        ``training``: a training step, where ``detach`` applies."""
+             groups: GroupSplit | torch.Tensor | None, update: bool = False, training: bool = False,
+             memo: list | None = None) -> torch.Tensor:
+        """Dropout rate p (rows,) of one layer; ``groups``: its rows' groups, (rows,) long or a
+        :class:`~blip.bayes.density.GroupSplit` of them (computed once for all layers of a pass; None: one group);
+        ``update`` adds the features to its statistics; ``training``: a training step, where
+        ``detach`` applies.
+
+        ``memo``: a list kept for one pass; layers fed the very same input tensor (the core and the
+        gate of a gated MLP) whose densities hold equal statistics then share one whitening (the
+        same numbers, computed once)."""
         head = self.heads[domain][str(slot)]
         with torch.enable_grad():  # the rates train even when the backbone pass does not
             if not self.wants_features:
                 return self._clamp(head(base))
             density = self.densities[domain][str(slot)]
+            if not isinstance(groups, GroupSplit):
+                index = features.new_zeros(features.shape[0], dtype=torch.long) if groups is None else groups
+                groups = GroupSplit.of(index, density.groups)
             if update:
-                density.update(features, groups)
-            if self.detach and training:
-                features = features.detach()
-            inputs, u = rate_inputs(density.standardise(features, groups), base, self.use_hidden, self.distance)
-            return self._clamp(head(inputs, u))
+                density.update(features, groups.index)
+            shared = _twin(memo, features, base, density) if memo is not None else None
+            if shared is None:
+                source = features.detach() if self.detach and training else features
+                shared = rate_inputs(density.standardise_split(source, groups), base, self.use_hidden, self.distance)
+                if memo is not None:
+                    memo[:] = [(features, base, density, shared)]
+            return self._clamp(head(*shared))
 
     def _clamp(self, logit: torch.Tensor) -> torch.Tensor:
         return clamp_rate(logit, self.p_min, self.p_max)
@@ -134,6 +147,19 @@ class InferenceNet(nn.Module):
 
     def densities_list(self) -> list[FeatureDensity]:
         return [d for domain in self.densities.values() for d in domain.values()]
+
+
+def _twin(memo: list, features: torch.Tensor, base: torch.Tensor, density: FeatureDensity):
+    """The rate inputs in ``memo`` when they came from these very ``features`` and ``base`` tensors
+    and a density with the same statistics as ``density`` (else None)."""
+    if not memo:
+        return None
+    seen, seen_base, other, shared = memo[0]
+    if seen is not features or seen_base is not base:
+        return None
+    if other is density or (torch.equal(other.mean, density.mean) and torch.equal(other.whiten, density.whiten)):
+        return shared
+    return None
 
 
 def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                     + "; ".join(f"{k}: {v[1]}" for k, v in PROTOCOLS.items()))
     p.add_argument("protocol", choices=[*PROTOCOLS, "cost", "active", "all"],
                    help="benchmark protocol ('all': each in OUT/NAME); 'cost': prediction, training and MD "
-                        "cost as ratios to the MAP pass (--backbone painn,mace; --sets acac,Si64,Si1000); "
+                        "cost as ratios to the MAP pass (--backbone painn,mace,chgnet; --sets acac,Si64,Si1000); "
                         "'active': active-learning selectors (BLIP sigma, random, FPS, ensemble) on a mixed "
                         "GFN2-xTB-labelled ethanol pool, and warm-started rounds (--seeds, --epochs)")
     p.add_argument("--quick", action="store_true",

@@ -1,6 +1,7 @@
 """``blip bench cost``: what the uncertainty costs, as ratios to the noise-free pass of the same model.
 
     blip bench cost --out docs/results/cost        # PaiNN and MACE on acac, Si 64 and Si 1000
+    blip bench cost --backbone chgnet --sets acac,Si64 --out docs/results/cost/chgnet  # pretrained CHGNet
     blip bench cost --quick --out /tmp/cost        # tiny models and systems, seconds
 
 For every backbone and system, in one process and thread setting, with the methods timed
@@ -38,15 +39,18 @@ from .runner import log
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SAMPLES = (1, 4, 8, 16, 32)
 ELEMENTS = [1, 6, 8, 14]
-MODELS = {  # the example configs' models (examples/acac/config.yaml and mace.yaml)
+CHGNET = {"backbone": "chgnet", "model_name": "0.3.0", "pretrained": True, "cutoff": 6.0}  # examples/si/finetune.yaml
+MODELS = {  # the example configs' models (examples/acac/config.yaml, mace.yaml, si/finetune.yaml)
     "painn": {"backbone": "painn", "cutoff": 5.0, "features": 64, "interactions": 3, "radial": 20},
     "mace": {"backbone": "mace", "cutoff": 5.0, "num_channels": 32, "max_L": 1, "correlation": 3,
              "num_interactions": 2, "num_radial": 8, "max_ell": 3, "radial_mlp": [32, 32], "mlp_irreps": "16x0e"},
+    "chgnet": CHGNET,
 }
 QUICK_MODELS = {
     "painn": {"backbone": "painn", "cutoff": 4.0, "features": 8, "interactions": 2, "radial": 6},
     "mace": {"backbone": "mace", "cutoff": 4.0, "hidden_irreps": "4x0e + 4x1o", "correlation": 2,
              "num_interactions": 2, "num_radial": 4, "max_ell": 1, "radial_mlp": [8], "mlp_irreps": "4x0e"},
+    "chgnet": CHGNET,  # the pretrained architecture has one size: --quick shortens only the systems and K
 }
 
 
