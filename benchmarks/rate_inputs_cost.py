@@ -120,7 +120,9 @@ def main() -> None:
         for system in (("acac", "Si64") if backbone == "chgnet" else ("acac",)):
             print(f"{backbone} {system}: predict K = 16 / MAP: {_line(predict_ratios(backbone, system, args.repeats))}",
                   flush=True)
-        print(f"{backbone} acac: training step / deterministic: {_line(train_ratios(backbone, args.repeats))}", flush=True)
+        train = train_ratios(backbone, args.repeats)
+        print(f"{backbone} acac: training step / deterministic: {_line(train)}", flush=True)
+
 
 if __name__ == "__main__":
     main()

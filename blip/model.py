@@ -81,7 +81,8 @@ class BayesianPotential(nn.Module):
             groups = {}  # rows sorted by group once per domain, for all its layers' densities
             if self.inference.wants_features:
                 n_groups = self.backbone.domain_group_counts()
-                groups = {d: GroupSplit.of(g, n_groups.get(d, 1)) for d, g in self.backbone.domain_groups(batch).items()}
+                groups = {d: GroupSplit.of(g, n_groups.get(d, 1))
+                          for d, g in self.backbone.domain_groups(batch).items()}
             inference = self.inference
 
             memo: list = []  # the last layer's rate inputs: a gated MLP's gate reuses its core's

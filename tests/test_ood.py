@@ -283,7 +283,8 @@ def test_layers_fed_the_same_input_share_one_whitening_only_when_their_statistic
     groups = GroupSplit.of(torch.randint(0, 2, (40,)), 2)
     for same in (True, False):
         for slot in (0, 1):
-            net.densities["edge"][str(slot)].load_state_dict(_fitted_density(2, 6, seed=0 if same else slot).state_dict())
+            fitted = _fitted_density(2, 6, seed=0 if same else slot)
+            net.densities["edge"][str(slot)].load_state_dict(fitted.state_dict())
         alone = [net.rate("edge", slot, base, features, groups) for slot in (0, 1)]
         calls.clear()
         memo: list = []

@@ -227,7 +227,8 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
     all_systems = systems(quick)
     chosen = {k: v for k, v in all_systems.items() if system_names is None or k in system_names}
     md_steps = 10 if quick else 200
-    watches = [(2, 5)] if quick else [(16, 10), (16, 20), (16, 60), (8, 30), (4, 20)]
+    # (K, every M) of the watch; (8, 20) is blip md's default
+    watches = [(2, 5)] if quick else [(16, 10), (16, 20), (16, 60), (8, 20), (8, 30), (4, 20)]
     rows, slopes, memory, train_rows, md_rows = [], [], [], [], []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
