@@ -11,7 +11,7 @@ Variants, toggled in one process (interleaved repeats, medians):
 * "after" (the code as it is): "split", and the core and gate of a gated MLP (CHGNet), fed the same
   input tensor, share one whitening when their statistics agree (``InferenceNet.rate``'s memo).
 
-All three give the same numbers. Models: the example configs of ``blip bench cost`` (untrained;
+All three give the same rates and energies (forces to float rounding). Models: the example configs of ``blip bench cost`` (untrained;
 elements H, C, O, Si: 4 species, 16 groups per edge domain); systems: 8 acetylacetone molecules, and
 for CHGNet also a 64-atom Si cell. Printed: predict with K = 16 (no MAP pass) over the MAP predict,
 and one training step on acetylacetone (batch 8) over the deterministic step.

@@ -217,7 +217,7 @@ class FeatureDensity(nn.Module):
     def standardise_split(self, x: torch.Tensor, split: GroupSplit) -> torch.Tensor:
         """:meth:`standardise` with the rows' groups as a :class:`GroupSplit`: one (rows_g, d) x (d, d)
         product per group instead of every row against every group's matrix (2-6x faster for
-        3-9 groups; the same numbers)."""
+        3-9 groups; the same values, gradients summed in another order)."""
         if self.groups == 1 or not x.shape[0]:
             return self.standardise(x, split.index)
         centred = x - self.mean.to(x.dtype)[split.index]

@@ -120,7 +120,7 @@ class InferenceNet(nn.Module):
 
         ``memo``: a list kept for one pass; layers fed the very same input tensor (the core and the
         gate of a gated MLP) whose densities hold equal statistics then share one whitening (the
-        same numbers, computed once)."""
+        same values, computed once; forces then differ by float rounding only)."""
         head = self.heads[domain][str(slot)]
         with torch.enable_grad():  # the rates train even when the backbone pass does not
             if not self.wants_features:
