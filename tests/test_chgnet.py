@@ -264,3 +264,30 @@ def test_element_outside_chgnet_is_a_data_error(tmp_path, pretrained, si, capsys
     assert main(["train", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "outside CHGNet" in err[-1] and err[-1].startswith("blip: error:")
+
+
+def test_gated_mlps_share_one_whitening_and_samples_stay_the_same(pretrained, rattled, monkeypatch):
+    """CHGNet's gated MLPs feed one input tensor to their core and gate: a sampled pass whitens it once
+    for both (one whitening per gated MLP, not two), with the energies and forces of separate whitenings."""
+    import blip.bayes.inference as inference
+    from blip.bayes.density import FeatureDensity
+
+    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(pretrained), DatasetSummary(elements=[8, 14])),
+                              prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=0.05).double()
+    for head in model.inference.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=0.3)
+    batch = batch_of(rattled)
+    model.fit_feature_statistics([batch])
+    calls = []
+    original = FeatureDensity.standardise_split
+    monkeypatch.setattr(FeatureDensity, "standardise_split",
+                        lambda self, x, split: calls.append(1) or original(self, x, split))
+    shared = run(model, replicate(batch, 2), sample=True, seed=5)
+    n_shared, calls[:] = len(calls), []
+    monkeypatch.setattr(inference, "_twin", lambda *args: None)
+    separate = run(model, replicate(batch, 2), sample=True, seed=5)
+    slots = len(model.inference.heads_list())
+    gated = sum(1 for name, _ in model.backbone.named_modules() if name.endswith(".mlp_gate"))
+    assert len(calls) == slots and n_shared == slots - gated
+    np.testing.assert_array_equal(shared[0], separate[0])
+    np.testing.assert_allclose(shared[1], separate[1], rtol=0, atol=1e-10)
