@@ -15,7 +15,7 @@ import yaml
 
 from blip import config
 from blip.backbones.base import DatasetSummary
-from blip.backbones.chgnet import CHGNetBackbone, load_chgnet
+from blip.backbones.chgnet import NOISE_DOMAINS, CHGNetBackbone, load_chgnet
 from blip.build import build_potential
 from blip.cli import main
 from blip.data import build_graph, collate, read_labelled, replicate
@@ -45,8 +45,9 @@ def pretrained():
 
 
 def wrapped(chgnet, dtype=torch.float64, p=None, method="blip"):
-    """BLIP around a copy of ``chgnet``; with ``p``, input-dependent rates near p."""
-    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(chgnet), SI), method=method, prior_p=0.01,
+    """BLIP around a copy of ``chgnet`` with noise on every domain; with ``p``, input-dependent rates near p."""
+    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(chgnet), SI, noise_domains=NOISE_DOMAINS),
+                              method=method, prior_p=0.01,
                               p_min=1e-5, p_max=0.1, p_init=5e-5).to(dtype)
     if p is not None:
         torch.manual_seed(0)
@@ -138,6 +139,32 @@ def test_domain_rows_follow_chgnet_graphs(pretrained, si, rattled):
         h.remove()
     assert {d: s for d, s in seen.items()} == {d: {sum(r)} for d, r in rows.items()}
     assert {d: len(n) for d, n in model.layers.items()} == {"atom": 4, "atom_edge": 16, "bond": 3, "angle": 18}
+
+
+def test_noise_domains_choose_the_noisy_mlps(pretrained, rattled):
+    """``model.noise_domains`` (default atom and bond updates) wraps exactly those MLPs; a model file
+    written before the key existed (no key in its config) keeps noise on all four domains; an unknown
+    domain is a config error."""
+    cfg = config.resolve({"model": {"backbone": "chgnet"}})
+    assert cfg["model"]["noise_domains"] == ["atom", "bond"]
+    model = build_potential(cfg, SI)
+    assert sorted(model.layers) == ["atom", "bond"]
+    assert all(".mlp_out." in name for names in model.layers.values() for name in names)
+    assert {d: len(n) for d, n in model.layers.items()} == {"atom": 4, "bond": 3}
+    assert sorted(model.inference.heads) == ["atom", "bond"]
+    old = copy.deepcopy(cfg)
+    del old["model"]["noise_domains"]
+    assert sorted(build_potential(old, SI).layers) == sorted(NOISE_DOMAINS)
+    with pytest.raises(ConfigError, match="noise_domains"):
+        config.resolve({"model": {"backbone": "chgnet", "noise_domains": ["atom", "pairs"]}})
+    # the default model samples: its spread comes from the atom and bond updates alone
+    model = model.double()
+    for head in model.inference.heads_list():
+        torch.nn.init.constant_(head.net[2].bias, math.log(0.05 / 0.95) - head.logit0)
+    batch = batch_of(rattled)
+    map_energy = run(model, batch, sample=False)[0]
+    energies = [run(model, batch, sample=True, seed=s)[0] for s in (1, 2)]
+    assert np.abs(energies[0] - map_energy).max() > 1e-4 and np.abs(energies[0] - energies[1]).max() > 1e-4
 
 
 # -- samples -------------------------------------------------------------------------
@@ -245,7 +272,7 @@ def test_cutoff_disagreeing_with_pretrained_is_a_config_error(tmp_path, capsys):
     # pretrained: false builds an untrained CHGNet of the same architecture, any cutoff > 3 A
     cfg = config.load(si_config(tmp_path, model={"cutoff": 5.0, "pretrained": False}))
     untrained = build_potential(cfg, SI).backbone
-    assert untrained.cutoff == 5.0 and len(untrained.noisy_layers()) == 5
+    assert untrained.cutoff == 5.0 and sorted(untrained.noisy_layers().values()) == ["atom", "bond"]
 
 
 def test_element_outside_chgnet_is_a_data_error(tmp_path, pretrained, si, capsys):
@@ -272,8 +299,8 @@ def test_gated_mlps_share_one_whitening_and_samples_stay_the_same(pretrained, ra
     import blip.bayes.inference as inference
     from blip.bayes.density import FeatureDensity
 
-    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(pretrained), DatasetSummary(elements=[8, 14])),
-                              prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=0.05).double()
+    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(pretrained), DatasetSummary(elements=[8, 14]),
+                                             noise_domains=NOISE_DOMAINS), prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=0.05).double()
     for head in model.inference.heads_list():
         torch.nn.init.normal_(head.net[2].weight, std=0.3)
     batch = batch_of(rattled)

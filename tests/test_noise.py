@@ -186,13 +186,13 @@ def test_row_identities_are_unique_within_each_structure(backbone):
     from ase.build import bulk
 
     if backbone == "chgnet":
-        from blip.backbones.chgnet import CHGNetBackbone, load_chgnet
+        from blip.backbones.chgnet import NOISE_DOMAINS, CHGNetBackbone, load_chgnet
 
         si = bulk("Si", "diamond", a=5.43, cubic=True)
         si.rattle(0.05, seed=0)
         frames = [si, bulk("Si", "diamond", a=5.43)]
         potential = BayesianPotential(CHGNetBackbone(load_chgnet("0.3.0", pretrained=False, cutoff=6.0),
-                                                     DatasetSummary(elements=[14])))
+                                                     DatasetSummary(elements=[14]), noise_domains=NOISE_DOMAINS))
     else:
         frames = ase.io.read(DATA / "acac_small.xyz", ":2")
         potential = _potential(backbone, cutoff=4.0)

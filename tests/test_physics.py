@@ -54,9 +54,11 @@ def _mace(method):
 
 
 def _chgnet(method):
-    from blip.backbones.chgnet import CHGNetBackbone, load_chgnet
+    from blip.backbones.chgnet import NOISE_DOMAINS, CHGNetBackbone, load_chgnet
 
-    backbone = CHGNetBackbone(load_chgnet("0.3.0", pretrained=True, cutoff=6.0), DatasetSummary(elements=[14]))
+    # noise on every domain (the default, atom and bond updates, is a subset of these layers)
+    backbone = CHGNetBackbone(load_chgnet("0.3.0", pretrained=True, cutoff=6.0), DatasetSummary(elements=[14]),
+                              noise_domains=NOISE_DOMAINS)
     model = BayesianPotential(backbone, method, prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=5e-5, dropout_p=0.05)
     _varying_rates(model, 0.3)
     for head in (model.inference.heads_list() if model.inference is not None else []):  # rates near 0.05

@@ -17,9 +17,15 @@ kinds of rows, so BLIP sees four noise domains:
 * ``angle``     -- angles (bond pairs): ``bond_conv_layers.N.twoBody_bond`` (bond messages)
   and ``angle_layers.N.twoBody_bond`` (angle update).
 
-The readout MLP, embeddings and basis expansions stay deterministic. Rows are put in a
-canonical order per structure (pairs sorted by centre, neighbour, image), so a noise
-sample does not depend on pymatgen's neighbour-list order.
+By default (``model.noise_domains: [atom, bond]``) only the update MLPs of atoms and bonds
+are noisy: noise on the pair and angle MLPs as well (all four domains, the setting of model
+files written before the key existed) made BLIP fine-tuning 3.1x as expensive per training
+step as plain fine-tuning instead of 1.1x, and its K = 16 prediction 63x the MAP pass instead
+of 19x, with a worse recalibrated force NLL on held-out surfaces (0.24 against -0.41 over 3
+seeds of ``blip bench finetune-si``; docs/results/finetune-si). The readout MLP, embeddings
+and basis expansions stay deterministic. Rows are put in a canonical order per structure
+(pairs sorted by centre, neighbour, image), so a noise sample does not depend on pymatgen's
+neighbour-list order.
 
 Positions enter differentiably: ``prepare`` builds (and caches, per structure content) the
 graph topology; ``energy`` recomputes bond vectors from ``batch["positions"]`` and runs
@@ -50,8 +56,19 @@ DEFAULTS = {
     "pretrained": True,      # False: untrained CHGNet of the same architecture
     "model_name": "0.3.0",   # a name chgnet.model.CHGNet.load knows
     "feature_radial": 8,     # radial functions in the inference-net features
+    "noise_domains": ["atom", "bond"],  # the MLPs with BLIP noise: atom, atom_edge, bond, angle
 }
-register_backbone_defaults("chgnet", DEFAULTS)
+NOISE_DOMAINS = ("atom", "atom_edge", "bond", "angle")  # every domain (model files without the key)
+
+
+def _check(model: dict) -> None:
+    domains = model.get("noise_domains")
+    if not isinstance(domains, (list, tuple)) or not domains or any(d not in NOISE_DOMAINS for d in domains):
+        raise ConfigError(f"model.noise_domains must be a non-empty list of {', '.join(NOISE_DOMAINS)}; "
+                          f"got {domains!r}")
+
+
+register_backbone_defaults("chgnet", DEFAULTS, check=_check)
 
 NEIGHBOUR_DENSITY_SCALE = 10.0  # divides the per-atom radial neighbour density (a feature)
 CACHE_SIZE = 1024               # structures whose graph topology is kept (~0.1 MB each at 64 Si atoms)
@@ -194,7 +211,7 @@ class CHGNetBackbone(Backbone):
     including its ``AtomRef`` reference energies; forces by autograd w.r.t. ``batch["positions"]``."""
 
     def __init__(self, chgnet: nn.Module, summary: DatasetSummary, feature_radial: int = 8,
-                 model_name: str = "0.3.0"):
+                 model_name: str = "0.3.0", noise_domains=tuple(DEFAULTS["noise_domains"])):
         super().__init__()
         from chgnet.model.composition_model import AtomRef
 
@@ -212,18 +229,21 @@ class CHGNetBackbone(Backbone):
         self.elements = sorted(int(z) for z in summary.elements)
         self.species = SpeciesMap(self.elements)
         self.radial = int(feature_radial)
+        self.noise_domains = tuple(noise_domains)
         self.cache = TopologyCache()
 
     # -- noise domains ------------------------------------------------------------
     def noisy_layers(self) -> dict[str, str]:
+        """The MLPs of the domains in ``noise_domains``."""
         gated = r"mlp_(core|gate)\.layers\.\d+"
-        return {
+        every = {
             rf"chgnet\.atom_conv_layers\.\d+\.twoBody_atom\.{gated}": "atom_edge",
             r"chgnet\.atom_conv_layers\.\d+\.mlp_out\.layers\.\d+": "atom",
             rf"chgnet\.bond_conv_layers\.\d+\.twoBody_bond\.{gated}": "angle",
             r"chgnet\.bond_conv_layers\.\d+\.mlp_out\.layers\.\d+": "bond",
             rf"chgnet\.angle_layers\.\d+\.twoBody_bond\.{gated}": "angle",
         }
+        return {pattern: domain for pattern, domain in every.items() if domain in self.noise_domains}
 
     def domain_group_counts(self) -> dict[str, int]:
         n = self.species.n
@@ -407,4 +427,7 @@ def build(cfg: dict, summary: DatasetSummary) -> CHGNetBackbone:
     if cutoff <= float(chgnet.graph_converter.bond_graph_cutoff):
         raise ConfigError(f"model.cutoff ({cutoff:g} A) must exceed CHGNet's bond-graph cutoff "
                           f"({chgnet.graph_converter.bond_graph_cutoff:g} A)")
-    return CHGNetBackbone(chgnet, summary, feature_radial=int(cfg["feature_radial"]), model_name=name)
+    # model files written before noise_domains existed were trained with noise on every domain
+    domains = cfg.get("noise_domains", NOISE_DOMAINS)
+    return CHGNetBackbone(chgnet, summary, feature_radial=int(cfg["feature_radial"]), model_name=name,
+                          noise_domains=domains)
