@@ -12,7 +12,7 @@ from blip.bayes.density import FeatureDensity, GroupSplit
 from blip.bayes.inference import InferenceNet
 from blip.data import build_graph, collate
 from blip.model import BayesianPotential
-from blip.train.contrastive import perturbed_batch
+from blip.train.contrastive import REMOVED_DISTANCE, draws_of_graphs, perturbation_draws, perturbed_batch
 from blip.train.loss import data_loss
 
 
@@ -176,6 +176,57 @@ def test_perturbed_copies_are_rattled_or_scaled_copies_on_the_same_graph(acac_sm
             assert float(ratio[0]) == pytest.approx(1.25) or float(ratio[0]) == pytest.approx(1 / 1.25)
         else:  # rattled with a standard deviation of 0.2 A per coordinate
             assert float((after - before).std()) == pytest.approx(0.2, rel=0.35)
+
+
+def test_removal_copies_move_some_atoms_out_of_every_cutoff_and_leave_the_rest(acac_small):
+    """With ``remove`` a copy either is rattled / scaled as before or loses a fraction of its atoms:
+    those sit farther than any cutoff from every other atom (every edge touching them is long), the
+    others keep their positions exactly, so they lose neighbours; the graph is the original's."""
+    from blip.backbones.base import edge_vectors
+
+    batch = _batch([s.atoms for s in acac_small] * 3)
+    n_atoms = batch["n_atoms"].numpy()
+    draws = perturbation_draws(np.random.default_rng(1), n_atoms, (0.1, 0.1), (0.2, 0.2), (0.3, 0.3))
+    copies = perturbed_batch(batch, None, (0.1, 0.1), (0.2, 0.2), draws=draws)
+    assert torch.equal(copies["edge_index"], batch["edge_index"])
+    moved = (copies["positions"] - batch["positions"]).norm(dim=1)
+    removed = moved > 0.5 * REMOVED_DISTANCE
+    kinds = [p[2] > 0 for p in draws[0]]
+    assert any(kinds) and not all(kinds)
+    for g, is_removal in enumerate(kinds):
+        atoms = batch["batch"] == g
+        if is_removal:
+            assert removed[atoms].any() and not removed[atoms].all()
+            assert float(moved[atoms & ~removed].max()) < 1e-12  # kept in place (to rounding)
+            assert abs(float(removed[atoms].double().mean()) - 0.3) < 0.3
+        else:
+            assert not removed[atoms].any()
+    i, j = batch["edge_index"]
+    touching = removed[i] | removed[j]
+    assert touching.any() and float(edge_vectors(copies)[touching].norm(dim=1).min()) > 100.0
+    in_removal_copy = torch.tensor(kinds)[batch["batch"][i]]
+    kept = in_removal_copy & ~touching  # the atoms left behind keep their pair geometry
+    assert kept.any()
+    torch.testing.assert_close(edge_vectors(copies)[kept], edge_vectors(batch)[kept], rtol=0, atol=1e-12)
+
+
+def test_contrastive_draws_of_a_rank_are_its_graphs_rows():
+    """A data-parallel rank takes the draws of its own graphs out of the global batch's draws."""
+    n_atoms = np.array([3, 5, 2, 4])
+    draws = perturbation_draws(np.random.default_rng(0), n_atoms, (0.1, 0.2), (0.1, 0.2), (0.1, 0.5))
+    params, normals, uniforms = draws_of_graphs(draws, n_atoms, [2, 0])
+    assert params == [draws[0][2], draws[0][0]]
+    np.testing.assert_array_equal(normals, np.concatenate([draws[1][8:10], draws[1][0:3]]))
+    np.testing.assert_array_equal(uniforms, np.concatenate([draws[2][8:10], draws[2][0:3]]))
+    # without removal the draws are those of before the option existed: (params, normals) only
+    assert len(perturbation_draws(np.random.default_rng(0), n_atoms, (0.1, 0.2), (0.1, 0.2))) == 2
+    from blip.config import resolve
+    from blip.errors import ConfigError
+
+    assert resolve({"uq": {"contrastive": {"remove": [0.05, 0.3]}}})["uq"]["contrastive"]["remove"] == [0.05, 0.3]
+    for bad in ([0.3, 0.05], [0.1, 1.5], 0.2):
+        with pytest.raises(ConfigError, match="contrastive.remove"):
+            resolve({"uq": {"contrastive": {"remove": bad}}})
 
 
 def test_trained_model_is_more_uncertain_on_a_distorted_structure(tmp_path):

@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_torch_save, save_model
 from ..predictor import BlipModel
 from ..bayes import kl_divergence
-from .contrastive import perturbation_draws, perturbed_batch
+from .contrastive import draws_of_graphs, perturbation_draws, perturbed_batch
 from .datasets import PreparedData, prepare_data
 from .loss import data_loss_sums, stress_loss_sum
 from .sampler import GlobalBatchSampler, shard
@@ -219,11 +219,9 @@ class Trainer:
         perturbations are drawn for the global batch on every rank, each rank uses its graphs' draws."""
         ncp = self.uq["contrastive"]
         rattle, strain = tuple(ncp["rattle"]), tuple(ncp["strain"])
+        remove = None if ncp["remove"] is None else tuple(ncp["remove"])
         n_atoms = sizes[step.global_indices]
-        params, normals = perturbation_draws(rng, n_atoms, rattle, strain)
-        start = np.concatenate([[0], np.cumsum(n_atoms)])
-        local = ([params[p] for p in step.positions],
-                 np.concatenate([normals[start[p]:start[p + 1]] for p in step.positions]))
+        local = draws_of_graphs(perturbation_draws(rng, n_atoms, rattle, strain, remove), n_atoms, step.positions)
         return model.rates(batch, seed=seed, transform=lambda b: perturbed_batch(b, None, rattle, strain, draws=local))
 
     @property
