@@ -299,8 +299,8 @@ def test_gated_mlps_share_one_whitening_and_samples_stay_the_same(pretrained, ra
     import blip.bayes.inference as inference
     from blip.bayes.density import FeatureDensity
 
-    model = BayesianPotential(CHGNetBackbone(copy.deepcopy(pretrained), DatasetSummary(elements=[8, 14]),
-                                             noise_domains=NOISE_DOMAINS), prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=0.05).double()
+    backbone = CHGNetBackbone(copy.deepcopy(pretrained), DatasetSummary(elements=[8, 14]), noise_domains=NOISE_DOMAINS)
+    model = BayesianPotential(backbone, prior_p=0.01, p_min=1e-5, p_max=0.1, p_init=0.05).double()
     for head in model.inference.heads_list():
         torch.nn.init.normal_(head.net[2].weight, std=0.3)
     batch = batch_of(rattled)

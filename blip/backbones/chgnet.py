@@ -19,9 +19,8 @@ kinds of rows, so BLIP sees four noise domains:
 
 By default (``model.noise_domains: [atom, bond]``) only the update MLPs of atoms and bonds
 are noisy: noise on the pair and angle MLPs as well (all four domains, the setting of model
-files written before the key existed) made BLIP fine-tuning 3.1x as expensive per training
-step as plain fine-tuning instead of 1.1x, and its K = 16 prediction 63x the MAP pass instead
-of 19x, with a worse recalibrated force NLL on held-out surfaces (0.24 against -0.41 over 3
+files written before the key existed) made a BLIP fine-tuning step 3.0x as expensive as a
+plain one instead of 1.2x, and its K = 16 prediction 60-66x the MAP pass instead of 19x, with a worse recalibrated force NLL on held-out surfaces (0.24 against -0.41 over 3
 seeds of ``blip bench finetune-si``; docs/results/finetune-si). The readout MLP, embeddings
 and basis expansions stay deterministic. Rows are put in a canonical order per structure
 (pairs sorted by centre, neighbour, image), so a noise sample does not depend on pymatgen's

@@ -91,11 +91,8 @@ def perturbed_batch(batch: dict, rng: np.random.Generator | None, rattle: tuple[
     out["positions"] = c_atom + f_atom * (pos - c_atom) + sigma[:, None] * noise
     if len(draws) > 2 and any(p[2] > 0 for p in params):
         fraction = pos.new_tensor([p[2] for p in params])[batch["batch"]]
-        removed = torch.from_numpy(np.asarray(draws[2])).to(pos) < fraction
-        rank = torch.cumsum(removed.to(pos.dtype), 0)
-        away = torch.zeros_like(pos)
-        away[:, 0] = REMOVED_DISTANCE * rank
-        out["positions"] = torch.where(removed[:, None], out["positions"] + away, out["positions"])
+        removed = (torch.from_numpy(np.asarray(draws[2])).to(pos) < fraction).to(pos.dtype)
+        out["positions"][:, 0] += REMOVED_DISTANCE * torch.cumsum(removed, 0) * removed  # k-th removed: k x 500 A
     out["cell"] = batch["cell"] * factor[:, None, None]
     if "shifts" in batch and batch["shifts"].numel():
         edge_graph = batch["batch"][batch["edge_index"][0]]
