@@ -8,7 +8,9 @@ inside when it ran several seeds). For every seed, experiment and stochastic met
 there, the protocol's split of that seed is rebuilt, and for each K the model is
 recalibrated on the validation split with K samples and scored on every test set with K
 samples (the same seed, so the first K samples are shared between K values). The 5-member
-ensemble's row is scored once, as a reference. Prints a table of mean ± std over seeds and
+ensemble's row is scored once, as a reference. ``--force-std atom,component`` scores every
+model with each force spread (``uq.force_std``; the method's rows are then labelled
+``METHOD/atom`` and ``METHOD/component``). Prints a table of mean ± std over seeds and
 writes OUT/results.json and OUT/results.md.
 """
 
@@ -37,7 +39,8 @@ def _seed_dirs(runs: Path) -> list[tuple[int, Path]]:
 
 
 def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: tuple[str, ...],
-          seeds: set[int] | None = None, sets: list[str] | None = None) -> list[dict]:
+          seeds: set[int] | None = None, sets: list[str] | None = None,
+          force_stds: tuple[str, ...] | None = None) -> list[dict]:
     rows = []
     for seed, folder in _seed_dirs(runs):
         if seeds is not None and seed not in seeds:
@@ -49,18 +52,22 @@ def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: t
                 if not path.is_file():
                     continue
                 model = blip.load(path)
-                for k in ([None] if model.method == "ensemble" else ks):
-                    start = time.perf_counter()
-                    scales = recalibrate(model, exp.valid, samples=k, seed=seed)
-                    model.calibration = {"energy": 1.0, "forces": 1.0}
-                    for test in exp.tests:
-                        pred, _ = timed_predict(model, test.structures, k, seed)
-                        metrics = row_metrics(score(test.structures, pred), scales)
-                        rows.append({"seed": seed, "experiment": exp.name, "method": method, "test_set": test.name,
-                                     "samples": len(model.members) if k is None else k,
-                                     **{m: metrics.get(m) for m in METRICS}})
-                    print(f"seed {seed} {exp.name} {method} K={rows[-1]['samples']}: "
-                          f"{time.perf_counter() - start:.0f} s", flush=True)
+                for force_std in force_stds or (None,):
+                    label = method if force_std is None else f"{method}/{force_std}"
+                    if force_std is not None:
+                        model.config["uq"]["force_std"] = force_std
+                    for k in ([None] if model.method == "ensemble" else ks):
+                        start = time.perf_counter()
+                        scales = recalibrate(model, exp.valid, samples=k, seed=seed)
+                        model.calibration = {"energy": 1.0, "forces": 1.0}
+                        for test in exp.tests:
+                            pred, _ = timed_predict(model, test.structures, k, seed)
+                            metrics = row_metrics(score(test.structures, pred), scales)
+                            rows.append({"seed": seed, "experiment": exp.name, "method": label, "test_set": test.name,
+                                         "samples": len(model.members) if k is None else k,
+                                         **{m: metrics.get(m) for m in METRICS}})
+                        print(f"seed {seed} {exp.name} {label} K={rows[-1]['samples']}: "
+                              f"{time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
 
@@ -107,12 +114,15 @@ def main() -> None:
     parser.add_argument("--methods", default="blip,mc_dropout,ensemble")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to score (default: all found)")
     parser.add_argument("--sets", default=None, help="comma-separated experiments of the protocol (default: all)")
+    parser.add_argument("--force-std", default=None,
+                        help="comma-separated uq.force_std values to score each model with (default: the model's own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = sweep(args.protocol, args.runs, data_dir(args.data), tuple(int(k) for k in args.samples.split(",")),
                  tuple(args.methods.split(",")),
                  seeds={int(s) for s in args.seeds.split(",")} if args.seeds else None,
-                 sets=args.sets.split(",") if args.sets else None)
+                 sets=args.sets.split(",") if args.sets else None,
+                 force_stds=tuple(args.force_std.split(",")) if args.force_std else None)
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))

@@ -12,7 +12,9 @@ Result keys (units eV, eV/Angstrom; energies per structure):
   ``uq.predict_mean: map`` (the default), else the mean over the K samples; an ensemble's
   member mean.
 * ``energy_std`` (float), ``forces_std`` (n, 3): **standard deviations** over the samples
-  (population, ddof=0), times the model's calibration factor.
+  (population, ddof=0), times the model's calibration factor; where the model's force spread is
+  per atom (``uq.force_std``) a row's three entries are equal, the root mean square of the
+  atom's component spreads.
 * ``energy_var`` (float), ``forces_var`` (n, 3): **population variances**, exactly ``std**2``
   (the names MACE's committee calculator uses).
 * ``energy_samples`` (K,), ``forces_samples`` (K, n, 3): the samples themselves

@@ -50,7 +50,8 @@ def _train(cfg, args) -> int:
                               seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
         print(f"recalibrated on the {where}: standard deviations x "
-              + ", ".join(f"{q} {f:.3g}" for q, f in factors.items()), file=sys.stderr)
+              + ", ".join(f"{q} {f:.3g}" for q, f in factors.items())
+              + f"; force spread per {model.force_std}", file=sys.stderr)
     if data.tests:
         results = write_test_metrics(model, data, trainer.out, progress=not args.quiet)
         for name, metrics in results.items():
@@ -156,7 +157,7 @@ def cmd_calibrate(args) -> int:
     recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
     print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
-          f"forces {model.calibration['forces']:.4g}; wrote {args.output}")
+          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std}); wrote {args.output}")
     return 0
 
 

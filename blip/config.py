@@ -44,6 +44,7 @@ DEFAULTS: dict = {
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
+        "force_std": "auto",         # force spread per atom (its 3 components pooled) or per component; auto: recalibration picks
         "contrastive": {             # noise-contrastive prior on perturbed, unlabelled copies of batches
             "weight": 1.0,           # 0 switches it off
             "every": 2,              # one contrastive pass every N steps (weighted by N)
@@ -244,12 +245,15 @@ def _validate(cfg: dict) -> None:
     if cfg["uq"]["method"] not in METHODS:
         raise ConfigError(f"uq.method '{cfg['uq']['method']}' is not one of {', '.join(METHODS)}")
     from .model import RATE_INPUTS, WEIGHT_NOISE
+    from .predictor import FORCE_STD
 
     uq = cfg["uq"]
     if uq["weight_noise"] not in WEIGHT_NOISE:
         raise ConfigError(f"uq.weight_noise '{uq['weight_noise']}' is not one of {', '.join(WEIGHT_NOISE)}")
     if uq["predict_mean"] not in ("map", "samples"):
         raise ConfigError("uq.predict_mean must be 'map' (noise-free pass) or 'samples' (mean of the samples)")
+    if uq["force_std"] not in FORCE_STD:
+        raise ConfigError(f"uq.force_std must be one of {', '.join(FORCE_STD)}, got {uq['force_std']!r}")
     if uq["rate_inputs"] not in RATE_INPUTS:
         raise ConfigError(f"uq.rate_inputs '{uq['rate_inputs']}' is not one of {', '.join(RATE_INPUTS)}")
     ncp = uq["contrastive"]

@@ -32,6 +32,7 @@ def model_payload(model) -> dict:
         "states": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in model.members],
         "calibration": dict(model.calibration),
         "info": dict(model.info),
+        "fitted_force_std": model.fitted_force_std,
     }
 
 
@@ -90,5 +91,6 @@ def load(path: str | Path, device: str = "cpu"):
             first = str(exc).splitlines()[0][:160]
             raise CheckpointError(f"{path}: weights do not fit the model in its config ({first})") from None
         members.append(potential)
-    model = BlipModel(members, config, summary, payload.get("calibration"), payload.get("info"))
+    model = BlipModel(members, config, summary, payload.get("calibration"), payload.get("info"),
+                      payload.get("fitted_force_std"))
     return model.to(device)

@@ -13,22 +13,34 @@ from .errors import DataError
 from .model import BayesianPotential
 
 MAX_EDGES_PER_PASS = 10_000  # replicas x (edges + atoms) per forward pass; larger passes get memory-bound
+FORCE_STD = ("auto", "atom", "component")  # uq.force_std; auto: the one recalibration finds better
+
+
+def atom_force_std(component_std: np.ndarray) -> np.ndarray:
+    """Per-atom force std (n, 3) from per-component stds (n, 3): each row becomes the root mean
+    square of its three entries, the spread of that atom's 3K force components about their means.
+    The row norms (an atom's total spread, as the MD watch reads it) are unchanged."""
+    pooled = np.sqrt(np.mean(np.square(component_std), axis=1, keepdims=True))
+    return np.repeat(pooled, 3, axis=1)
 
 
 class BlipModel:
     """A trained potential (or ensemble) with its config, data summary and calibration.
 
-    ``predict`` returns means, standard deviations (population, ddof=0) and samples.
+    ``predict`` returns means, standard deviations (population, ddof=0) and samples; forces get
+    one std per atom or per Cartesian component (``uq.force_std``; with "auto", the default,
+    recalibration picks the one of lower NLL on its data and stores it in ``fitted_force_std``).
     ``calibration`` holds one multiplicative factor per target applied to the spread.
     """
 
     def __init__(self, members: list[BayesianPotential], config: dict, summary: DatasetSummary,
-                 calibration: dict | None = None, info: dict | None = None):
+                 calibration: dict | None = None, info: dict | None = None, fitted_force_std: str | None = None):
         self.members = members
         self.config = config
         self.summary = summary
         self.calibration = {"energy": 1.0, "forces": 1.0, **(calibration or {})}
         self.info = info or {}
+        self.fitted_force_std = fitted_force_std  # "atom" / "component" chosen by recalibration (force_std auto)
         self.device = torch.device("cpu")
         for m in self.members:
             m.eval()
@@ -97,7 +109,10 @@ class BlipModel:
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
         lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
         (K, n_i, 3). Standard deviations are population (ddof=0) over the K samples, times
-        the calibration factor. ``energy`` and ``forces`` are the noise-free (MAP) pass when
+        the calibration factor; where :attr:`force_std` is "atom" the three entries of an atom's
+        ``forces_std`` row are equal, the root mean square of its components' stds (3K numbers per
+        atom give a steadier spread than K per component; the row norm is the same either way).
+        ``energy`` and ``forces`` are the noise-free (MAP) pass when
         ``uq.predict_mean`` is "map" (the default), else the sample means; the ensemble always
         gives its member mean. ``samples=0`` is the noise-free MAP prediction (std zero; for
         an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
@@ -145,6 +160,16 @@ class BlipModel:
         """Whether the predicted energies and forces are the noise-free (MAP) pass, not the sample mean."""
         return self.method in ("blip", "mc_dropout") and self.config["uq"].get("predict_mean", "samples") == "map"
 
+    @property
+    def force_std(self) -> str:
+        """The force spread ``predict`` gives, "atom" or "component": ``uq.force_std``, or with
+        "auto" the one recalibration chose ("component" before it; model files written before
+        the key: "component", the spread their calibration factor was fitted to)."""
+        setting = self.config["uq"].get("force_std", "component")
+        if setting == "auto":
+            return self.fitted_force_std or "component"
+        return setting
+
     def _summarise(self, sampled: dict, stochastic: bool, means: dict | None = None) -> dict:
         """Means, calibrated standard deviations and samples from ``sampled`` (key -> one
         (K, ...) array per structure); ``means`` (key -> one array per structure) replace the
@@ -157,6 +182,8 @@ class BlipModel:
             if stochastic:
                 samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
                 std = [s.std(0) for s in samples]
+                if key == "forces" and self.force_std == "atom":
+                    std = [atom_force_std(s) for s in std]
                 if means is not None:
                     mean = list(means[key])
             else:

@@ -8,7 +8,8 @@ import pytest
 
 import blip
 from blip.calculator import BlipCalculator, max_atom_force_std, store_results
-from blip.errors import CheckpointError, DataError
+from blip.config import resolve
+from blip.errors import CheckpointError, ConfigError, DataError
 
 from conftest import DATA
 
@@ -50,7 +51,8 @@ def test_variance_is_std_squared_and_matches_the_samples(model, atoms):
     np.testing.assert_array_equal(r["forces_var"], r["forces_std"] ** 2)
     assert r["energy_std"] == pytest.approx(np.std(r["energy_samples"]), rel=1e-9)  # ddof=0
     assert r["energy_var"] == pytest.approx(np.var(r["energy_samples"]), rel=1e-9)
-    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)  # not recalibrated:
+    # uq.force_std auto gives one spread per component until recalibration chooses
     map_pred = model.predict([atoms], samples=0)  # uq.predict_mean: map -> the prediction is the MAP pass
     assert r["energy"] == pytest.approx(float(map_pred["energy"][0]), rel=1e-12)
     np.testing.assert_allclose(r["forces"], map_pred["forces"][0], rtol=1e-9, atol=1e-12)
@@ -152,3 +154,52 @@ def test_bad_arguments(model, tiny_model_path, tmp_path):
     with pytest.raises(CheckpointError):
         BlipCalculator(tmp_path / "missing.pt")
     assert BlipCalculator(tiny_model_path).samples == model.default_samples
+
+
+def test_force_std_per_atom_or_per_component(tiny_model_path, atoms, tmp_path):
+    """``uq.force_std``: "atom" pools an atom's three components (same row norms as "component");
+    "auto" is per component until recalibration chooses, and the choice is saved with the model; a
+    model file without the key keeps the per-component spread its calibration was fitted to."""
+    from blip.data import read_labelled
+    from blip.io import save_model
+    from blip.uq.recalibration import recalibrate
+
+    model = blip.load(tiny_model_path)
+    assert model.config["uq"]["force_std"] == "auto" and model.force_std == "component"
+    model.calibration = {"energy": 1.0, "forces": 1.7}
+    component = model.predict([atoms], samples=8, seed=2)
+    np.testing.assert_allclose(component["forces_std"][0], component["forces_samples"][0].std(axis=0), rtol=1e-9)
+    model.config["uq"]["force_std"] = "atom"
+    pooled = model.predict([atoms], samples=8, seed=2)["forces_std"][0]
+    component = component["forces_std"][0]
+    assert np.ptp(component, axis=1).max() > 0  # the components of an atom differ ...
+    np.testing.assert_array_equal(pooled, pooled[:, :1].repeat(3, axis=1))  # ... pooled, they do not
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), np.linalg.norm(component, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(pooled[:, 0], np.sqrt((component ** 2).mean(axis=1)), rtol=1e-12)
+    del model.config["uq"]["force_std"]  # a model file from before the key
+    assert model.force_std == "component"
+    model.config["uq"]["force_std"] = "auto"
+    recalibrate(model, read_labelled(DATA / "acac_small.xyz"), samples=4, seed=0)
+    assert model.fitted_force_std in ("atom", "component")
+    save_model(model, tmp_path / "m.pt")
+    assert blip.load(tmp_path / "m.pt").force_std == model.fitted_force_std
+    with pytest.raises(ConfigError, match="force_std"):
+        resolve({"uq": {"force_std": "norm"}})
+
+
+def test_recalibration_picks_the_force_spread_of_lower_nll():
+    """Errors drawn per atom with one scale for its three components favour the pooled spread when
+    the per-component stds are noisy estimates of it; errors with a scale per component favour
+    the per-component spread when the stds follow those scales."""
+    from blip.uq.recalibration import choose_force_std
+
+    rng = np.random.default_rng(0)
+    atom_scale = rng.uniform(0.05, 0.5, size=(400, 1)).repeat(3, axis=1)
+    err = atom_scale * rng.standard_normal((400, 3))
+    noisy = atom_scale * np.sqrt(rng.chisquare(3, size=(400, 3)) / 3)  # K = 3 draws per component
+    arrays = {"ref": err.ravel(), "pred": np.zeros(1200), "std": noisy.ravel()}
+    assert choose_force_std(arrays) == "atom"
+    component_scale = rng.uniform(0.05, 0.5, size=(400, 3))
+    err = component_scale * rng.standard_normal((400, 3))
+    arrays = {"ref": err.ravel(), "pred": np.zeros(1200), "std": component_scale.ravel()}
+    assert choose_force_std(arrays) == "component"

@@ -139,6 +139,8 @@ def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
     before, after = blip.load(tiny_model_path), blip.load(out)
     factor = after.calibration["forces"]
     assert factor > 0 and factor != 1.0
+    assert after.fitted_force_std in ("atom", "component")  # uq.force_std auto: calibrate chose one
+    before.fitted_force_std = after.fitted_force_std  # the same spread, not scaled
     atoms = ase.io.read(DATA / "acac_small.xyz", ":2")
     s0 = before.predict(atoms, samples=4, seed=3)["forces_std"][0]
     s1 = after.predict(atoms, samples=4, seed=3)["forces_std"][0]

@@ -197,7 +197,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
         save_model(model, Path(cfg["output_dir"]) / "model_calibrated.pt")
         model.calibration = {"energy": 1.0, "forces": 1.0}
         log(f"      {exp.name} {spec.name}: recalibration factors (validation) "
-            + ", ".join(f"{q} {s:.3g}" for q, s in scales.items()))
+            + ", ".join(f"{q} {s:.3g}" for q, s in scales.items()) + f"; force spread per {model.force_std}")
         for test in exp.tests:
             pred, pred_seconds = timed_predict(model, test.structures, None, seed)
             arrays = score(test.structures, pred)
@@ -207,6 +207,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
                 "uq_method": cfg["uq"]["method"], "test_set": test.name, "n_train": len(exp.train),
                 "n_valid": len(exp.valid), "n_structures": len(test.structures),
                 "samples": model.default_samples if model.method != "deterministic" else 0,
+                "force_std": model.force_std,
                 **row_metrics(arrays, scales),
                 "train_seconds": seconds, "epochs": int(cfg["training"]["epochs"]),
                 "epochs_run": summary["epochs_run"], "predict_seconds": pred_seconds,

@@ -50,13 +50,42 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     structure has a stress label) on labelled data.
 
     ``model`` is a :class:`blip.predictor.BlipModel`; its previous calibration is discarded.
+    With ``uq.force_std: auto`` the force spread per atom or per component is chosen here: the one
+    whose recalibrated Gaussian NLL on these structures is lower (``model.fitted_force_std``).
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
 
     model.calibration = {"energy": 1.0, "forces": 1.0}
+    choose = model.config["uq"].get("force_std") == "auto"
+    if choose:
+        model.fitted_force_std = "component"  # the per-atom spread follows from the components'
     _, arrays = evaluate_structures(model, structures, samples=samples, seed=seed,
                                     progress=progress, source=source)
+    if choose and "forces" in arrays:
+        model.fitted_force_std = choose_force_std(arrays["forces"])
+        if model.fitted_force_std == "atom":
+            arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
                          for q in ("energy", "forces", "stress") if q in arrays}
     return dict(model.calibration)
+
+
+def per_atom(component_std: np.ndarray) -> np.ndarray:
+    """Flat per-component force stds (3 n,) -> each atom's root mean square, repeated (3 n,)."""
+    from ..predictor import atom_force_std
+
+    return atom_force_std(np.asarray(component_std, dtype=np.float64).reshape(-1, 3)).ravel()
+
+
+def choose_force_std(forces: dict) -> str:
+    """"atom" or "component": the force spread of lower Gaussian NLL after its own scale factor, from
+    flat ``{"ref", "pred", "std"}`` arrays with per-component ``std`` ("component" on a tie)."""
+    from .metrics import nll
+
+    err = forces["ref"] - forces["pred"]
+    scores = {}
+    for kind, std in (("component", forces["std"]), ("atom", per_atom(forces["std"]))):
+        value = nll(err, fit_scale(err, std) * std)
+        scores[kind] = math.inf if value is None or not math.isfinite(value) else value
+    return "atom" if scores["atom"] < scores["component"] else "component"
