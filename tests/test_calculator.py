@@ -51,8 +51,8 @@ def test_variance_is_std_squared_and_matches_the_samples(model, atoms):
     np.testing.assert_array_equal(r["forces_var"], r["forces_std"] ** 2)
     assert r["energy_std"] == pytest.approx(np.std(r["energy_samples"]), rel=1e-9)  # ddof=0
     assert r["energy_var"] == pytest.approx(np.var(r["energy_samples"]), rel=1e-9)
-    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)  # not recalibrated:
-    # uq.force_std auto gives one spread per component until recalibration chooses
+    # uq.force_std auto: one spread per component until recalibration chooses (this model was not recalibrated)
+    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)
     map_pred = model.predict([atoms], samples=0)  # uq.predict_mean: map -> the prediction is the MAP pass
     assert r["energy"] == pytest.approx(float(map_pred["energy"][0]), rel=1e-12)
     np.testing.assert_allclose(r["forces"], map_pred["forces"][0], rtol=1e-9, atol=1e-12)
