@@ -9,8 +9,8 @@ in interleaved repetitions (each timing paired with a MAP timing just before it,
 shared machine's drifts cancel): ``predict`` of BLIP and MC dropout for each K, of the
 5-member ensemble, over ``predict(samples=0)`` (the MAP pass) of the BLIP model; the
 per-sample marginal cost (least-squares slope of the ratio in K, K >= 4); peak memory;
-one training step (BLIP, MC dropout) over the deterministic model's at batch sizes 8 and 32; and ``blip md`` with
-the uncertainty watch over MD driven by the MAP forces alone. Models are untrained: cost
+one training step (BLIP, MC dropout) over the deterministic model's at batch sizes 8 and 32;
+and ``blip md`` with the uncertainty watch over MD driven by the MAP forces alone. Models are untrained: cost
 does not depend on the weights. Writes ``OUT/results.json`` and ``OUT/results.md``.
 """
 
@@ -181,16 +181,15 @@ def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int) ->
     setups = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            bs = batch_size
             cfg = config_mod.resolve({
-                "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * bs,
+                "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * batch_size,
                          "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
                 "model": dict(model), "uq": {"method": method, "samples": 16},
-                "training": {"batch_size": bs, "seed": 0}, "output_dir": tmp})
+                "training": {"batch_size": batch_size, "seed": 0}, "output_dir": tmp})
             trainer = Trainer(cfg, progress=False)
             data = prepare_data(cfg)
             train_set, sizes = GraphSet(data.train, float(cfg["model"]["cutoff"])), _sizes(data.train)
-            n_steps = -(-len(train_set) // bs)
+            n_steps = -(-len(train_set) // batch_size)
             net, opt, ema = trainer._new_member(data, 0)
             rng = np.random.default_rng(0)
             trainer._train_epoch(net, opt, ema, train_set, sizes, rng)  # warm-up (and graphs built)
@@ -312,7 +311,8 @@ def markdown(data: dict, s: dict) -> str:
         lines += ["", "Training step on acetylacetone [× deterministic at the same batch size]:", "",
                   "| method | batch | ms / step | ratio |", "|---|---:|---:|---:|"]
         for r in (r for r in data["train_step"] if r["backbone"] == backbone):
-            lines.append(f"| {r['method']} | {r['batch_size']} | {1000 * r['seconds_per_step']:.1f} | {r['ratio']:.2f} |")
+            lines.append(f"| {r['method']} | {r['batch_size']} | {1000 * r['seconds_per_step']:.1f} | "
+                         f"{r['ratio']:.2f} |")
         lines += ["", f"`blip md` ({s['md_steps']} NVT steps, acetylacetone) with the watch (K samples every M "
                       "steps) [× MD without checks]:", "", "| K | every M | ratio |", "|---:|---:|---:|"]
         for r in (r for r in data["md"] if r["backbone"] == backbone):
