@@ -10,8 +10,8 @@ shared machine's drifts cancel): ``predict`` of BLIP and MC dropout for each K, 
 5-member ensemble, over ``predict(samples=0)`` (the MAP pass) of the BLIP model; the
 per-sample marginal cost (least-squares slope of the ratio in K, K >= 4); peak memory;
 one training step (BLIP, MC dropout) over the deterministic model's at batch sizes 8 and 32;
-and ``blip md`` with the uncertainty watch over MD driven by the MAP forces alone. Models are untrained: cost
-does not depend on the weights. Writes ``OUT/results.json`` and ``OUT/results.md``.
+and ``blip md`` with the uncertainty watch over MD driven by the MAP forces alone. Models are
+untrained: cost does not depend on the weights. Writes ``OUT/results.json`` and ``OUT/results.md``.
 """
 
 from __future__ import annotations
