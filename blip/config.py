@@ -39,8 +39,10 @@ DEFAULTS: dict = {
         "p_init": 0.001,             # rate of every row at the start of training
         "inference_hidden": 32,      # hidden width of each rate head
         "rate_inputs": "hidden",     # hidden: each MLP's own input features + species; species: base only
-        "distance": True,            # rates rise with the Mahalanobis distance from the training features
+        "distance": True,            # rates rise with the distance of the features from the training ones
         "distance_mean_one": False,  # divide that distance by its mean over the training rows (fine-tuning)
+        "distance_shrinkage": 1.0,   # 0...1: covariance shrunk towards its mean variance; 1: every direction
+                                     # alike (Euclidean distance; 0.01: Mahalanobis, the default before)
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
@@ -215,7 +217,8 @@ _RANGES = {
     ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
-    ("uq", "p_init"): (0.0, 1.0, False), ("model", "cutoff"): (0.0, None, False),
+    ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
+    ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
 }
 

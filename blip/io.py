@@ -63,14 +63,23 @@ def read_payload(path: str | Path) -> dict:
     return payload
 
 
+#: (section, key) -> the value files written before the key existed were trained with, where that
+#: differs from today's default
+VALUES_BEFORE_KEY = {("uq", "distance_shrinkage"): 0.01}
+
+
 def _with_new_keys(cfg: dict) -> dict:
-    """An older file's config with the keys added since filled in from today's defaults."""
+    """An older file's config with the keys added since filled in: the value it was trained with
+    (``VALUES_BEFORE_KEY``), else today's default."""
     from .config import DEFAULTS, deep_update
 
     import copy
 
     merged = copy.deepcopy(DEFAULTS)
     merged["model"].update(cfg.get("model", {}))
+    for (section, key), value in VALUES_BEFORE_KEY.items():
+        if key not in cfg.get(section, {}):
+            merged[section][key] = value
     return deep_update(merged, cfg)
 
 

@@ -242,3 +242,15 @@ def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, ato
     assert older.config["uq"]["distance_mean_one"] is False
     np.testing.assert_array_equal(older.predict(atoms[:2], samples=2, seed=0)["forces_std"][0],
                                   current.predict(atoms[:2], samples=2, seed=0)["forces_std"][0])
+
+
+def test_a_model_file_from_before_distance_shrinkage_keeps_its_mahalanobis_distance(trained, tmp_path):
+    """The default shrinkage changed when the key came: older files refresh their whitening as trained."""
+    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
+    assert payload["config"]["uq"]["distance_shrinkage"] == 1.0
+    del payload["config"]["uq"]["distance_shrinkage"]
+    torch.save(payload, tmp_path / "older.pt")
+    older = blip.load(tmp_path / "older.pt")
+    assert older.config["uq"]["distance_shrinkage"] == 0.01
+    densities = older.members[0].inference.densities_list()
+    assert densities and all(d.shrinkage == 0.01 for d in densities)

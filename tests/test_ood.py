@@ -73,6 +73,29 @@ def test_density_distance_mean_one_where_features_span_few_directions():
     assert off[True] > 4.0 and off[True] / off[False] == pytest.approx(1.0 / own[False], rel=0.02)
 
 
+def test_density_full_shrinkage_weighs_every_direction_alike():
+    """Shrinkage 1 turns the Mahalanobis distance into a Euclidean one in units of the mean
+    variance: equal steps along a wide and a narrow direction of the data are equally far
+    (the default whitening puts the narrow step 100x further)."""
+    torch.manual_seed(3)
+    groups = torch.zeros(5000, dtype=torch.long)
+    x = torch.randn(5000, 4, dtype=torch.float64) * torch.tensor([3.0, 1.0, 1.0, 0.03], dtype=torch.float64)
+    steps = torch.tensor([[0.5, 0, 0, 0], [0, 0, 0, 0.5]], dtype=torch.float64)
+    dist = {}
+    for shrinkage in (0.01, 1.0):
+        density = FeatureDensity(1, 4, shrinkage=shrinkage).double()
+        density.begin_fit()
+        density.update(x, groups)
+        density.end_fit()
+        dist[shrinkage] = density.distance(x.mean(0) + steps, groups[:2])
+    mean_variance = float(x.var(0).mean())
+    torch.testing.assert_close(dist[1.0], torch.full((2,), 0.25 / 4 / mean_variance, dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+    assert float(dist[0.01][1] / dist[0.01][0]) > 100.0
+    with pytest.raises(ValueError, match="shrinkage"):
+        FeatureDensity(1, 4, shrinkage=1.5)
+
+
 def test_uq_distance_mean_one_reaches_every_feature_density(acac_summary):
     model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
                               distance_mean_one=True)
@@ -80,6 +103,13 @@ def test_uq_distance_mean_one_reaches_every_feature_density(acac_summary):
     assert densities and all(d.mean_one for d in densities)
     default = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4))
     assert not any(d.mean_one for d in default.inference.densities_list())
+
+
+def test_uq_distance_shrinkage_reaches_every_feature_density(acac_summary):
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
+                              distance_shrinkage=0.3)
+    densities = model.inference.densities_list()
+    assert densities and all(d.shrinkage == 0.3 for d in densities)
 
 
 def test_moving_average_statistics_approach_the_exact_ones():

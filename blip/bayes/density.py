@@ -1,4 +1,6 @@
-"""How far a row's features lie from the training data: a Gaussian per group (Mahalanobis).
+"""How far a row's features lie from the training data: a Gaussian per group (Mahalanobis,
+with the covariance shrunk towards its mean variance; fully shrunk, a Euclidean distance in
+units of that variance).
 
 One :class:`FeatureDensity` per noisy layer holds, for each group of rows (a species for
 atoms, a species pair for edges), the mean and the covariance of that layer's invariant
@@ -98,12 +100,17 @@ class GroupSplit:
 class FeatureDensity(nn.Module):
     """Per-group mean (G, d), covariance and whitening matrix (G, d, d) of features of width d."""
 
-    def __init__(self, groups: int, dim: int, momentum: float = 0.05, mean_one: bool = False):
+    def __init__(self, groups: int, dim: int, momentum: float = 0.05, mean_one: bool = False,
+                 shrinkage: float = SHRINKAGE):
         """``mean_one``: rescale the whitening so that the fitted Gaussian's own rows have a mean
-        distance of exactly 1 (undoing what shrinkage and floor take off)."""
+        distance of exactly 1 (undoing what shrinkage and floor take off); ``shrinkage`` in [0, 1]:
+        the least weight of the mean variance in the shrunk covariance (1: every direction counts
+        alike, a Euclidean distance in units of the mean feature variance)."""
         super().__init__()
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"need 0 <= shrinkage <= 1, got {shrinkage}")
         self.groups, self.dim, self.momentum = int(groups), int(dim), float(momentum)
-        self.mean_one = bool(mean_one)
+        self.mean_one, self.shrinkage = bool(mean_one), float(shrinkage)
         self.register_buffer("mean", torch.zeros(self.groups, self.dim))
         self.register_buffer("cov", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("whiten", torch.eye(self.dim).repeat(self.groups, 1, 1))
@@ -194,7 +201,7 @@ class FeatureDensity(nn.Module):
         floor = _FLOOR * (1.0 + torch.arange(self.dim, dtype=cov.dtype, device=cov.device) / max(self.dim, 1))
         values, vectors = torch.linalg.eigh(0.5 * (cov + cov.transpose(1, 2)) + torch.diag(floor))
         values = values.clamp_min(_FLOOR)
-        shrink = (self.dim / (self.dim + self.seen.double())).clamp_min(SHRINKAGE)[:, None]
+        shrink = (self.dim / (self.dim + self.seen.double())).clamp_min(self.shrinkage)[:, None]
         values = (1 - shrink) * values + shrink * values.mean(dim=1, keepdim=True)
         if self.mean_one:  # the mean of (x - mu)^T W^T W (x - mu) / d over the Gaussian: 1
             own = torch.einsum("gij,gik,gkj->gj", vectors, cov, vectors)  # variance along each direction

@@ -5,10 +5,11 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
 * the domain's base features from the backbone (one-hot species; radial basis of edges), always;
 * ``hidden``: the layer's own invariant input features, whitened by the training statistics
   of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
-* ``distance``: ``u = log(1 + m)`` with ``m`` the squared Mahalanobis distance of those
-  features from the training data over their width (below 1 on training rows where the
-  features vary in few directions; exactly 1 on average with ``distance_mean_one``, see
-  :class:`~blip.bayes.density.FeatureDensity`).
+* ``distance``: ``u = log(1 + m)`` with ``m`` the squared distance of those features from the
+  training data over their width, Mahalanobis with the covariance shrunk towards its mean
+  variance by ``shrinkage`` (1: a Euclidean distance in units of that variance; below 1 on
+  training rows where the features vary in few directions; exactly 1 on average with
+  ``distance_mean_one``, see :class:`~blip.bayes.density.FeatureDensity`).
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
 ``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .density import FeatureDensity, GroupSplit
+from .density import SHRINKAGE, FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
 _U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
@@ -88,7 +89,7 @@ class InferenceNet(nn.Module):
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
                  use_hidden: bool = True, distance: bool = True, detach: bool = False,
-                 distance_mean_one: bool = False):
+                 distance_mean_one: bool = False, shrinkage: float = SHRINKAGE):
         super().__init__()
         if not 0.0 < p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
@@ -103,7 +104,8 @@ class InferenceNet(nn.Module):
                 for slot, d in dims.items()})
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
-                    str(slot): FeatureDensity(groups.get(domain, 1), d, mean_one=distance_mean_one)
+                    str(slot): FeatureDensity(groups.get(domain, 1), d, mean_one=distance_mean_one,
+                                              shrinkage=shrinkage)
                     for slot, d in dims.items()})
 
     @property
