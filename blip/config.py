@@ -41,8 +41,9 @@ DEFAULTS: dict = {
         "rate_inputs": "hidden",     # hidden: each MLP's own input features + species; species: base only
         "distance": True,            # rates rise with the distance of the features from the training ones
         "distance_mean_one": False,  # divide that distance by its mean over the training rows (fine-tuning)
-        "distance_shrinkage": 1.0,   # 0...1: covariance shrunk towards its mean variance; 1: every direction
-                                     # alike (Euclidean distance; 0.01: Mahalanobis, the default before)
+        "distance_metric": "euclidean",  # of that distance: euclidean (every direction alike, in units of the
+                                         # mean feature variance) or mahalanobis (the default before)
+        "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
@@ -257,6 +258,10 @@ def _validate(cfg: dict) -> None:
         raise ConfigError("uq.predict_mean must be 'map' (noise-free pass) or 'samples' (mean of the samples)")
     if uq["force_std"] not in FORCE_STD:
         raise ConfigError(f"uq.force_std must be one of {', '.join(FORCE_STD)}, got {uq['force_std']!r}")
+    from .bayes.inference import METRICS
+
+    if uq["distance_metric"] not in METRICS:
+        raise ConfigError(f"uq.distance_metric must be one of {', '.join(METRICS)}, got {uq['distance_metric']!r}")
     if uq["rate_inputs"] not in RATE_INPUTS:
         raise ConfigError(f"uq.rate_inputs '{uq['rate_inputs']}' is not one of {', '.join(RATE_INPUTS)}")
     ncp = uq["contrastive"]

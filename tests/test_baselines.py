@@ -244,13 +244,12 @@ def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, ato
                                   current.predict(atoms[:2], samples=2, seed=0)["forces_std"][0])
 
 
-def test_a_model_file_from_before_distance_shrinkage_keeps_its_mahalanobis_distance(trained, tmp_path):
-    """The default shrinkage changed when the key came: older files refresh their whitening as trained."""
+def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance(trained, tmp_path):
+    """The distance changed when the key came: older files keep the one they were trained with."""
     payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
-    assert payload["config"]["uq"]["distance_shrinkage"] == 1.0
-    del payload["config"]["uq"]["distance_shrinkage"]
+    assert payload["config"]["uq"]["distance_metric"] == "euclidean"
+    del payload["config"]["uq"]["distance_metric"]
     torch.save(payload, tmp_path / "older.pt")
-    older = blip.load(tmp_path / "older.pt")
-    assert older.config["uq"]["distance_shrinkage"] == 0.01
-    densities = older.members[0].inference.densities_list()
-    assert densities and all(d.shrinkage == 0.01 for d in densities)
+    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    assert older.config["uq"]["distance_metric"] == "mahalanobis"
+    assert not older.members[0].inference.euclidean and current.members[0].inference.euclidean

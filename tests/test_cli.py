@@ -256,6 +256,7 @@ def test_evaluate_without_labels_is_an_error(tiny_model_path, tmp_path, capsys):
     (["--set", "training.scheduler=plateau"], "training.scheduler must be cosine or constant"),
     (["--set", "uq.p_init=0.9"], "p_min <= p_init <= p_max"),
     (["--set", "uq.distance_shrinkage=1.5"], "uq.distance_shrinkage must be in [0.0, 1.0], got 1.5"),
+    (["--set", "uq.distance_metric=cosine"], "uq.distance_metric must be one of euclidean, mahalanobis"),
     (["--set", "training.resume=yes please"], "training.resume must be true or false"),
 ])
 def test_bad_config_values_are_one_error_before_training(tmp_path, capsys, args, message):

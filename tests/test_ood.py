@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -73,27 +75,56 @@ def test_density_distance_mean_one_where_features_span_few_directions():
     assert off[True] > 4.0 and off[True] / off[False] == pytest.approx(1.0 / own[False], rel=0.02)
 
 
-def test_density_full_shrinkage_weighs_every_direction_alike():
-    """Shrinkage 1 turns the Mahalanobis distance into a Euclidean one in units of the mean
-    variance: equal steps along a wide and a narrow direction of the data are equally far
-    (the default whitening puts the narrow step 100x further)."""
+def test_density_euclidean_distance_weighs_every_direction_alike():
+    """Equal steps along a wide and a narrow direction of the data are equally far in the Euclidean
+    distance (in units of the mean variance; full shrinkage gives the same), while the Mahalanobis
+    distance puts the narrow step 100x further."""
     torch.manual_seed(3)
     groups = torch.zeros(5000, dtype=torch.long)
     x = torch.randn(5000, 4, dtype=torch.float64) * torch.tensor([3.0, 1.0, 1.0, 0.03], dtype=torch.float64)
-    steps = torch.tensor([[0.5, 0, 0, 0], [0, 0, 0, 0.5]], dtype=torch.float64)
-    dist = {}
+    steps = x.mean(0) + torch.tensor([[0.5, 0, 0, 0], [0, 0, 0, 0.5]], dtype=torch.float64)
+    densities = {}
     for shrinkage in (0.01, 1.0):
-        density = FeatureDensity(1, 4, shrinkage=shrinkage).double()
-        density.begin_fit()
-        density.update(x, groups)
-        density.end_fit()
-        dist[shrinkage] = density.distance(x.mean(0) + steps, groups[:2])
-    mean_variance = float(x.var(0).mean())
-    torch.testing.assert_close(dist[1.0], torch.full((2,), 0.25 / 4 / mean_variance, dtype=torch.float64),
-                               rtol=1e-3, atol=0)
-    assert float(dist[0.01][1] / dist[0.01][0]) > 100.0
+        densities[shrinkage] = FeatureDensity(1, 4, shrinkage=shrinkage).double()
+        densities[shrinkage].begin_fit()
+        densities[shrinkage].update(x, groups)
+        densities[shrinkage].end_fit()
+    expected = torch.full((2,), 0.25 / 4 / float(x.var(0, correction=0).mean()), dtype=torch.float64)
+    torch.testing.assert_close(densities[0.01].euclidean(steps, groups[:2]), expected, rtol=1e-9, atol=0)
+    torch.testing.assert_close(densities[1.0].distance(steps, groups[:2]), expected, rtol=1e-3, atol=0)
+    mahalanobis = densities[0.01].distance(steps, groups[:2])
+    assert float(mahalanobis[1] / mahalanobis[0]) > 100.0
+    assert float(densities[0.01].euclidean(x, groups).mean()) == pytest.approx(1.0, rel=1e-9)
     with pytest.raises(ValueError, match="shrinkage"):
         FeatureDensity(1, 4, shrinkage=1.5)
+
+
+def test_euclidean_metric_sets_the_rates_distance(acac_summary):
+    """The distance term of a rate follows the chosen metric: with the bounded head silenced, the
+    rate of features fitted with anisotropic statistics is exactly that of the Euclidean (or the
+    Mahalanobis) distance, and the two differ."""
+    rates = {}
+    for metric in ("euclidean", "mahalanobis"):
+        torch.manual_seed(0)
+        model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
+                                  distance_metric=metric).double()
+        assert model.inference.euclidean == (metric == "euclidean")
+        domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
+        head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
+        torch.nn.init.zeros_(head.net[2].weight)  # the bounded head adds nothing: rate = distance term
+        groups = torch.zeros(2000, dtype=torch.long)
+        scales = torch.logspace(-2, 0.5, density.dim, dtype=torch.float64)
+        density.begin_fit()
+        density.update(torch.randn(2000, density.dim, dtype=torch.float64) * scales, groups)
+        density.end_fit()
+        features = torch.randn(50, density.dim, dtype=torch.float64)
+        base = torch.zeros(50, head.net[0].in_features - density.dim, dtype=torch.float64)
+        p = model.inference.rate(domain, slot, base, features, groups[:50])
+        m = (density.euclidean if metric == "euclidean" else density.distance)(features, groups[:50])
+        logit = head.logit0 + torch.nn.functional.softplus(head.slope) * (torch.log1p(m) - head.u0)
+        torch.testing.assert_close(p, torch.sigmoid(logit).clamp(model.inference.p_min, model.inference.p_max))
+        rates[metric] = p
+    assert float((rates["mahalanobis"] / rates["euclidean"]).median()) > 10.0
 
 
 def test_uq_distance_mean_one_reaches_every_feature_density(acac_summary):
@@ -110,6 +141,7 @@ def test_uq_distance_shrinkage_reaches_every_feature_density(acac_summary):
                               distance_shrinkage=0.3)
     densities = model.inference.densities_list()
     assert densities and all(d.shrinkage == 0.3 for d in densities)
+    assert model.inference.euclidean  # the default metric
 
 
 def test_moving_average_statistics_approach_the_exact_ones():
@@ -377,3 +409,16 @@ def test_layers_fed_the_same_input_share_one_whitening_only_when_their_statistic
         calls.clear()
         net.rate("edge", 1, base, features.clone(), groups, memo=memo)  # another tensor: its own whitening
         assert len(calls) == 1
+
+
+def test_non_finite_features_count_as_far_away():
+    """A sample blown up far from the data (inf / nan features) gets the largest distance, in both metrics."""
+    from blip.bayes.inference import U_MAX, rate_inputs
+
+    z = torch.tensor([[0.1, -0.2], [float("inf"), 0.0], [float("nan"), 0.0]], dtype=torch.float64)
+    base = torch.zeros(3, 1, dtype=torch.float64)
+    m = torch.tensor([0.5, float("inf"), float("nan")], dtype=torch.float64)
+    _, u_euclidean = rate_inputs(z, base, True, True, m)
+    torch.testing.assert_close(u_euclidean, torch.tensor([math.log1p(0.5), U_MAX, U_MAX], dtype=torch.float64))
+    inputs, u_mahalanobis = rate_inputs(z, base, True, True)
+    assert torch.isfinite(inputs).all() and float(u_mahalanobis[1]) > 20.0

@@ -1,6 +1,5 @@
-"""How far a row's features lie from the training data: a Gaussian per group (Mahalanobis,
-with the covariance shrunk towards its mean variance; fully shrunk, a Euclidean distance in
-units of that variance).
+"""How far a row's features lie from the training data: a Gaussian per group (Mahalanobis
+distance, or a Euclidean one in units of the mean feature variance).
 
 One :class:`FeatureDensity` per noisy layer holds, for each group of rows (a species for
 atoms, a species pair for edges), the mean and the covariance of that layer's invariant
@@ -232,6 +231,15 @@ class FeatureDensity(nn.Module):
         parts = [rows @ whiten[g].T for g, rows in enumerate(torch.split(centred[split.order], split.counts))
                  if rows.shape[0]]
         return torch.cat(parts)[split.inverse]
+
+    def euclidean(self, x: torch.Tensor, groups: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+        """Squared Euclidean distance of rows ``x`` (rows, d) from their group's mean over the width,
+        in units of the group's mean feature variance (at least ``floor``), (rows,); about 1 for
+        training rows. Unlike :meth:`distance` it weighs a step alike in every direction, also
+        along those in which the training features barely vary."""
+        variance = torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor).to(x.dtype)
+        centred = x - self.mean.to(x.dtype)[groups]
+        return (centred * centred).mean(dim=1) / variance[groups]
 
     def distance(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance over the width d, (rows,); about 1 on training rows."""

@@ -6,10 +6,10 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
 * ``hidden``: the layer's own invariant input features, whitened by the training statistics
   of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
 * ``distance``: ``u = log(1 + m)`` with ``m`` the squared distance of those features from the
-  training data over their width, Mahalanobis with the covariance shrunk towards its mean
-  variance by ``shrinkage`` (1: a Euclidean distance in units of that variance; below 1 on
-  training rows where the features vary in few directions; exactly 1 on average with
-  ``distance_mean_one``, see :class:`~blip.bayes.density.FeatureDensity`).
+  training data over their width: ``euclidean``, in units of the mean feature variance (1 on
+  average over training rows), or ``mahalanobis`` (below 1 on training rows where the
+  features vary in few directions; exactly 1 on average with ``distance_mean_one``), see
+  :class:`~blip.bayes.density.FeatureDensity`.
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
 ``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
@@ -30,6 +30,7 @@ from .density import SHRINKAGE, FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
 _U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
+METRICS = ("euclidean", "mahalanobis")  # of the feature distance
 U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
 # from the data) count as far away
 
@@ -58,13 +59,16 @@ class RateHead(nn.Module):
 
 # TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
 def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance: bool,
-                u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                m: Optional[torch.Tensor] = None, u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Inputs of a rate head and the distance ``u`` (or None) from whitened features ``z`` (rows, d)
-    and the base features (rows, b): non-finite features count as far away."""
+    and the base features (rows, b); ``m`` (rows,): the squared distance over the width, by
+    default the Mahalanobis one of ``z``. Non-finite features count as far away."""
     z = torch.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6)
     u: Optional[torch.Tensor] = None
     if distance:
-        u = torch.log1p((z * z).mean(dim=1)).clamp(max=u_max)
+        if m is None:
+            m = (z * z).mean(dim=1)
+        u = torch.log1p(m).nan_to_num(nan=u_max).clamp(max=u_max)
     inputs = torch.cat([base, z], dim=1) if use_hidden else base
     return inputs, u
 
@@ -83,18 +87,24 @@ class InferenceNet(nn.Module):
     (module docstring); ``detach``: in training steps the features enter detached (no gradient
     through them into the backbone, and the training forces ignore d(rate)/d(positions); every
     prediction keeps the full derivative, so each sample's forces are exact);
-    ``distance_mean_one``: the densities' distance has mean 1 on their own rows.
+    ``distance_mean_one``: the densities' Mahalanobis distance has mean 1 on their own rows;
+    ``shrinkage``: of the densities' covariance (:class:`~blip.bayes.density.FeatureDensity`);
+    ``metric``: "euclidean" or "mahalanobis" feature distance (module docstring).
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
                  use_hidden: bool = True, distance: bool = True, detach: bool = False,
-                 distance_mean_one: bool = False, shrinkage: float = SHRINKAGE):
+                 distance_mean_one: bool = False, shrinkage: float = SHRINKAGE,
+                 metric: str = "mahalanobis"):
         super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"unknown distance metric {metric!r}; choose from {', '.join(METRICS)}")
         if not 0.0 < p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
         self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
+        self.euclidean = metric == "euclidean"
         logit0 = math.log(p_init / (1.0 - p_init))
         self.heads = nn.ModuleDict()
         self.densities = nn.ModuleDict()
@@ -136,7 +146,8 @@ class InferenceNet(nn.Module):
             shared = _twin(memo, features, base, density) if memo is not None else None
             if shared is None:
                 source = features.detach() if self.detach and training else features
-                shared = rate_inputs(density.standardise_split(source, groups), base, self.use_hidden, self.distance)
+                m = density.euclidean(source, groups.index) if self.euclidean and self.distance else None
+                shared = rate_inputs(density.standardise_split(source, groups), base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
             return self._clamp(head(*shared))

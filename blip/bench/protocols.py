@@ -284,7 +284,7 @@ SI_TRAIN_GROUPS = ("AIMD-NVT", "Elastic")
 SI_TEST_GROUPS = ("Vacancy", "Surface")
 SI_FINETUNE_UQ = {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
                   "distance_mean_one": True,  # CHGNet's features vary in few directions (docs/results/finetune-si)
-                  "distance_shrinkage": 0.01}  # the Mahalanobis distance it was measured with
+                  "distance_metric": "mahalanobis"}  # the distance it was measured with
 SI_INFERENCE_LR = 1e-2  # BLIP's rate heads start from scratch on a pretrained backbone: larger steps
 SI_DROPOUT_P = 0.05  # MC dropout on a pretrained network: small, so the fine-tuned function stays close
 
