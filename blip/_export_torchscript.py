@@ -38,7 +38,7 @@ class LearnedRate(nn.Module):
 
             self.density = FeatureDensity(1, in_features)
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
-        self.euclidean = bool(getattr(inference, "euclidean", False))
+        self.euclidean = bool(inference.euclidean)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
 
     def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
