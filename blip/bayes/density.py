@@ -232,7 +232,7 @@ class FeatureDensity(nn.Module):
                  if rows.shape[0]]
         return torch.cat(parts)[split.inverse]
 
-    def euclidean(self, x: torch.Tensor, groups: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    def euclidean(self, x: torch.Tensor, groups: torch.Tensor, floor: float = _FLOOR) -> torch.Tensor:
         """Squared Euclidean distance of rows ``x`` (rows, d) from their group's mean over the width,
         in units of the group's mean feature variance (at least ``floor``), (rows,); about 1 for
         training rows. Unlike :meth:`distance` it weighs a step alike in every direction, also

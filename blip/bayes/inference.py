@@ -59,7 +59,8 @@ class RateHead(nn.Module):
 
 # TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
 def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance: bool,
-                m: Optional[torch.Tensor] = None, u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                m: Optional[torch.Tensor] = None,
+                u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Inputs of a rate head and the distance ``u`` (or None) from whitened features ``z`` (rows, d)
     and the base features (rows, b); ``m`` (rows,): the squared distance over the width, by
     default the Mahalanobis one of ``z``. Non-finite features count as far away."""
