@@ -87,6 +87,19 @@ DEFAULTS: dict = {
     "output_dir": "runs/blip",
 }
 
+# Defaults that replace those above when ``model.pretrained`` is true (fine-tuning): small noise
+# that starts where the pretrained model is (p_init), small steps for the pretrained weights and
+# larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
+# training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
+# worse on held-out surfaces). Measured with ``blip bench finetune-si`` (docs/results/finetune-si).
+# Keys a user sets win as usual.
+FINETUNE_DEFAULTS = {
+    "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
+           "distance_mean_one": True, "distance_metric": "mahalanobis", "force_std": "component",
+           "dropout_p": 0.05},
+    "training": {"lr": 1e-4, "inference_lr": 1e-2},
+}
+
 # Backbone-specific keys allowed in the ``model`` section, with their defaults. Each module
 # blip/backbones/NAME.py registers its own when imported (see ``backbone_defaults``).
 BACKBONE_DEFAULTS: dict[str, dict] = {}
@@ -150,15 +163,19 @@ _deep_update = deep_update  # old private name
 
 
 def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None) -> dict:
-    """Merge defaults, a user config and overrides; validate; make file paths absolute."""
+    """Merge defaults (with ``FINETUNE_DEFAULTS`` when ``model.pretrained`` is true), a user config
+    and overrides; validate; make file paths absolute."""
     user = copy.deepcopy(user or {})
     for text in overrides:
         _deep_update(user, parse_override(text))
     backbone = (user.get("model") or {}).get("backbone", DEFAULTS["model"]["backbone"])
     defaults = copy.deepcopy(DEFAULTS)
     defaults["model"].update(backbone_defaults(backbone))
+    types = copy.deepcopy(defaults)  # inference_lr may be null also when fine-tuning
+    if (user.get("model") or {}).get("pretrained", defaults["model"]["pretrained"]) is True:
+        deep_update(defaults, copy.deepcopy(FINETUNE_DEFAULTS))
     cfg = _merge(defaults, user, "")
-    _check_types(defaults, cfg, "")
+    _check_types(types, cfg, "")
     _validate(cfg)
     if backbone in BACKBONE_CHECKS:
         BACKBONE_CHECKS[backbone](cfg["model"])

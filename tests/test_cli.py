@@ -229,6 +229,24 @@ def test_config_resolution_and_overrides(tmp_path):
         config.resolve({"model": {"backbone": "painn", "pretrained": True}})
 
 
+def test_pretrained_models_get_the_finetuning_defaults_and_user_keys_win():
+    pytest.importorskip("chgnet")
+    from blip import config
+
+    scratch = config.resolve({"model": {"backbone": "chgnet", "pretrained": False}})
+    finetune = config.resolve({"model": {"backbone": "chgnet"}})  # CHGNet is pretrained by default
+    assert finetune["model"]["pretrained"] is True
+    for section, values in config.FINETUNE_DEFAULTS.items():
+        for key, value in values.items():
+            assert finetune[section][key] == value, (section, key)
+            assert scratch[section][key] == config.DEFAULTS[section][key], (section, key)
+    assert scratch["uq"]["distance_metric"] == "euclidean" and finetune["uq"]["distance_metric"] == "mahalanobis"
+    mine = config.resolve({"model": {"backbone": "chgnet"}, "uq": {"p_max": 0.2}, "training": {"inference_lr": None}},
+                          ["training.lr=0.001"])
+    assert mine["uq"]["p_max"] == 0.2 and mine["training"]["lr"] == 0.001 and mine["training"]["inference_lr"] is None
+    assert mine["uq"]["p_init"] == config.FINETUNE_DEFAULTS["uq"]["p_init"]
+
+
 def test_overlapping_atoms_are_one_error_and_no_output(tiny_model_path, tmp_path, capsys):
     frames = ase.io.read(DATA / "acac_small.xyz", ":2")
     frames[1].positions[3] = frames[1].positions[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import config as config_mod
 from ..data import read_labelled
 from ..errors import ConfigError, DataError
 
@@ -282,11 +283,8 @@ def data_scarce(root: Path, opts: Options) -> Plan:
 # -- finetune-si ----------------------------------------------------------------------
 SI_TRAIN_GROUPS = ("AIMD-NVT", "Elastic")
 SI_TEST_GROUPS = ("Vacancy", "Surface")
-SI_FINETUNE_UQ = {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
-                  "distance_mean_one": True,  # CHGNet's features vary in few directions (docs/results/finetune-si)
-                  "distance_metric": "mahalanobis"}  # the distance it was measured with
-SI_INFERENCE_LR = 1e-2  # BLIP's rate heads start from scratch on a pretrained backbone: larger steps
-SI_DROPOUT_P = 0.05  # MC dropout on a pretrained network: small, so the fine-tuned function stays close
+# The fine-tuning settings of every method are the defaults for pretrained models
+# (blip.config.FINETUNE_DEFAULTS): this protocol measures them.
 
 
 def finetune_si(root: Path, opts: Options) -> Plan:
@@ -318,8 +316,8 @@ def finetune_si(root: Path, opts: Options) -> Plan:
     methods = [
         MethodSpec("chgnet-as-is", {"method": "deterministic"}, {"epochs": 0}),
         MethodSpec("finetune", {"method": "deterministic"}),
-        MethodSpec("blip-finetune", {"method": "blip", **SI_FINETUNE_UQ}),
-        MethodSpec("mc-dropout-finetune", {"method": "mc_dropout", "dropout_p": SI_DROPOUT_P}),
+        MethodSpec("blip-finetune", {"method": "blip"}),
+        MethodSpec("mc-dropout-finetune", {"method": "mc_dropout"}),
         MethodSpec("ensemble-finetune", {"method": "ensemble"}),
     ]
     if opts.methods:
@@ -329,11 +327,8 @@ def finetune_si(root: Path, opts: Options) -> Plan:
                               f"unknown: {', '.join(unknown)}")
         methods = [s for s in methods if s.name in opts.methods]
     budget = _budget(opts, Budget(epochs=10), Budget(epochs=1, minutes=1.0))
-    # force spread per component for every method: with auto, recalibration chose per atom for one
-    # seed in three, and per atom the held-out surfaces scored worse (docs/results/samples)
-    cfg = {"model": {"backbone": "chgnet", "pretrained": True}, "uq": {"force_std": "component"},
-           "training": {"seed": opts.seed, "lr": 1e-4, "inference_lr": SI_INFERENCE_LR,
-                        "batch_size": 2 if quick else 4}}
+    cfg = {"model": {"backbone": "chgnet", "pretrained": True}, "uq": {},
+           "training": {"seed": opts.seed, "batch_size": 2 if quick else 4}}
     if quick:
         cfg["uq"]["samples"] = 2
     exp = Experiment("", train, valid, tests, "average", methods, cfg, str(train_f), **_timing(quick),
@@ -341,7 +336,7 @@ def finetune_si(root: Path, opts: Options) -> Plan:
     settings = {"n_train": len(train), "n_valid": len(valid),
                 "split": f"train: {'+'.join(SI_TRAIN_GROUPS)} of train.xyz ({len(valid)} of them held out "
                          f"for validation); test: held-out groups {', '.join(SI_TEST_GROUPS)}",
-                "blip_finetune_uq": SI_FINETUNE_UQ,
+                "finetune_defaults": config_mod.FINETUNE_DEFAULTS,
                 "test_sets": {t.name: {"n": len(t.structures), "description": t.description} for t in tests}}
     return Plan([exp], budget, settings)
 
