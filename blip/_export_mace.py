@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones.base import isolation_switch
 from .backbones.mace import MaceBackbone  # noqa: F401  (imports mace before e3nn, see there)
 from ._export_torchscript import FixedRate, LearnedRate, replica_graph
 from .bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, channel_factors, invariant_summary, noisy_fc_preactivation
@@ -224,6 +225,7 @@ class MaceEnergy(nn.Module):
         if len(model.readouts) != len(model.interactions):
             raise NotImplementedError("export expects one MACE readout per interaction")
         self.n_species = int(backbone.species.n)
+        self.cutoff, self.isolated_atom_limit = float(backbone.cutoff), bool(backbone.isolated_atom_limit)
         self.register_buffer("index_of", backbone.species.index_of.clone())
         e0 = model.atomic_energies_fn.atomic_energies.reshape(-1, self.n_species)[0]
         self.register_buffer("e0", e0.detach().double().clone())
@@ -281,5 +283,7 @@ class MaceEnergy(nn.Module):
             node_es_list.append(readout(node_feats_list[k], heads)[rows, heads])
             k += 1
         node_inter_es = torch.sum(torch.stack(node_es_list, dim=0), dim=0)
-        node_inter_es = self.scale_shift(node_inter_es, heads)
-        return node_inter_es.reshape(copies, n).double() + self.e0[z][None, :]
+        node_inter_es = self.scale_shift(node_inter_es, heads).reshape(copies, n)
+        if self.isolated_atom_limit:
+            node_inter_es = node_inter_es * isolation_switch(lengths.squeeze(-1), j, n, self.cutoff)[None, :]
+        return node_inter_es.double() + self.e0[z][None, :]

@@ -17,6 +17,7 @@ from metatomic.torch import ModelOutput, NeighborListOptions, System
 from torch import nn
 from torch.nn import functional as F
 
+from .backbones.base import isolation_switch
 from .backbones.painn import cosine_cutoff, message_step, sine_rbf, update_inputs, update_step
 from .bayes.inference import clamp_rate, rate_inputs
 from .bayes.layers import NoisyLinear, draw_channels, noisy_linear
@@ -180,6 +181,7 @@ class PaiNNEnergy(nn.Module):
         backbone = potential.backbone
         self.cutoff, self.radial = float(backbone.cutoff), int(backbone.radial)
         self.edge_noise = bool(backbone.edge_noise)
+        self.isolated_atom_limit = bool(backbone.isolated_atom_limit)
         self.n_species = int(backbone.species.n)
         self.register_buffer("index_of", backbone.species.index_of.clone())
         self.register_buffer("e0", backbone.species.e0.double().clone())
@@ -222,8 +224,10 @@ class PaiNNEnergy(nn.Module):
             uv, vv = block.U(v), block.V(v)
             a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups)
             s, v = update_step(a, s, v, uv, vv)
-        atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
-        return atomic.reshape(copies, n).double() + self.e0[types][None, :]
+        atomic = (self.scale * self.readout(s).squeeze(-1) + self.shift).reshape(copies, n)
+        if self.isolated_atom_limit:
+            atomic = atomic * isolation_switch(d, i, n, self.cutoff)[None, :]
+        return atomic.double() + self.e0[types][None, :]
 
 
 # -- the metatomic model -------------------------------------------------------------------

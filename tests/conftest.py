@@ -49,6 +49,22 @@ def rattled_si_cells() -> list:
     return cells
 
 
+def pulled_out(atoms, index: int, gap: float):
+    """Copy of a molecule with atom ``index`` moved straight out from the others' centroid until
+    its nearest other atom is ``gap`` Angstrom away (bisection along the ray)."""
+    out = atoms.copy()
+    others = np.delete(out.positions, index, axis=0)
+    centre = others.mean(axis=0)
+    ray = out.positions[index] - centre
+    ray /= np.linalg.norm(ray)
+    low, high = 0.0, 100.0
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if np.linalg.norm(others - (centre + mid * ray), axis=1).min() < gap else (low, mid)
+    out.positions[index] = centre + high * ray
+    return out
+
+
 def tiny_config(tmp_path, **sections) -> dict:
     """A resolved config for a tiny PaiNN trained on examples/acac (first structures)."""
     user = {

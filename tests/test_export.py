@@ -26,7 +26,7 @@ from blip.data import build_graph, collate
 from blip.io import save_model
 from blip.predictor import BlipModel
 
-from conftest import DATA, rattled_si_cells
+from conftest import DATA, pulled_out, rattled_si_cells
 
 mta = pytest.importorskip("metatomic.torch")
 from metatomic.torch import ModelOutput, load_atomistic_model  # noqa: E402
@@ -42,6 +42,13 @@ SPREAD = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="system"),
 
 def _structures():
     return [ase.io.read(DATA / "acac_small.xyz", 1), rattled_si_cells()[0]]
+
+
+def _test_structure(which: str):
+    """acac, si, or acac with an H pulled 3.5 A out ("leaving": its isolated-atom switch between 0 and 1)."""
+    if which == "leaving":
+        return pulled_out(_structures()[0], 9, 3.5)
+    return _structures()[0 if which == "acac" else 1]
 
 
 MODEL_SETTINGS = {
@@ -118,9 +125,9 @@ def _compare(atoms, calc, model, samples=K, seed=SEED):
     return r
 
 
-@pytest.mark.parametrize("which", ["acac", "si"])
+@pytest.mark.parametrize("which", ["acac", "si", "leaving"])
 def test_exported_model_equals_blip_calculator(which, metatomic_calc, model):
-    atoms = _structures()[0 if which == "acac" else 1]
+    atoms = _test_structure(which)
     assert atoms.pbc.any() == (which == "si")
     r = _compare(atoms, metatomic_calc, model)
     assert len(r["energy_samples"]) == K
@@ -286,9 +293,9 @@ def test_mace_rates_vary_from_row_to_row(mace_model):
         assert float(p.detach().std()) > 1e-2 * float(p.detach().mean())
 
 
-@pytest.mark.parametrize("which", ["acac", "si"])
+@pytest.mark.parametrize("which", ["acac", "si", "leaving"])
 def test_mace_exported_model_equals_blip_calculator(which, mace_calc, mace_model):
-    atoms = _structures()[0 if which == "acac" else 1]
+    atoms = _test_structure(which)
     r = _compare(atoms, mace_calc, mace_model)
     assert len(r["energy_samples"]) == K
     per_atom = mace_calc.run_model(atoms, {"energy": ModelOutput(unit="eV", sample_kind="atom")})["energy"]

@@ -17,14 +17,16 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from blip.backbones.base import DatasetSummary
+from blip.backbones.base import DatasetSummary, isolation_switch
 from blip.build import build_backbone
 from blip.config import resolve
 from blip.data import build_graph, collate, replicate
 from blip.model import BayesianPotential
-from conftest import DATA, rattled_si_cells
+from conftest import DATA, pulled_out, rattled_si_cells
 
-SUMMARY = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -158.4})
+# energy_shift: a learned energy per atom of -1 eV (as for bound atoms), which a lone atom must not keep
+SUMMARY = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -158.4},
+                         energy_shift=-1.0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 #: float32 results against float64 ones of the same weights: energies relative, forces absolute (eV/A)
 TOLERANCE = {torch.float64: {"energy_rel": 1e-12, "forces": 1e-9},
@@ -290,6 +292,76 @@ def test_far_apart_molecules_add_up(backbone, dtype, device):
     energy, forces = run(model, [a, b], False)
     together = run(model, [a + far], False)
     assert_same(together, (np.array([energy.sum()]), forces), dtype, "a + b")
+
+
+# -- isolated atoms: the learned energy switched off (PaiNN and MACE; CHGNet keeps its own) -----------
+LEAVING_H = 9  # an H of acac_small; pulled out 3 A it keeps part of its learned energy (cutoff 4 A)
+
+
+def test_the_isolation_switch_by_hand():
+    """One pair at half the cutoff: each atom's neighbour weight is 0.5, and smootherstep(0.5) = 0.5;
+    two such neighbours weigh 1 (switch 1); beyond the cutoff 0; it rises monotonically in between."""
+    lengths = torch.tensor([2.0, 2.0, 2.0, 2.0, 4.5, 4.5], dtype=torch.float64)
+    centres = torch.tensor([0, 1, 2, 2, 3, 4])
+    g = isolation_switch(lengths, centres, 5, 4.0)
+    assert g.tolist() == pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0], abs=1e-15)
+    r = torch.linspace(0.5, 3.99, 200, dtype=torch.float64)
+    one_neighbour = torch.stack([isolation_switch(x[None], torch.tensor([0]), 1, 4.0)[0] for x in r])
+    assert bool((one_neighbour.diff() < 0).all()) and 0.0 < float(one_neighbour[-1]) < 1e-6
+
+
+@params("backbone", ["painn", "mace"])
+@dtype_params
+@mode_params
+@device_params
+def test_a_lone_atom_carries_its_isolated_atom_energy(backbone, dtype, sample, device):
+    """A molecule plus an O atom 40 A away: the energy is the molecule's plus E0(O) (in every noise
+    sample too; E0 as stored: these models are built in float32, so E0 to float32 precision), the lone atom feels no force and the
+    molecule's forces do not change. With the limit off the lone atom would keep a learned energy."""
+    model = model_for(backbone, dtype, device)
+    molecule = structures("molecule")[0]
+    lone = ase.Atoms("O", positions=[molecule.positions.mean(axis=0) + [40.0, 0.0, 0.0]])
+    energy, forces = run(model, [molecule], sample)
+    energy_with, forces_with = run(model, [molecule + lone], sample)
+    e0_as_stored = float(np.float32(SUMMARY.e0s[8]))
+    assert energy_with[0] - energy[0] == pytest.approx(e0_as_stored, abs=1e-9 if dtype == torch.float64 else 1e-4)
+    np.testing.assert_allclose(forces_with[-1], 0.0, atol=1e-12)
+    np.testing.assert_allclose(forces_with[:-1], forces, rtol=0, atol=TOLERANCE[dtype]["forces"] * 1e-3)
+    model.backbone.isolated_atom_limit = False
+    try:
+        assert abs(run(model, [molecule + lone], sample)[0][0] - energy[0] - e0_as_stored) > 1e-3
+    finally:
+        model.backbone.isolated_atom_limit = True
+
+
+@params("backbone", ["painn", "mace"])
+@mode_params
+def test_forces_of_a_leaving_atom_are_minus_the_finite_difference_gradient(backbone, sample):
+    """An H pulled 3 A out of the molecule, where its switch lies strictly between 0 and 1."""
+    model = model_for(backbone, torch.float64, "cpu")
+    atoms = pulled_out(structures("molecule")[0], LEAVING_H, 3.0)
+    graph = collate([build_graph(atoms, 4.0)], dtype=torch.float64)
+    i, j = graph["edge_index"]
+    lengths = torch.linalg.norm(graph["positions"][j] - graph["positions"][i] + graph["shifts"], dim=1)
+    assert 0.02 < float(isolation_switch(lengths, i, len(atoms), 4.0)[LEAVING_H]) < 0.98
+    _, forces = run(model, [atoms], sample)
+    assert np.abs(forces[LEAVING_H]).max() > 1e-4  # the leaving atom is still held by the molecule
+    h = 1e-5
+    for axis in range(3):
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.positions[LEAVING_H, axis] += h
+        minus.positions[LEAVING_H, axis] -= h
+        fd = -(run(model, [plus], sample)[0][0] - run(model, [minus], sample)[0][0]) / (2 * h)
+        assert forces[LEAVING_H, axis] == pytest.approx(fd, abs=1e-6), axis
+
+
+@params("backbone", ["painn", "mace"])
+def test_the_isolated_atom_limit_is_on_by_default_and_off_for_older_model_files(backbone):
+    cfg = resolve({"model": {"backbone": backbone}})
+    assert cfg["model"]["isolated_atom_limit"] is True
+    assert build_backbone(cfg["model"], SUMMARY).isolated_atom_limit is True
+    older = {k: v for k, v in cfg["model"].items() if k != "isolated_atom_limit"}  # a file written before the key
+    assert build_backbone(older, SUMMARY).isolated_atom_limit is False
 
 
 @params("backbone", [b for b in BUILDERS if "molecule" in SYSTEMS[b]])

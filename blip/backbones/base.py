@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -169,6 +170,26 @@ def shared_per_edge(lengths: torch.Tensor, values: torch.Tensor, derivative: tor
     if values.shape != derivative.shape or lengths.shape[0] % max(values.shape[0], 1):
         raise ValueError(f"shared per-edge terms for {values.shape[0]} edges do not fit {lengths.shape[0]} edges")
     return _SharedPerEdge.apply(lengths, values, derivative)
+
+
+# TorchScript-compatible (blip.export compiles it): constants come in as default arguments.
+def isolation_switch(lengths: torch.Tensor, centres: torch.Tensor, n_atoms: int, cutoff: float,
+                     full_weight: float = 1.0) -> torch.Tensor:
+    """Weight in [0, 1] of every atom's learned energy, (n_atoms,), from edge lengths (E,)
+    Angstrom and the atom of each edge (E,) (a full neighbour list: every pair both ways).
+
+    An atom's neighbours count by the cosine cutoff weight ``0.5 (cos(pi r / rc) + 1)``; once they
+    sum to ``full_weight`` (one neighbour at about 0.3 rc, or several further out) the weight is 1,
+    and it falls to 0 for an atom without neighbours (C2 "smootherstep" in between). Multiplying
+    the learned part of the atomic energies by it makes an isolated atom's energy exactly its
+    isolated-atom energy E0, and a leaving atom's energy tend to it: otherwise a lone atom keeps
+    the learned energy of an atom in the training structures (a few eV of binding energy).
+    """
+    inside = (lengths < cutoff).to(lengths.dtype)
+    weights = 0.5 * (torch.cos(lengths * (math.pi / cutoff)) + 1.0) * inside
+    total = torch.zeros(n_atoms, dtype=lengths.dtype, device=lengths.device).index_add(0, centres, weights)
+    x = (total / full_weight).clamp(0.0, 1.0)
+    return x * x * x * (x * (6.0 * x - 15.0) + 10.0)
 
 
 def local_atom_index(batch: dict) -> torch.Tensor:

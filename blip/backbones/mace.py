@@ -54,7 +54,7 @@ else:
 from ..bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear
 from ..config import register_backbone_defaults
 from ..errors import ConfigError
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, species_groups
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, isolation_switch, species_groups
 
 DEFAULTS = {
     "hidden_irreps": None,  # e.g. "32x0e + 32x1o"; None: built from num_channels and max_L
@@ -67,6 +67,7 @@ DEFAULTS = {
     "radial_mlp": [32, 32],
     "mlp_irreps": "16x0e",
     "edge_noise": False,  # noise on the radial MLPs too (edge rows)
+    "isolated_atom_limit": True,  # lone atoms carry their E0 (base.isolation_switch)
 }
 
 POLYNOMIAL_CUTOFF_P = 5  # mace-torch's default envelope exponent
@@ -81,9 +82,10 @@ class MaceBackbone(Backbone):
 
     def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, hidden_irreps: str = "32x0e + 32x1o",
                  correlation: int = 3, num_interactions: int = 2, num_radial: int = 8, max_ell: int = 3,
-                 radial_mlp: list[int] = (32, 32), mlp_irreps: str = "16x0e", edge_noise: bool = False):
+                 radial_mlp: list[int] = (32, 32), mlp_irreps: str = "16x0e", edge_noise: bool = False,
+                 isolated_atom_limit: bool = True):
         super().__init__()
-        self.edge_noise = bool(edge_noise)
+        self.edge_noise, self.isolated_atom_limit = bool(edge_noise), bool(isolated_atom_limit)
         self.cutoff, self.elements = float(cutoff), sorted(int(z) for z in summary.elements)
         self.num_radial = int(num_radial)
         self.species = SpeciesMap(self.elements)
@@ -143,14 +145,21 @@ class MaceBackbone(Backbone):
         return {"node": (onehot, batch["n_atoms"]), "edge": (edge, batch["n_edges"])}
 
     def energy(self, batch: dict) -> torch.Tensor:
-        """Total energy per graph (G,), eV, float64: MACE's interaction energy plus the E0s of its
-        atomic-energies block summed in float64; MACE computes no forces here."""
+        """Total energy per graph (G,), eV, float64: MACE's interaction energy (with
+        ``isolated_atom_limit``, each atom's part times :func:`~blip.backbones.base.isolation_switch`)
+        plus the E0s of its atomic-energies block summed in float64; MACE computes no forces here."""
         out = self.model(self.mace_inputs(batch), training=False, compute_force=False)
         e0 = self.model.atomic_energies_fn.atomic_energies.reshape(-1, self.species.n)[0].double()
         n_graphs = batch["n_atoms"].shape[0]
-        reference = torch.zeros(n_graphs, dtype=torch.float64, device=e0.device)
-        reference = reference.index_add(0, batch["batch"], e0[self.species.index(batch["numbers"])])
-        return out["interaction_energy"].double() + reference
+        atom_e0 = e0[self.species.index(batch["numbers"])]
+        reference = torch.zeros(n_graphs, dtype=torch.float64, device=e0.device).index_add(0, batch["batch"], atom_e0)
+        if not self.isolated_atom_limit:
+            return out["interaction_energy"].double() + reference
+        # node_energy = E0 + interaction part, both as float64 from the model dtype: the difference is exact
+        lengths = torch.linalg.norm(edge_vectors(batch), dim=1)
+        switch = isolation_switch(lengths, batch["edge_index"][1], atom_e0.shape[0], self.cutoff)
+        interaction = (out["node_energy"] - atom_e0) * switch.double()
+        return reference + torch.zeros_like(reference).index_add(0, batch["batch"], interaction)
 
     # -- inputs ---------------------------------------------------------------------
     def mace_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -226,6 +235,8 @@ def settings_of(cfg: dict) -> dict:
         "radial_mlp": list(radial),
         "mlp_irreps": str(mlp),
         "edge_noise": _flag(cfg, "edge_noise"),
+        # model files written before the key existed: off, as they were trained
+        "isolated_atom_limit": _flag(cfg, "isolated_atom_limit") if "isolated_atom_limit" in cfg else False,
     }
 
 

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..config import register_backbone_defaults
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, shared_per_edge, species_groups
+from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, isolation_switch, shared_per_edge, species_groups
 
-DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False}
+DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False,
+            "isolated_atom_limit": True}  # lone atoms carry their E0 (base.isolation_switch)
 register_backbone_defaults("painn", DEFAULTS)
 
 
@@ -113,12 +114,15 @@ class Interaction(nn.Module):
 
 
 class PaiNN(Backbone):
-    """Energy = sum_i (scale * readout(s_i) + shift) + sum_i E0(Z_i); eV."""
+    """Energy = sum_i g_i (scale * readout(s_i) + shift) + sum_i E0(Z_i); eV. With
+    ``isolated_atom_limit`` g_i is :func:`~blip.backbones.base.isolation_switch` (1 for an atom
+    with neighbours, 0 for a lone one), else 1."""
 
     def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, features: int = 64,
-                 interactions: int = 3, radial: int = 20, edge_noise: bool = False):
+                 interactions: int = 3, radial: int = 20, edge_noise: bool = False,
+                 isolated_atom_limit: bool = True):
         super().__init__()
-        self.edge_noise = bool(edge_noise)
+        self.edge_noise, self.isolated_atom_limit = bool(edge_noise), bool(isolated_atom_limit)
         self.cutoff, self.elements, self.radial = float(cutoff), sorted(summary.elements), radial
         self.species = SpeciesMap(self.elements, summary.e0s)
         self.embedding = nn.Embedding(len(self.elements), features)
@@ -197,6 +201,8 @@ class PaiNN(Backbone):
             s, v = block.message(s, v, batch["edge_index"], w, unit)
             s, v = block.update(s, v)
         atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
+        if self.isolated_atom_limit:
+            atomic = atomic * isolation_switch(d, batch["edge_index"][0], s.shape[0], self.cutoff)
         n_graphs = batch["n_atoms"].shape[0]
         energy = torch.zeros(n_graphs, dtype=s.dtype, device=s.device).index_add(0, batch["batch"], atomic)
         return energy.double() + self.species.reference_energy(batch["numbers"], batch["batch"], n_graphs)
@@ -205,4 +211,5 @@ class PaiNN(Backbone):
 def build(cfg: dict, summary: DatasetSummary) -> PaiNN:
     """Build from the resolved ``model`` config section."""
     return PaiNN(summary, cutoff=cfg["cutoff"], features=cfg["features"],
-                 interactions=cfg["interactions"], radial=cfg["radial"], edge_noise=bool(cfg["edge_noise"]))
+                 interactions=cfg["interactions"], radial=cfg["radial"], edge_noise=bool(cfg["edge_noise"]),
+                 isolated_atom_limit=bool(cfg.get("isolated_atom_limit", False)))  # files from before: off
