@@ -39,16 +39,19 @@ class LearnedRate(nn.Module):
 
             self.density = FeatureDensity(1, in_features)
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
-        self.euclidean = bool(inference.euclidean)
+        self.euclidean, self.both = bool(inference.euclidean), bool(inference.both)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
 
     def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         if not self.wants_features:
             return clamp_rate(self.head(base, None), self.p_min, self.p_max)
+        z = self.density.standardise(features, groups)
         m: Optional[torch.Tensor] = None
-        if self.euclidean and self.distance:
+        if self.distance and (self.euclidean or self.both):
             m = self.density.euclidean(features, groups)
-        inputs, u = rate_inputs(self.density.standardise(features, groups), base, self.use_hidden, self.distance, m)
+            if self.both:
+                m = torch.stack([m, (z * z).mean(dim=1)], dim=1)
+        inputs, u = rate_inputs(z, base, self.use_hidden, self.distance, m)
         return clamp_rate(self.head(inputs, u), self.p_min, self.p_max)
 
 

@@ -185,10 +185,13 @@ def test_per_atom_energies_and_selected_atoms(exported_path, model):
     assert float(part["energy"].block().values[0, 0]) == pytest.approx(values[[0, 3, 5]].sum(), abs=TOL)
 
 
-@pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "predict_mean_samples", "independent"])
+@pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "predict_mean_samples", "independent",
+                                     "mahalanobis", "both_distances"])
 def test_variants_equal_blip_calculator(variant, tmp_path):
     if variant == "mc_dropout":
         model = tiny_model("mc_dropout")
+    elif variant in ("mahalanobis", "both_distances"):
+        model = tiny_model(distance_metric="both" if variant == "both_distances" else "mahalanobis")
     elif variant == "edge_noise":
         model = tiny_model(edge_noise=True)
     elif variant == "predict_mean_samples":

@@ -102,16 +102,21 @@ def test_density_euclidean_distance_weighs_every_direction_alike():
 def test_euclidean_metric_sets_the_rates_distance(acac_summary):
     """The distance term of a rate follows the chosen metric: with the bounded head silenced, the
     rate of features fitted with anisotropic statistics is exactly that of the Euclidean (or the
-    Mahalanobis) distance, and the two differ."""
+    Mahalanobis) distance, and the two differ; with ``both`` it is the sum of the two terms, each
+    with its own slope (half of the single metric's at the start)."""
     rates = {}
-    for metric in ("euclidean", "mahalanobis"):
+    for metric in ("euclidean", "mahalanobis", "both"):
         torch.manual_seed(0)
         model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
                                   distance_metric=metric).double()
-        assert model.inference.euclidean == (metric == "euclidean")
+        assert model.inference.euclidean == (metric == "euclidean") and model.inference.both == (metric == "both")
         domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
         head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
         torch.nn.init.zeros_(head.net[2].weight)  # the bounded head adds nothing: rate = distance term
+        if metric == "both":
+            assert head.slope.shape == (2,)
+            with torch.no_grad():
+                head.slope.copy_(torch.tensor([0.3, -1.0]))  # different slopes: each distance keeps its own
         groups = torch.zeros(2000, dtype=torch.long)
         scales = torch.logspace(-2, 0.5, density.dim, dtype=torch.float64)
         density.begin_fit()
@@ -120,10 +125,16 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
         features = torch.randn(50, density.dim, dtype=torch.float64)
         base = torch.zeros(50, head.net[0].in_features - density.dim, dtype=torch.float64)
         p = model.inference.rate(domain, slot, base, features, groups[:50])
-        m = (density.euclidean if metric == "euclidean" else density.distance)(features, groups[:50])
-        logit = head.logit0 + torch.nn.functional.softplus(head.slope) * (torch.log1p(m) - head.u0)
+        slopes = torch.nn.functional.softplus(head.slope)
+        u_euclidean = torch.log1p(density.euclidean(features, groups[:50])) - head.u0
+        u_mahalanobis = torch.log1p(density.distance(features, groups[:50])) - head.u0
+        if metric == "both":
+            term = slopes[0] * u_euclidean + slopes[1] * u_mahalanobis
+        else:
+            term = slopes * (u_euclidean if metric == "euclidean" else u_mahalanobis)
+        logit = head.logit0 + term
         torch.testing.assert_close(p, torch.sigmoid(logit).clamp(model.inference.p_min, model.inference.p_max))
-        rates[metric] = p
+        rates[metric] = p.detach()
     assert float((rates["mahalanobis"] / rates["euclidean"]).median()) > 10.0
 
 

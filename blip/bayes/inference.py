@@ -9,10 +9,11 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
   training data over their width: ``euclidean``, in units of the mean feature variance (1 on
   average over training rows), or ``mahalanobis`` (below 1 on training rows where the
   features vary in few directions; exactly 1 on average with ``distance_mean_one``), see
-  :class:`~blip.bayes.density.FeatureDensity`.
+  :class:`~blip.bayes.density.FeatureDensity`; ``both``: the two, each with its own slope.
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
-``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added, so far
+``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added (summed over the
+distances with ``both``), so far
 from the training data the distance term dominates and rates grow monotonically with it.
 ``p = clamp(sigmoid(logit), p_min, p_max)``.
 """
@@ -30,15 +31,16 @@ from .density import SHRINKAGE, FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
 _U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
-METRICS = ("euclidean", "mahalanobis")  # of the feature distance
+METRICS = ("euclidean", "mahalanobis", "both")  # of the feature distance
 U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
 # from the data) count as far away
 
 
 class RateHead(nn.Module):
-    """Logit of one noisy layer's rate from (rows, d_in) inputs and optionally a distance (rows,)."""
+    """Logit of one noisy layer's rate from (rows, d_in) inputs and optionally a distance u: (rows,),
+    or (rows, distances) with one slope per distance when ``distances`` > 1."""
 
-    def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool):
+    def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool, distances: int = 1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.normal_(self.net[2].weight, std=1e-3)
@@ -47,14 +49,20 @@ class RateHead(nn.Module):
         self.bound, self.u0 = HEAD_BOUND, _U0
         self.distance = distance
         if distance:
-            self.slope = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus(slope) = 1 at the start
+            if distances == 1:
+                self.slope = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus(slope) = 1 at the start
+            else:  # the slopes sum to 1 at the start
+                self.slope = nn.Parameter(torch.full((distances,), math.log(math.exp(1.0 / distances) - 1.0)))
 
     def forward(self, inputs: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.net(inputs).squeeze(-1)
         if not hasattr(self, "slope"):  # no distance term (the test is resolved when TorchScript compiles)
             return self.logit0 + out
         assert u is not None, "a rate head with a distance term needs the distance u"
-        return self.logit0 + self.bound * torch.tanh(out / self.bound) + F.softplus(self.slope) * (u - self.u0)
+        term = F.softplus(self.slope) * (u - self.u0)
+        if term.dim() > 1:
+            term = term.sum(dim=-1)
+        return self.logit0 + self.bound * torch.tanh(out / self.bound) + term
 
 
 # TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
@@ -62,8 +70,8 @@ def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance:
                 m: Optional[torch.Tensor] = None,
                 u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Inputs of a rate head and the distance ``u`` (or None) from whitened features ``z`` (rows, d)
-    and the base features (rows, b); ``m`` (rows,): the squared distance over the width, by
-    default the Mahalanobis one of ``z``. Non-finite features count as far away."""
+    and the base features (rows, b); ``m`` (rows,) or (rows, k): the squared distance(s) over the
+    width, by default the Mahalanobis one of ``z``. Non-finite features count as far away."""
     z = torch.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6)
     u: Optional[torch.Tensor] = None
     if distance:
@@ -90,7 +98,7 @@ class InferenceNet(nn.Module):
     prediction keeps the full derivative, so each sample's forces are exact);
     ``distance_mean_one``: the densities' Mahalanobis distance has mean 1 on their own rows;
     ``shrinkage``: of the densities' covariance (:class:`~blip.bayes.density.FeatureDensity`);
-    ``metric``: "euclidean" or "mahalanobis" feature distance (module docstring).
+    ``metric``: "euclidean", "mahalanobis" or "both" feature distances (module docstring).
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
@@ -105,13 +113,14 @@ class InferenceNet(nn.Module):
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
         self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
-        self.euclidean = metric == "euclidean"
+        self.euclidean, self.both = metric == "euclidean", metric == "both"
         logit0 = math.log(p_init / (1.0 - p_init))
         self.heads = nn.ModuleDict()
         self.densities = nn.ModuleDict()
         for domain, dims in layer_dims.items():
             self.heads[domain] = nn.ModuleDict({
-                str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance)
+                str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance,
+                                    2 if self.both else 1)
                 for slot, d in dims.items()})
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
@@ -147,8 +156,13 @@ class InferenceNet(nn.Module):
             shared = _twin(memo, features, base, density) if memo is not None else None
             if shared is None:
                 source = features.detach() if self.detach and training else features
-                m = density.euclidean(source, groups.index) if self.euclidean and self.distance else None
-                shared = rate_inputs(density.standardise_split(source, groups), base, self.use_hidden, self.distance, m)
+                z = density.standardise_split(source, groups)
+                m = None
+                if self.distance and (self.euclidean or self.both):
+                    m = density.euclidean(source, groups.index)
+                    if self.both:
+                        m = torch.stack([m, (z * z).mean(dim=1)], dim=1)
+                shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
             return self._clamp(head(*shared))
