@@ -47,10 +47,8 @@ class LearnedRate(nn.Module):
             return clamp_rate(self.head(base, None), self.p_min, self.p_max)
         z = self.density.standardise(features, groups)
         m: Optional[torch.Tensor] = None
-        if self.distance and (self.euclidean or self.both):
-            m = self.density.euclidean(features, groups)
-            if self.both:
-                m = torch.stack([m, (z * z).mean(dim=1)], dim=1)
+        if self.distance:
+            m = self.density.distances(features, groups, z, self.euclidean, self.both)
         inputs, u = rate_inputs(z, base, self.use_hidden, self.distance, m)
         return clamp_rate(self.head(inputs, u), self.p_min, self.p_max)
 

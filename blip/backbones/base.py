@@ -181,10 +181,10 @@ def isolation_switch(lengths: torch.Tensor, centres: torch.Tensor, n_atoms: int,
     An atom's neighbours count by the cosine cutoff weight ``0.5 (cos(pi r / rc) + 1)`` (1 at
     r = 0, 0.5 at half the cutoff); once they sum to ``full_weight`` the switch is 1, and it falls
     to 0 for an atom without neighbours (C2 "smootherstep" of the sum in between; an atom of a
-    diatomic molecule at 0.2 rc: 0.99). Multiplying
-    the learned part of the atomic energies by it makes an isolated atom's energy exactly its
-    isolated-atom energy E0, and a leaving atom's energy tend to it: otherwise a lone atom keeps
-    the learned energy of an atom in the training structures (a few eV of binding energy).
+    diatomic molecule at 0.2 rc: 0.99). Multiplying the learned part of the atomic energies by it
+    makes an isolated atom's energy exactly its isolated-atom energy E0, and a leaving atom's
+    energy tend to it: otherwise a lone atom keeps the learned energy of an atom in the training
+    structures (a few eV of binding energy).
     """
     inside = (lengths < cutoff).to(lengths.dtype)
     weights = 0.5 * (torch.cos(lengths * (math.pi / cutoff)) + 1.0) * inside

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -240,6 +241,18 @@ class FeatureDensity(nn.Module):
         variance = torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor).to(x.dtype)
         centred = x - self.mean.to(x.dtype)[groups]
         return (centred * centred).mean(dim=1) / variance[groups]
+
+    def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, euclidean: bool,
+                  both: bool) -> Optional[torch.Tensor]:
+        """The squared distance(s) of a rate head's distance term, from rows ``x`` (rows, d) and their
+        whitened features ``z``: None for the Mahalanobis one alone (``rate_inputs`` takes it from
+        ``z``), the Euclidean one (rows,), or ``both``, Euclidean and Mahalanobis (rows, 2)."""
+        if not (euclidean or both):
+            return None
+        m = self.euclidean(x, groups)
+        if both:
+            return torch.stack([m, (z * z).mean(dim=1)], dim=1)
+        return m
 
     def distance(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance over the width d, (rows,); about 1 on training rows."""

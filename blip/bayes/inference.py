@@ -157,11 +157,7 @@ class InferenceNet(nn.Module):
             if shared is None:
                 source = features.detach() if self.detach and training else features
                 z = density.standardise_split(source, groups)
-                m = None
-                if self.distance and (self.euclidean or self.both):
-                    m = density.euclidean(source, groups.index)
-                    if self.both:
-                        m = torch.stack([m, (z * z).mean(dim=1)], dim=1)
+                m = density.distances(source, groups.index, z, self.euclidean, self.both) if self.distance else None
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
