@@ -41,8 +41,9 @@ DEFAULTS: dict = {
         "rate_inputs": "hidden",     # hidden: each MLP's own input features + species; species: base only
         "distance": True,            # rates rise with the distance of the features from the training ones
         "distance_metric": "euclidean",  # of that distance: euclidean (every direction alike, in units of the
-                                         # mean feature variance), mahalanobis (the default before) or both
-                                         # (each with its own slope)
+                                         # mean feature variance), mahalanobis (the default before), both
+                                         # (each with its own slope) or nearest (to the nearest of 512
+                                         # stored training rows per species)
         "distance_mean_one": False,  # mahalanobis: divide it by its mean over the training rows (fine-tuning)
         "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached

@@ -186,12 +186,12 @@ def test_per_atom_energies_and_selected_atoms(exported_path, model):
 
 
 @pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "predict_mean_samples", "independent",
-                                     "mahalanobis", "both_distances"])
+                                     "mahalanobis", "both_distances", "nearest"])
 def test_variants_equal_blip_calculator(variant, tmp_path):
     if variant == "mc_dropout":
         model = tiny_model("mc_dropout")
-    elif variant in ("mahalanobis", "both_distances"):
-        model = tiny_model(distance_metric="both" if variant == "both_distances" else "mahalanobis")
+    elif variant in ("mahalanobis", "both_distances", "nearest"):
+        model = tiny_model(distance_metric={"both_distances": "both"}.get(variant, variant))
     elif variant == "edge_noise":
         model = tiny_model(edge_noise=True)
     elif variant == "predict_mean_samples":

@@ -138,6 +138,115 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
     assert float((rates["mahalanobis"] / rates["euclidean"]).median()) > 10.0
 
 
+def _nearest_by_hand(x, bank, variance, temperature):
+    """The nearest-row distance of ``FeatureDensity.nearest`` in numpy: soft minimum over the bank."""
+    m = ((x[:, None, :] - bank[None, :, :]) ** 2).sum(-1) / (x.shape[1] * variance)
+    low = m.min(axis=1, keepdims=True)
+    return low[:, 0] - temperature * np.log(np.exp(-(m - low) / temperature).mean(axis=1))
+
+
+def test_nearest_distance_is_small_near_training_rows_and_large_between_their_clusters():
+    """Two clusters in one group: the point halfway between them is at the Gaussian's mean (small
+    Euclidean distance) but far from every training row, and only the nearest-row distance says so;
+    the distance equals the soft minimum computed by hand; held-out rows of the clusters stay close."""
+    torch.manual_seed(0)
+    centres = torch.tensor([[-5.0, 0, 0, 0], [5.0, 0, 0, 0]], dtype=torch.float64)
+    x = centres[torch.arange(1200) % 2] + 0.3 * torch.randn(1200, 4, dtype=torch.float64)
+    groups = torch.zeros(1200, dtype=torch.long)
+    density = FeatureDensity(1, 4, bank=256).double()
+    density.begin_fit()
+    density.update(x[:1000], groups[:1000])
+    density.end_fit()
+    assert int(density.bank_rows[0]) == 256
+    between = torch.zeros(1, 4, dtype=torch.float64)
+    held_out = x[1000:]
+    assert float(density.euclidean(between, groups[:1])) < 0.1  # the Gaussian sees the mean as typical
+    near_between = float(density.nearest(between, groups[:1]))
+    near_held_out = density.nearest(held_out, groups[1000:])
+    assert near_between > 5 * float(near_held_out.max())
+    variance = float(torch.diagonal(density.cov[0]).mean())
+    by_hand = _nearest_by_hand(held_out.numpy(), density.bank[0].numpy(), variance, 0.05)
+    np.testing.assert_allclose(near_held_out.numpy(), by_hand, rtol=1e-9, atol=1e-12)
+    assert near_between == pytest.approx(float(_nearest_by_hand(between.numpy(), density.bank[0].numpy(),
+                                                                variance, 0.05)[0]), rel=1e-9)
+
+
+def test_nearest_bank_of_an_exact_fit_is_a_fixed_sample_of_each_groups_rows():
+    torch.manual_seed(1)
+    x = torch.randn(900, 3, dtype=torch.float64)
+    groups = torch.cat([torch.zeros(700, dtype=torch.long), torch.ones(200, dtype=torch.long)])
+    banks = []
+    for split in (128, 37):  # batched differently: the same sample
+        density = FeatureDensity(3, 3, bank=300).double()
+        density.begin_fit()
+        for rows in torch.arange(900).split(split):
+            density.update(x[rows], groups[rows])
+        density.end_fit()
+        banks.append(density.bank.clone())
+        assert density.bank_rows.tolist() == [300, 200, 0]  # at most bank rows; group 2 has none
+        for g, count in ((0, 300), (1, 200)):
+            own = x[groups == g]
+            assert (density.bank[g, :count, None, :] == own[None]).all(-1).any(1).all()  # each one of the group's rows
+            assert torch.unique(density.bank[g, :count], dim=0).shape[0] == count  # each once
+        assert torch.isinf(density.nearest(x[:3], torch.full((3,), 2))).all()  # no rows: infinitely far
+    torch.testing.assert_close(banks[0], banks[1], rtol=0, atol=0)
+
+
+def test_moving_average_bank_scores_a_batch_before_it_holds_its_rows():
+    """During training a batch's rows enter the bank only at the next update, so the rates of a batch
+    never see its own rows (a group's very first rows excepted: the bank starts from them)."""
+    density = FeatureDensity(1, 2, bank=8).double()
+    groups = torch.zeros(3, dtype=torch.long)
+    batches = [torch.full((3, 2), float(k), dtype=torch.float64) for k in range(6)]
+    expected = [{0}, {0}, {0, 1}, {0, 1, 2}, {1, 2, 3}, {2, 3, 4}]  # 8 rows: the oldest are overwritten
+    for k, rows in enumerate(batches):
+        for _ in range(4):  # UPDATE_STRIDE calls: the first of each four is taken
+            density.update(rows, groups)
+        held = {int(v) for v in density.bank[0, :int(density.bank_rows[0]), 0]}
+        assert held == expected[k], k
+        if k >= 2:  # this batch is not banked yet, the previous one is
+            assert float(density.nearest(rows[:1], groups[:1])) > 5 * float(density.nearest(batches[k - 1][:1],
+                                                                                            groups[:1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_fixed_seed_sample_with_nearest_rates_is_a_smooth_invariant_potential(acac_summary, acac_small, dtype):
+    """With ``distance_metric: nearest`` (rates from the distance to banked training rows) a fixed-seed
+    sample's forces are minus the finite-difference gradient of its energy (float64), and its energy
+    is invariant and its forces rotate with the structure (both dtypes)."""
+    torch.manual_seed(0)
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
+                              p_init=0.05, weight_noise="per_input", distance_metric="nearest").double()
+    for head in model.inference.heads_list():
+        torch.nn.init.normal_(head.net[2].weight, std=0.5)
+    model.fit_feature_statistics([_batch([s.atoms for s in acac_small[:4]])])
+    assert all(int(d.bank_rows.sum()) > 0 for d in model.inference.densities_list())
+    model = model.to(dtype)
+    atoms = acac_small[4].atoms.copy()  # not among the banked structures
+    atoms.rattle(0.05, seed=2)  # off the training rows: the distance term varies with positions
+
+    def sample(a):
+        out = model(_batch([a], dtype=dtype), sample=True, seed=3)
+        return float(out["energy"].detach()), out["forces"].detach().double().numpy()
+
+    energy, forces = sample(atoms)
+    rotation = Rotation.from_euler("xyz", [0.4, -0.9, 1.7])
+    moved = atoms.copy()
+    moved.positions = rotation.apply(atoms.positions) + [0.7, -1.2, 2.0]
+    energy_moved, forces_moved = sample(moved)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    assert energy_moved == pytest.approx(energy, rel=tol, abs=tol)
+    np.testing.assert_allclose(forces_moved, rotation.apply(forces), atol=tol * 10, rtol=0)
+    if dtype == torch.float64:
+        h = 1e-5
+        for atom, axis in ((0, 0), (4, 2), (9, 1)):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[atom, axis] += h
+            minus.positions[atom, axis] -= h
+            numeric = -(sample(plus)[0] - sample(minus)[0]) / (2 * h)
+            assert numeric == pytest.approx(forces[atom, axis], abs=1e-6)
+
+
 def test_uq_distance_mean_one_reaches_every_feature_density(acac_summary):
     model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
                               distance_mean_one=True)

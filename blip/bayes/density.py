@@ -1,5 +1,6 @@
 """How far a row's features lie from the training data: a Gaussian per group (Mahalanobis
-distance, or a Euclidean one in units of the mean feature variance).
+distance, or a Euclidean one in units of the mean feature variance), or the distance to the
+nearest training rows (a bank of stored training features per group).
 
 One :class:`FeatureDensity` per noisy layer holds, for each group of rows (a species for
 atoms, a species pair for edges), the mean and the covariance of that layer's invariant
@@ -12,11 +13,14 @@ permutations because the features are.
 
 Statistics are collected in two ways: an exponential moving average during training
 (``update``), and an exact pass over the training set at the end (``begin_fit``,
-``update`` for every batch, ``end_fit``).
+``update`` for every batch, ``end_fit``). With a bank, the moving-average phase keeps the rows
+of recent batches (a ring buffer; a batch's own rows enter only after it has been scored) and
+the exact pass a fixed pseudo-random sample of all training rows (hash-keyed, whatever the batching).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -24,10 +28,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .noise import mix32
+
 SHRINKAGE = 1e-2  # least shrinkage of the covariance towards its mean variance (finite distances everywhere)
 UPDATE_STRIDE = 4  # training batches per moving-average update
 REFRESH_EVERY = 5  # moving-average updates between two whitening refreshes
 _FLOOR = 1e-4  # variance floor (features are O(1)): layers whose inputs barely vary do not blow up
+BANK_ROWS = 512  # training rows kept per group for the nearest-row distance
+NEAREST_TEMPERATURE = 0.05  # soft minimum over the bank: kernel width in units of the mean feature variance
 
 
 _SYNC = {"on": False, "weight": 1.0}
@@ -100,12 +108,15 @@ class GroupSplit:
 class FeatureDensity(nn.Module):
     """Per-group mean (G, d), covariance and whitening matrix (G, d, d) of features of width d."""
 
+    __jit_ignored_attributes__ = ["_exact", "_pending", "_sample"]  # fitting state, not for exported models
+
     def __init__(self, groups: int, dim: int, momentum: float = 0.05, mean_one: bool = False,
-                 shrinkage: float = SHRINKAGE):
+                 shrinkage: float = SHRINKAGE, bank: int = 0):
         """``mean_one``: rescale the whitening so that the fitted Gaussian's own rows have a mean
         distance of exactly 1 (undoing what shrinkage and floor take off); ``shrinkage`` in [0, 1]:
         the least weight of the mean variance in the shrunk covariance (1: every direction counts
-        alike, a Euclidean distance in units of the mean feature variance)."""
+        alike, a Euclidean distance in units of the mean feature variance); ``bank``: training
+        rows stored per group for :meth:`nearest` (0: none)."""
         super().__init__()
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"need 0 <= shrinkage <= 1, got {shrinkage}")
@@ -119,6 +130,13 @@ class FeatureDensity(nn.Module):
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._exact: tuple | None = None  # float64 (count, sum, sum of outer products) of an exact fit
+        self.bank_size = int(bank)  # the bank's buffers are saved only when there is one (older files load)
+        keep = self.bank_size > 0
+        self.register_buffer("bank", torch.zeros(self.groups, self.bank_size, self.dim), persistent=keep)
+        self.register_buffer("bank_rows", torch.zeros(self.groups, dtype=torch.long), persistent=keep)  # filled
+        self.register_buffer("bank_next", torch.zeros(self.groups, dtype=torch.long), persistent=keep)  # ring
+        self._pending: dict[int, torch.Tensor] = {}  # rows of the last update, banked at the next one
+        self._sample: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # exact pass: keys, rows, seen
 
     # -- statistics ---------------------------------------------------------------------
     @torch.no_grad()
@@ -132,6 +150,8 @@ class FeatureDensity(nn.Module):
             self.calls += 1
             if int(self.calls) % UPDATE_STRIDE != 1 and self.seen.any():
                 return  # the moving average takes every UPDATE_STRIDE-th batch: statistics drift slowly
+        if self.bank_size:
+            self._bank_rows(x.detach(), groups)
         x = x.detach().double()
         count, total, outer = _group_sums(x, groups, self.groups)
         if _SYNC["on"] and _SYNC["weight"] != 1.0:
@@ -160,9 +180,41 @@ class FeatureDensity(nn.Module):
         if first or int(self.updates) % REFRESH_EVERY == 0:
             self._refresh()
 
+    def _bank_rows(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        """Bank rows ``x`` (rows, d) of groups ``groups`` (rows,): in an exact pass, draw them into
+        the uniform sample (each row keyed by a hash of its position among its group's rows of the
+        pass, so the sample does not depend on how the pass is batched); else bank the previous
+        update's rows and keep these for the next one (a group's first rows are banked at once)."""
+        for g in torch.unique(groups).tolist():
+            rows = x[groups == g]
+            if self._exact is not None:
+                _, _, seen = self._sample.get(g, (None, None, 0))
+                position = torch.arange(seen, seen + rows.shape[0], device=rows.device, dtype=torch.int32)
+                keys = mix32(position * 2 + 1).to(torch.long) & 0xFFFFFFFF
+                if g in self._sample:
+                    old_keys, old_rows, _ = self._sample[g]
+                    keys, rows = torch.cat([old_keys, keys]), torch.cat([old_rows, rows])
+                keep = torch.topk(keys, min(self.bank_size, keys.shape[0])).indices
+                self._sample[g] = (keys[keep], rows[keep], seen + position.shape[0])
+            elif int(self.bank_rows[g]) == 0:
+                self._ring(g, rows)
+            else:
+                if g in self._pending:
+                    self._ring(g, self._pending[g])
+                self._pending[g] = rows.clone()
+
+    def _ring(self, g: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` into group ``g``'s ring buffer (the newest ``bank_size`` of them)."""
+        rows = rows[-self.bank_size:]
+        at = (int(self.bank_next[g]) + torch.arange(rows.shape[0], device=rows.device)) % self.bank_size
+        self.bank[g, at] = rows.to(self.bank.dtype)
+        self.bank_next[g] = (int(self.bank_next[g]) + rows.shape[0]) % self.bank_size
+        self.bank_rows[g] = min(self.bank_size, int(self.bank_rows[g]) + rows.shape[0])
+
     def begin_fit(self) -> None:
         """Start an exact pass: the following ``update`` calls accumulate float64 sums."""
         device = self.mean.device
+        self._sample = {}
         self._exact = (torch.zeros(self.groups, dtype=torch.float64, device=device),
                        torch.zeros((self.groups, self.dim), dtype=torch.float64, device=device),
                        torch.zeros((self.groups, self.dim, self.dim), dtype=torch.float64, device=device))
@@ -178,6 +230,11 @@ class FeatureDensity(nn.Module):
         self.mean[present] = mean.to(self.mean.dtype)
         self.cov[present] = cov.to(self.cov.dtype)
         self.seen[present] = count[present].to(self.seen.dtype)
+        if self.bank_size:
+            for g, (_, rows, _) in self._sample.items():
+                self.bank[g, :rows.shape[0]] = rows.to(self.bank.dtype)
+                self.bank_rows[g], self.bank_next[g] = rows.shape[0], rows.shape[0] % self.bank_size
+            self._sample, self._pending = {}, {}
         self._refresh()
 
     @torch.no_grad()
@@ -242,11 +299,39 @@ class FeatureDensity(nn.Module):
         centred = x - self.mean.to(x.dtype)[groups]
         return (centred * centred).mean(dim=1) / variance[groups]
 
+    def nearest(self, x: torch.Tensor, groups: torch.Tensor, temperature: float = NEAREST_TEMPERATURE,
+                floor: float = _FLOOR) -> torch.Tensor:
+        """Squared Euclidean distance of rows ``x`` (rows, d) from the nearest banked training rows
+        of their group over the width, in units of the group's mean feature variance, (rows,).
+
+        A smooth minimum over the bank, ``-t log(mean_b exp(-m_b / t))`` (t = ``temperature``): at
+        least the smallest distance, about it once that is well below the others. Unlike the
+        Gaussian distances it is small only near rows the training set has, not between two
+        clusters of them (e.g. a hydroxyl and a methyl H whose mean no training H is near).
+        Rows of a group without banked rows are infinitely far."""
+        variance = torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor).to(x.dtype)
+        out = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+        for g in range(self.groups):
+            n = int(self.bank_rows[g])
+            sel = (groups == g).nonzero().squeeze(1)
+            if n == 0 or sel.shape[0] == 0:
+                continue
+            bank = self.bank[g, :n].to(x.dtype)
+            rows = x[sel]
+            squared = (rows * rows).sum(dim=1, keepdim=True) - 2.0 * rows @ bank.T + (bank * bank).sum(dim=1)[None, :]
+            m = squared.clamp_min(0.0) / (x.shape[1] * variance[g])
+            soft = -temperature * (torch.logsumexp(-m / temperature, dim=1) - math.log(float(n)))
+            out = out.index_put((sel,), soft.to(x.dtype))
+        return out
+
     def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, euclidean: bool,
-                  both: bool) -> Optional[torch.Tensor]:
+                  both: bool, nearest: bool = False) -> Optional[torch.Tensor]:
         """The squared distance(s) of a rate head's distance term, from rows ``x`` (rows, d) and their
         whitened features ``z``: None for the Mahalanobis one alone (``rate_inputs`` takes it from
-        ``z``), the Euclidean one (rows,), or ``both``, Euclidean and Mahalanobis (rows, 2)."""
+        ``z``), the Euclidean one (rows,), or ``both``, Euclidean and Mahalanobis (rows, 2), or
+        with ``nearest`` the distance to the nearest banked training rows (rows,)."""
+        if nearest:
+            return self.nearest(x, groups)
         if not (euclidean or both):
             return None
         m = self.euclidean(x, groups)
@@ -260,4 +345,5 @@ class FeatureDensity(nn.Module):
         return (z * z).mean(dim=1)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, dim={self.dim}" + (", mean_one=True" if self.mean_one else "")
+        return (f"groups={self.groups}, dim={self.dim}" + (", mean_one=True" if self.mean_one else "")
+                + (f", bank={self.bank_size}" if self.bank_size else ""))

@@ -9,7 +9,8 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
   training data over their width: ``euclidean``, in units of the mean feature variance (1 on
   average over training rows), or ``mahalanobis`` (below 1 on training rows where the
   features vary in few directions; exactly 1 on average with ``distance_mean_one``), see
-  :class:`~blip.bayes.density.FeatureDensity`; ``both``: the two, each with its own slope.
+  :class:`~blip.bayes.density.FeatureDensity`; ``both``: the two, each with its own slope;
+  ``nearest``: the Euclidean distance to the nearest stored training rows (a bank per group).
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
 ``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added (summed over the
@@ -27,11 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .density import SHRINKAGE, FeatureDensity, GroupSplit
+from .density import BANK_ROWS, SHRINKAGE, FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
 _U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
-METRICS = ("euclidean", "mahalanobis", "both")  # of the feature distance
+METRICS = ("euclidean", "mahalanobis", "both", "nearest")  # of the feature distance
 U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
 # from the data) count as far away
 
@@ -113,7 +114,7 @@ class InferenceNet(nn.Module):
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
         self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
-        self.euclidean, self.both = metric == "euclidean", metric == "both"
+        self.euclidean, self.both, self.nearest = metric == "euclidean", metric == "both", metric == "nearest"
         logit0 = math.log(p_init / (1.0 - p_init))
         self.heads = nn.ModuleDict()
         self.densities = nn.ModuleDict()
@@ -125,7 +126,7 @@ class InferenceNet(nn.Module):
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
                     str(slot): FeatureDensity(groups.get(domain, 1), d, mean_one=distance_mean_one,
-                                              shrinkage=shrinkage)
+                                              shrinkage=shrinkage, bank=BANK_ROWS if self.nearest else 0)
                     for slot, d in dims.items()})
 
     @property
@@ -157,7 +158,8 @@ class InferenceNet(nn.Module):
             if shared is None:
                 source = features.detach() if self.detach and training else features
                 z = density.standardise_split(source, groups)
-                m = density.distances(source, groups.index, z, self.euclidean, self.both) if self.distance else None
+                m = (density.distances(source, groups.index, z, self.euclidean, self.both, self.nearest)
+                     if self.distance else None)
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
@@ -181,7 +183,8 @@ def _twin(memo: list, features: torch.Tensor, base: torch.Tensor, density: Featu
     seen, seen_base, other, shared = memo[0]
     if seen is not features or seen_base is not base:
         return None
-    if other is density or (torch.equal(other.mean, density.mean) and torch.equal(other.whiten, density.whiten)):
+    if other is density or (torch.equal(other.mean, density.mean) and torch.equal(other.whiten, density.whiten)
+                            and torch.equal(other.bank, density.bank) and torch.equal(other.cov, density.cov)):
         return shared
     return None
 
