@@ -9,7 +9,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from blip.build import build_backbone
 from blip.backbones.painn import PaiNN
+from blip.config import resolve
 from blip.bayes.density import FeatureDensity, GroupSplit
 from blip.bayes.inference import InferenceNet
 from blip.data import build_graph, collate
@@ -209,14 +211,25 @@ def test_moving_average_bank_scores_a_batch_before_it_holds_its_rows():
                                                                                             groups[:1]))
 
 
+def _nearest_backbone(name, summary):
+    if name == "painn":
+        return PaiNN(summary, cutoff=5.0, features=16, interactions=2, radial=8)
+    cfg = resolve({"model": {"backbone": "mace", "cutoff": 4.0, "hidden_irreps": "8x0e + 8x1o", "correlation": 2,
+                             "num_interactions": 2, "num_radial": 4, "max_ell": 2, "radial_mlp": [8, 8],
+                             "mlp_irreps": "4x0e", "edge_noise": True}})
+    return build_backbone(cfg["model"], summary)
+
+
+@pytest.mark.parametrize("backbone", ["painn", "mace"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_fixed_seed_sample_with_nearest_rates_is_a_smooth_invariant_potential(acac_summary, acac_small, dtype):
+def test_fixed_seed_sample_with_nearest_rates_is_a_smooth_invariant_potential(acac_summary, acac_small, dtype,
+                                                                              backbone):
     """With ``distance_metric: nearest`` (rates from the distance to banked training rows) a fixed-seed
     sample's forces are minus the finite-difference gradient of its energy (float64), and its energy
     is invariant and its forces rotate with the structure (both dtypes)."""
     torch.manual_seed(0)
-    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
-                              p_init=0.05, weight_noise="per_input", distance_metric="nearest").double()
+    model = BayesianPotential(_nearest_backbone(backbone, acac_summary), p_init=0.05, weight_noise="per_input",
+                              distance_metric="nearest").double()
     for head in model.inference.heads_list():
         torch.nn.init.normal_(head.net[2].weight, std=0.5)
     model.fit_feature_statistics([_batch([s.atoms for s in acac_small[:4]])])
