@@ -40,7 +40,7 @@ class LearnedRate(nn.Module):
             self.density = FeatureDensity(1, in_features)
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
         self.euclidean, self.both = bool(inference.euclidean), bool(inference.both)
-        self.nearest = bool(getattr(inference, "nearest", False))
+        self.nearest = bool(inference.nearest)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
 
     def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

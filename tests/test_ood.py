@@ -194,6 +194,23 @@ def test_nearest_bank_of_an_exact_fit_is_a_fixed_sample_of_each_groups_rows():
     torch.testing.assert_close(banks[0], banks[1], rtol=0, atol=0)
 
 
+def test_bank_is_saved_only_by_densities_that_have_one():
+    """Model files keep the bank of a nearest-row density; other densities save no bank keys, so
+    files written before the bank existed load unchanged."""
+    with_bank, without = FeatureDensity(2, 3, bank=4), FeatureDensity(2, 3)
+    assert {"bank", "bank_rows", "bank_next"} <= set(with_bank.state_dict())
+    assert not {"bank", "bank_rows", "bank_next"} & set(without.state_dict())
+    with_bank.begin_fit()
+    with_bank.update(torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 1, 1]))
+    with_bank.end_fit()
+    restored = FeatureDensity(2, 3, bank=4)
+    restored.load_state_dict(with_bank.state_dict())
+    x = torch.randn(5, 3)
+    groups = torch.tensor([0, 1, 0, 1, 1])
+    torch.testing.assert_close(restored.nearest(x, groups), with_bank.nearest(x, groups), rtol=0, atol=0)
+    assert restored.bank_rows.tolist() == [2, 4]
+
+
 def test_moving_average_bank_scores_a_batch_before_it_holds_its_rows():
     """During training a batch's rows enter the bank only at the next update, so the rates of a batch
     never see its own rows (a group's very first rows excepted: the bank starts from them)."""
