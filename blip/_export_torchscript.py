@@ -39,8 +39,7 @@ class LearnedRate(nn.Module):
 
             self.density = FeatureDensity(1, in_features)
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
-        self.euclidean, self.both = bool(inference.euclidean), bool(inference.both)
-        self.nearest = bool(inference.nearest)
+        self.metric = str(inference.metric)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
 
     def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ class LearnedRate(nn.Module):
         z = self.density.standardise(features, groups)
         m: Optional[torch.Tensor] = None
         if self.distance:
-            m = self.density.distances(features, groups, z, self.euclidean, self.both, self.nearest)
+            m = self.density.distances(features, groups, z, self.metric)
         inputs, u = rate_inputs(z, base, self.use_hidden, self.distance, m)
         return clamp_rate(self.head(inputs, u), self.p_min, self.p_max)
 

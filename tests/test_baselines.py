@@ -252,4 +252,4 @@ def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance
     torch.save(payload, tmp_path / "older.pt")
     older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
     assert older.config["uq"]["distance_metric"] == "mahalanobis"
-    assert not older.members[0].inference.euclidean and current.members[0].inference.euclidean
+    assert older.members[0].inference.metric != "euclidean" and current.members[0].inference.metric == "euclidean"

@@ -111,7 +111,7 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
         torch.manual_seed(0)
         model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
                                   distance_metric=metric).double()
-        assert model.inference.euclidean == (metric == "euclidean") and model.inference.both == (metric == "both")
+        assert model.inference.metric == metric
         domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
         head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
         torch.nn.init.zeros_(head.net[2].weight)  # the bounded head adds nothing: rate = distance term
@@ -291,7 +291,7 @@ def test_uq_distance_shrinkage_reaches_every_feature_density(acac_summary):
                               distance_shrinkage=0.3)
     densities = model.inference.densities_list()
     assert densities and all(d.shrinkage == 0.3 for d in densities)
-    assert model.inference.euclidean  # the default metric
+    assert model.inference.metric == "euclidean"  # the default metric
 
 
 def test_moving_average_statistics_approach_the_exact_ones():

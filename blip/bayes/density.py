@@ -324,18 +324,17 @@ class FeatureDensity(nn.Module):
             out = out.index_put((sel,), soft.to(x.dtype))
         return out
 
-    def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, euclidean: bool,
-                  both: bool, nearest: bool = False) -> Optional[torch.Tensor]:
-        """The squared distance(s) of a rate head's distance term, from rows ``x`` (rows, d) and their
-        whitened features ``z``: None for the Mahalanobis one alone (``rate_inputs`` takes it from
-        ``z``), the Euclidean one (rows,), or ``both``, Euclidean and Mahalanobis (rows, 2), or
-        with ``nearest`` the distance to the nearest banked training rows (rows,)."""
-        if nearest:
+    def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, metric: str) -> Optional[torch.Tensor]:
+        """The squared distance(s) of a rate head's distance term for ``metric`` (``uq.distance_metric``),
+        from rows ``x`` (rows, d) and their whitened features ``z``: None for "mahalanobis" (``rate_inputs``
+        takes it from ``z``); (rows,) for "euclidean" and "nearest"; (rows, 2) for "both" (Euclidean,
+        Mahalanobis)."""
+        if metric == "nearest":
             return self.nearest(x, groups)
-        if not (euclidean or both):
+        if metric == "mahalanobis":
             return None
         m = self.euclidean(x, groups)
-        if both:
+        if metric == "both":
             return torch.stack([m, (z * z).mean(dim=1)], dim=1)
         return m
 

@@ -99,7 +99,7 @@ class InferenceNet(nn.Module):
     prediction keeps the full derivative, so each sample's forces are exact);
     ``distance_mean_one``: the densities' Mahalanobis distance has mean 1 on their own rows;
     ``shrinkage``: of the densities' covariance (:class:`~blip.bayes.density.FeatureDensity`);
-    ``metric``: "euclidean", "mahalanobis" or "both" feature distances (module docstring).
+    ``metric``: one of ``METRICS``, the feature distance(s) of the rate heads (module docstring).
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
@@ -114,19 +114,19 @@ class InferenceNet(nn.Module):
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
         self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
-        self.euclidean, self.both, self.nearest = metric == "euclidean", metric == "both", metric == "nearest"
+        self.metric = metric
         logit0 = math.log(p_init / (1.0 - p_init))
         self.heads = nn.ModuleDict()
         self.densities = nn.ModuleDict()
         for domain, dims in layer_dims.items():
             self.heads[domain] = nn.ModuleDict({
                 str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance,
-                                    2 if self.both else 1)
+                                    2 if metric == "both" else 1)
                 for slot, d in dims.items()})
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
                     str(slot): FeatureDensity(groups.get(domain, 1), d, mean_one=distance_mean_one,
-                                              shrinkage=shrinkage, bank=BANK_ROWS if self.nearest else 0)
+                                              shrinkage=shrinkage, bank=BANK_ROWS if metric == "nearest" else 0)
                     for slot, d in dims.items()})
 
     @property
@@ -158,8 +158,7 @@ class InferenceNet(nn.Module):
             if shared is None:
                 source = features.detach() if self.detach and training else features
                 z = density.standardise_split(source, groups)
-                m = (density.distances(source, groups.index, z, self.euclidean, self.both, self.nearest)
-                     if self.distance else None)
+                m = density.distances(source, groups.index, z, self.metric) if self.distance else None
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
