@@ -12,7 +12,10 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 
-MAX_EDGES_PER_PASS = 10_000  # replicas x (edges + atoms) per forward pass; larger passes get memory-bound
+#: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
+#: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
+MAX_EDGES_PER_PASS = 10_000
+MAX_EDGES_PER_PASS_GPU = 200_000
 FORCE_STD = ("auto", "atom", "component")  # uq.force_std; auto: the one recalibration finds better
 
 
@@ -67,6 +70,11 @@ class BlipModel:
             m.to(self.device)
         return self
 
+    @property
+    def max_edges_per_pass(self) -> int:
+        """Replicas x (edges + atoms) of one forward pass on this model's device."""
+        return MAX_EDGES_PER_PASS if self.device.type == "cpu" else MAX_EDGES_PER_PASS_GPU
+
     # -- core: one batch -------------------------------------------------------------
     def sample_batch(self, batch: dict, samples: int, seed: int, stress: bool = False) -> dict[str, torch.Tensor]:
         """``energy`` (K, G) eV, ``forces`` (K, N, 3) eV/A (and ``stress`` (K, G, 3, 3) eV/A^3,
@@ -85,7 +93,7 @@ class BlipModel:
             return {key: out[key].detach()[None] for key in keys}
         g, n = batch["n_atoms"].shape[0], batch["positions"].shape[0]
         per_copy = int(batch["n_edges"].sum()) + n
-        group = max(1, min(samples, MAX_EDGES_PER_PASS // max(per_copy, 1)))
+        group = max(1, min(samples, self.max_edges_per_pass // max(per_copy, 1)))
         parts = {key: [] for key in keys}
         shared = model.backbone.shared_terms(batch) or {}  # noise-free terms, once for all replicas
         for first in range(0, samples, group):  # large structures: replicas in groups
@@ -145,9 +153,9 @@ class BlipModel:
         keys = ("energy", "forces") + (("stress",) if stress else ())
         sampled = {key: [None] * len(graphs) for key in keys}
         noise_free = {key: [None] * len(graphs) for key in keys}
-        passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff, MAX_EDGES_PER_PASS)]
+        passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff, self.max_edges_per_pass)]
         if map_mean:  # the noise-free pass in its own, larger chunks (one copy per structure)
-            passes += [(0, chunk) for chunk in _chunks(graphs, 1, MAX_EDGES_PER_PASS)]
+            passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
         for k, chunk in tqdm(passes, desc="predict", disable=not progress, unit="batch"):
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
             _scatter(batch, chunk, self.sample_batch(batch, k, seed, stress),

@@ -170,10 +170,10 @@ def peak_memory_mb(fn) -> float | None:
     return None if before is None or peak is None else max(peak - before, 0.0)
 
 
-def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int) -> list[dict]:
+def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, device: str = "cpu") -> list[dict]:
     """Median time of one training step (forward, forces, loss, backward, optimiser; BLIP's KL and
     noise-contrastive pass) of BLIP and MC dropout over the deterministic model's, on batches of
-    ``batch_size`` acetylacetone structures."""
+    ``batch_size`` acetylacetone structures, on ``device``."""
     from ..train.datasets import prepare_data
     from ..train.loop import GraphSet, Trainer, _sizes
 
@@ -185,7 +185,7 @@ def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int) ->
                 "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * batch_size,
                          "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
                 "model": dict(model), "uq": {"method": method, "samples": 16},
-                "training": {"batch_size": batch_size, "seed": 0}, "output_dir": tmp})
+                "training": {"batch_size": batch_size, "seed": 0, "device": device}, "output_dir": tmp})
             trainer = Trainer(cfg, progress=False)
             data = prepare_data(cfg)
             train_set, sizes = GraphSet(data.train, float(cfg["model"]["cutoff"])), _sizes(data.train)
