@@ -87,3 +87,47 @@ class NoisyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}"
+
+
+class AtomicEnergyNoise(nn.Module):
+    """Where a backbone's per-atom learned energies may get noise: the identity, ``forward(energy
+    (rows,), features (rows, features)) -> energy``, until :func:`blip.bayes.wrap` replaces it by a
+    :class:`NoisyAtomicEnergy` (``model.energy_noise``)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = int(features)
+
+    def forward(self, energy: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return energy
+
+
+class NoisyAtomicEnergy(nn.Module):
+    """Multiplicative Gaussian noise on each atom's learned energy (eV, without its isolated-atom
+    energy): ``e_i (1 + sqrt(alpha_i) xi_i)``, ``alpha_i = p_i / (1 - p_i)``, with the rate ``p_i``
+    from the atom's invariant features at the energy readout (rows, features). It reaches what noise
+    inside the message and update functions cannot: an atom's whole binding energy, e.g. of a bond
+    stretched beyond the training data whose atom still looks bonded. MAP pass: the identity; MC
+    dropout (kind "bernoulli"): the identity (dropping whole atomic energies is not its baseline)."""
+
+    def __init__(self, module: AtomicEnergyNoise, domain: str, slot: int, state: NoiseState):
+        super().__init__()
+        self.features = module.features
+        self.domain, self.slot = domain, slot
+        self.rate_slot = slot
+        self._state = state
+
+    @property
+    def rate_features_dim(self) -> int:
+        return self.features
+
+    def forward(self, energy: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        ctx = self._state.ctx
+        if ctx is None or ctx.kind == "bernoulli":
+            return energy
+        p = ctx.rate(self.domain, self.rate_slot, energy.shape[0], features if ctx.wants_features else None)
+        draws = ctx.standard_normal(self.domain, self.slot, energy.shape[0], 1, features)[:, 0]
+        return energy * (1.0 + torch.sqrt(p / (1.0 - p)) * draws)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, domain={self.domain}, slot={self.slot}"
