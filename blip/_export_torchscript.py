@@ -180,8 +180,6 @@ class PaiNNEnergy(nn.Module):
     def __init__(self, potential):
         super().__init__()
         backbone = potential.backbone
-        if getattr(backbone, "energy_noise", False) and potential.stochastic:
-            raise NotImplementedError("export does not support model.energy_noise (noise on atomic energies) yet")
         self.cutoff, self.radial = float(backbone.cutoff), int(backbone.radial)
         self.edge_noise = bool(backbone.edge_noise)
         self.isolated_atom_limit = bool(backbone.isolated_atom_limit)

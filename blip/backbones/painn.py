@@ -14,12 +14,10 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..bayes.layers import AtomicEnergyNoise, NoisyAtomicEnergy
 from ..config import register_backbone_defaults
 from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, isolation_switch, shared_per_edge, species_groups
 
 DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False,
-            "energy_noise": False,  # BLIP noise also on each atom's learned energy (NoisyAtomicEnergy)
             "isolated_atom_limit": True}  # lone atoms carry their E0 (base.isolation_switch)
 register_backbone_defaults("painn", DEFAULTS)
 
@@ -122,35 +120,27 @@ class PaiNN(Backbone):
 
     def __init__(self, summary: DatasetSummary, cutoff: float = 5.0, features: int = 64,
                  interactions: int = 3, radial: int = 20, edge_noise: bool = False,
-                 isolated_atom_limit: bool = True, energy_noise: bool = False):
+                 isolated_atom_limit: bool = True):
         super().__init__()
         self.edge_noise, self.isolated_atom_limit = bool(edge_noise), bool(isolated_atom_limit)
-        self.energy_noise = bool(energy_noise)
         self.cutoff, self.elements, self.radial = float(cutoff), sorted(summary.elements), radial
         self.species = SpeciesMap(self.elements, summary.e0s)
         self.embedding = nn.Embedding(len(self.elements), features)
         self.interactions = nn.ModuleList(Interaction(features, radial) for _ in range(interactions))
         self.readout = nn.Sequential(nn.Linear(features, features // 2), nn.SiLU(), nn.Linear(features // 2, 1))
-        self.atomic_noise = AtomicEnergyNoise(features)
         self.register_buffer("scale", torch.tensor(float(summary.force_scale)))
         self.register_buffer("shift", torch.tensor(float(summary.energy_shift)))
 
     def noisy_layers(self) -> dict[str, str]:
         """Message MLP phi of interactions >= 1 (interaction 0's acts on the species embedding
         alone, so its noise could not depend on the structure) and the update MLPs (node rows);
-        with ``edge_noise`` also the radial filters (edge rows); with ``energy_noise`` also each atom's
-        learned energy (node rows)."""
+        with ``edge_noise`` also the radial filters (edge rows)."""
         layers = {r"interactions\.\d+\.update\.mlp\.\d+": "node"}
-        if self.energy_noise:
-            layers["atomic_noise"] = "node"
         if len(self.interactions) > 1:
             layers[r"interactions\.[1-9]\d*\.message\.phi\.\d+"] = "node"
         if self.edge_noise:
             layers[r"interactions\.\d+\.message\.filter"] = "edge"
         return layers
-
-    def extra_noisy_factories(self) -> dict:
-        return {AtomicEnergyNoise: NoisyAtomicEnergy}
 
     def domain_group_counts(self) -> dict[str, int]:
         return {"node": self.species.n, "edge": self.species.n ** 2}
@@ -213,7 +203,6 @@ class PaiNN(Backbone):
         atomic = self.scale * self.readout(s).squeeze(-1) + self.shift
         if self.isolated_atom_limit:
             atomic = atomic * isolation_switch(d, batch["edge_index"][0], s.shape[0], self.cutoff)
-        atomic = self.atomic_noise(atomic, s)
         n_graphs = batch["n_atoms"].shape[0]
         energy = torch.zeros(n_graphs, dtype=s.dtype, device=s.device).index_add(0, batch["batch"], atomic)
         return energy.double() + self.species.reference_energy(batch["numbers"], batch["batch"], n_graphs)
@@ -223,5 +212,4 @@ def build(cfg: dict, summary: DatasetSummary) -> PaiNN:
     """Build from the resolved ``model`` config section."""
     return PaiNN(summary, cutoff=cfg["cutoff"], features=cfg["features"],
                  interactions=cfg["interactions"], radial=cfg["radial"], edge_noise=bool(cfg["edge_noise"]),
-                 isolated_atom_limit=bool(cfg.get("isolated_atom_limit", False)),  # files from before: off
-                 energy_noise=bool(cfg.get("energy_noise", False)))
+                 isolated_atom_limit=bool(cfg.get("isolated_atom_limit", False)))  # files from before: off
