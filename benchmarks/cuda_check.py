@@ -41,7 +41,7 @@ def samples_equal(backbone: str, dtype: str, samples: int = 8) -> dict:
     """Max |CPU - CUDA| of energy and force samples of one untrained BLIP model."""
     structures = cost.systems(False)
     model = cost.build_models({**cost.MODELS[backbone], "dtype": dtype}, False)["blip"]
-    cost._fit_statistics(model, structures["acac"])
+    cost.fit_statistics(model, structures["acac"])
     gpu = copy.deepcopy(model).to(DEVICE)
     out = {"backbone": backbone, "dtype": dtype, "samples": samples}
     for name in ("acac", "Si64"):
@@ -63,7 +63,7 @@ def cuda_cost(backbone: str, repeats: int, system_names: list[str]) -> dict:
     for system, structures in cost.systems(False).items():
         if system not in system_names:
             continue
-        cost._fit_statistics(models["blip"], structures)
+        cost.fit_statistics(models["blip"], structures)
         on_gpu = {k: copy.deepcopy(m).to(DEVICE) for k, m in models.items()}
         new = cost.predict_ratios(on_gpu, structures, cost.SAMPLES, repeats)
         map_s = _median_seconds(lambda: on_gpu["blip"].predict(structures, samples=0, seed=0), repeats)

@@ -57,7 +57,7 @@ def predict_model(backbone: str, system: str):
     """A BLIP model (example config, untrained) with feature statistics fitted on ``system``."""
     model = cost.build_models(cost.MODELS[backbone], False)["blip"]
     structures = cost.systems(False)[system]
-    cost._fit_statistics(model, structures)
+    cost.fit_statistics(model, structures)
     return model, structures
 
 

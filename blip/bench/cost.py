@@ -99,11 +99,12 @@ def acac_blip_model(backbone: str) -> tuple[BlipModel, list]:
     weights) with its feature statistics fitted, and the acetylacetone structures they were fitted on."""
     model = build_models(MODELS[backbone], False)["blip"]
     acac = systems(False)["acac"]
-    _fit_statistics(model, acac)
+    fit_statistics(model, acac)
     return model, acac
 
 
-def _fit_statistics(model: BlipModel, structures) -> None:
+def fit_statistics(model: BlipModel, structures) -> None:
+    """Fit every member's feature statistics exactly on ``structures`` (one batch, on the CPU)."""
     from ..data import build_graph, collate
 
     graphs = [build_graph(a, model.cutoff, index=i) for i, a in enumerate(structures)]
@@ -253,7 +254,7 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
         model_cfg = (QUICK_MODELS if quick else MODELS)[name]
         models = build_models(model_cfg, quick)
         for system, structures in chosen.items():
-            _fit_statistics(models["blip"], structures)
+            fit_statistics(models["blip"], structures)
             n_atoms = sum(len(a) for a in structures)
             log(f"cost: {name} {system} ({len(structures)} x {n_atoms // len(structures)} atoms), {repeats} repeats")
             new = predict_ratios(models, structures, samples, repeats)
