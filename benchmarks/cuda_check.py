@@ -33,16 +33,14 @@ from blip.bench import cost
 
 #: largest |CPU - CUDA| allowed per dtype [eV for energies, eV/A for forces]: rounding only
 TOLERANCE = {"float64": 1e-8, "float32": 2e-3}
-#: where the "GPU" side runs (``--device cpu``: a dry run of this script on a machine without CUDA)
-DEVICE = "cuda"
 
 
-def samples_equal(backbone: str, dtype: str, samples: int = 8) -> dict:
-    """Max |CPU - CUDA| of energy and force samples of one untrained BLIP model."""
+def samples_equal(backbone: str, dtype: str, device: str, samples: int = 8) -> dict:
+    """Max |CPU - ``device``| of energy and force samples of one untrained BLIP model."""
     structures = cost.systems(False)
     model = cost.build_models({**cost.MODELS[backbone], "dtype": dtype}, False)["blip"]
     cost.fit_statistics(model, structures["acac"])
-    gpu = copy.deepcopy(model).to(DEVICE)
+    gpu = copy.deepcopy(model).to(device)
     out = {"backbone": backbone, "dtype": dtype, "samples": samples}
     for name in ("acac", "Si64"):
         a = model.predict(structures[name], samples=samples, seed=3)
@@ -56,17 +54,17 @@ def samples_equal(backbone: str, dtype: str, samples: int = 8) -> dict:
     return out
 
 
-def cuda_cost(backbone: str, repeats: int, system_names: list[str]) -> dict:
-    """Predict ratios and per-sample slopes on CUDA for each system."""
+def cuda_cost(backbone: str, repeats: int, system_names: list[str], device: str) -> dict:
+    """Predict ratios and per-sample slopes on ``device`` for each system."""
     models = cost.build_models(cost.MODELS[backbone], False)
     rows, slopes = [], []
     for system, structures in cost.systems(False).items():
         if system not in system_names:
             continue
         cost.fit_statistics(models["blip"], structures)
-        on_gpu = {k: copy.deepcopy(m).to(DEVICE) for k, m in models.items()}
+        on_gpu = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
         new = cost.predict_ratios(on_gpu, structures, cost.SAMPLES, repeats)
-        map_s = _median_seconds(lambda: on_gpu["blip"].predict(structures, samples=0, seed=0), repeats)
+        map_s = _median_seconds(lambda: on_gpu["blip"].predict(structures, samples=0, seed=0), repeats, device)
         rows += [{"system": system, "map_seconds": map_s, **r} for r in new]
         slopes += [{"system": system, "method": m, **cost.marginal_cost(new, m)} for m in ("blip", "mc_dropout")]
         print(f"{backbone} {system}: MAP {1000 * map_s:.1f} ms; " + ", ".join(
@@ -74,20 +72,16 @@ def cuda_cost(backbone: str, repeats: int, system_names: list[str]) -> dict:
     return {"predict": rows, "marginal": slopes}
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def markdown(result: dict) -> str:
@@ -133,16 +127,15 @@ def main() -> int:
     parser.add_argument("--systems", default="acac,Si64,Si1000", help="systems of the cost part")
     parser.add_argument("--parts", default="equal,cost,train", help="which parts to run (comma-separated)")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backbones = args.backbones.split(",")
-    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__, "samples_equal": [], "cost": {}}
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)", "torch": torch.__version__, "samples_equal": [], "cost": {}}
 
     def write():
         result["wall_seconds"] = time.time() - start
@@ -152,19 +145,19 @@ def main() -> int:
     parts = args.parts.split(",")
     for backbone in backbones if "equal" in parts else []:
         for dtype in ("float64", "float32"):
-            r = samples_equal(backbone, dtype)
+            r = samples_equal(backbone, dtype, device)
             result["samples_equal"].append(r)
             print(json.dumps(r), flush=True)
     write()
     for backbone in backbones if "cost" in parts else []:
-        result["cost"][backbone] = cuda_cost(backbone, args.repeats, args.systems.split(","))
+        result["cost"][backbone] = cuda_cost(backbone, args.repeats, args.systems.split(","), device)
         write()
     if "painn" in backbones and "train" in parts:
         for batch in cost.TRAIN_BATCH_SIZES:
             result.setdefault("train_step", []).extend(
-                cost.train_step_ratios(cost.MODELS["painn"], args.repeats, 8, batch, device=DEVICE))
+                cost.train_step_ratios(cost.MODELS["painn"], args.repeats, 8, batch, device=device))
         model, acac = cost.acac_blip_model("painn")
-        result["md"] = cost.md_ratios(model.to(DEVICE), acac[0], 200, 3, [(8, 20), (16, 20)])
+        result["md"] = cost.md_ratios(model.to(device), acac[0], 200, 3, [(8, 20), (16, 20)])
         write()
     print(markdown(result))
     return 0 if all(r["ok"] for r in result["samples_equal"]) else 1

@@ -59,14 +59,20 @@ def report(model_path: str, data: Path) -> None:
         print(f"  {name}: " + " | ".join(cells) + rank)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def report_each_model(report_model, description: str) -> None:
+    """Command line of the path scripts: ``report_model(path, data)`` for every MODEL.pt given
+    (``--data``: the shared data folder), on one torch thread."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("models", nargs="+")
     parser.add_argument("--data", default=os.environ.get("BLIP_DATA", "../shared/data"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     for path in args.models:
-        report(path, Path(args.data))
+        report_model(path, Path(args.data))
+
+
+def main() -> None:
+    report_each_model(report, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

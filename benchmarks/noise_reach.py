@@ -12,19 +12,15 @@ not what limits the uncertainty there: the places the noise acts on are.
 
 from __future__ import annotations
 
-import argparse
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import ase.io
 import numpy as np
-import torch
+from dissociation import BANDS, paths, report_each_model  # this folder's script (python benchmarks/noise_reach.py)
 
 import blip
 
-BANDS = [(0.9, 1.2), (1.2, 1.9), (1.9, 3.0), (3.0, 4.0), (4.0, 7.0)]
-LEAVING_H, OXYGEN = 8, 2
+LEAVING_H = 8  # the hydroxyl H that leaves along test_H_removal.xyz
 FORCED = [("H", 0.1), ("H", 0.5), ("all", 0.3)]
 
 
@@ -59,9 +55,7 @@ def spread(model, frames) -> np.ndarray:
 
 def report(path: str, data: Path) -> None:
     model = blip.load(path)
-    frames = ase.io.read(data / "ethanol" / "test_H_removal.xyz", ":")
-    distance = np.array([a.get_distance(OXYGEN, LEAVING_H) for a in frames])
-    reference = np.array([a.get_potential_energy() for a in frames])
+    frames, distance, reference = paths(data)["H removal"]  # distance: O-H (atoms 2, 8)
     error = np.abs(np.asarray(model.predict(frames, samples=0)["energy"]) - reference)
     columns = {"own rates": spread(model, frames)}
     for who, p in FORCED:
@@ -69,7 +63,7 @@ def report(path: str, data: Path) -> None:
             columns[f"{'leaving H' if who == 'H' else 'all atoms'} p={p}"] = spread(model, frames)
     print(path)
     print(f"  {'O-H [A]':>9} {'|err| [eV]':>10} " + " ".join(f"{k:>15}" for k in columns))
-    for low, high in BANDS:
+    for low, high in BANDS["H removal"]:
         band = (distance >= low) & (distance < high)
         if band.any():
             print(f"  {low:>4}-{high:<4} {error[band].mean():10.3f} "
@@ -77,13 +71,7 @@ def report(path: str, data: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--data", default=os.environ.get("BLIP_DATA", "../shared/data"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    for path in args.models:
-        report(path, Path(args.data))
+    report_each_model(report, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
