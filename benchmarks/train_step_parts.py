@@ -5,83 +5,50 @@
 Part 1: one training step (forward, forces, loss, double backward, optimiser) on acetylacetone
 batches, over the deterministic model's step, for BLIP as configured by default, without the
 contrastive pass (``uq.contrastive.weight = 0``) and with one every 4 steps instead of 2
-(interleaved repeats of one epoch of 8 steps, medians and minima of the ratios).
+(``blip.bench.cost.train_step_ratios`` with these variants: interleaved repeats of one epoch of
+8 steps, medians and minima of the ratios).
 Part 2: the contrastive pass alone (``BayesianPotential.rates`` on perturbed copies, the KL and
 its backward into the rate heads) against a no-gradient MAP and sampled forward of the same
 batch, for 8, 16 and 32 structures: whether it is dispatch-bound (then more copies per pass
 would be nearly free) or grows with the rows.
-Models: the example PaiNN of ``blip bench cost`` (untrained; float32, one thread).
+Models: the example PaiNN of ``blip bench cost`` (untrained, feature statistics fitted on the 8
+acetylacetone molecules for part 2; float32, one thread).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from blip import config as config_mod
 from blip.bayes.inference import kl_divergence
-from blip.bench.cost import EXAMPLES, MODELS
-from blip.data import collate
+from blip.bench import cost
+from blip.data import build_graph, collate
 from blip.train.contrastive import perturbed_batch
-from blip.train.datasets import prepare_data
-from blip.train.loop import GraphSet, Trainer, _sizes
 
-STEPS = 8
 VARIANTS = {"deterministic": ("deterministic", {}), "blip (default)": ("blip", {}),
             "blip, no contrastive pass": ("blip", {"contrastive": {"weight": 0.0}}),
             "blip, contrastive every 4": ("blip", {"contrastive": {"every": 4}})}
 
 
-def _setup(method: str, uq: dict, batch: int, tmp: str, structures: int):
-    cfg = config_mod.resolve({
-        "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": structures,
-                 "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
-        "model": dict(MODELS["painn"]), "uq": {"method": method, "samples": 16, **uq},
-        "training": {"batch_size": batch, "seed": 0}, "output_dir": tmp})
-    trainer, data = Trainer(cfg, progress=False), prepare_data(cfg)
-    graphs, sizes = GraphSet(data.train, float(cfg["model"]["cutoff"])), _sizes(data.train)
-    net, opt, ema = trainer._new_member(data, 0)
-    return trainer, data, graphs, sizes, net, opt, ema
-
-
 def step_ratios(batch: int, repeats: int) -> None:
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (method, uq) in VARIANTS.items():
-            trainer, _, graphs, sizes, net, opt, ema = _setup(method, uq, batch, tmp, STEPS * batch)
-            rng = np.random.default_rng(0)
-            steps = -(-len(graphs) // batch)
-
-            def epoch(e, trainer=trainer, net=net, opt=opt, ema=ema, graphs=graphs, sizes=sizes, rng=rng):
-                trainer._train_epoch(net, opt, ema, graphs, sizes, rng, epoch=e)
-
-            epoch(0)  # warm-up
-            runs[name] = (epoch, steps, [])
-        for rep in range(repeats):
-            for epoch, steps, times in runs.values():
-                start = time.perf_counter()
-                epoch(rep + 1)
-                times.append((time.perf_counter() - start) / steps * 1000)
-    base_median = statistics.median(runs["deterministic"][2])
-    base_min = min(runs["deterministic"][2])
+    rows = cost.train_step_ratios(cost.MODELS["painn"], repeats, 8, batch, variants=VARIANTS)
     print(f"training step, acac batch {batch}, {repeats} interleaved repeats of one epoch:")
-    for name, (_, _, times) in runs.items():
-        print(f"  {name:28s} {statistics.median(times):6.1f} ms   median ratio {statistics.median(times) / base_median:.3f}"
-              f"   min ratio {min(times) / base_min:.3f}")
+    for r in rows:
+        print(f"  {r['method']:28s} {r['seconds_per_step'] * 1000:6.1f} ms   median ratio {r['ratio']:.3f}"
+              f"   min ratio {r['ratio_min']:.3f}")
 
 
 def contrastive_pass(repeats: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        _, data, graphs, _, net, _, _ = _setup("blip", {}, 8, tmp, 40)
+    model, acac = cost.acac_blip_model("painn")
+    net = model.members[0]
+    graphs = [build_graph(a, model.cutoff, index=i) for i, a in enumerate(acac)]
     rng = np.random.default_rng(0)
     print("contrastive pass alone (ms, best of the repeats):")
     for n in (8, 16, 32):
-        batch = collate([graphs[i % len(graphs)] for i in range(n)], dtype=torch.float32)
+        batch = collate([graphs[i % len(graphs)] for i in range(n)], dtype=model.dtype)
 
         def map_forward():
             with torch.no_grad():

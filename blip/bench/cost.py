@@ -171,21 +171,29 @@ def peak_memory_mb(fn) -> float | None:
     return None if before is None or peak is None else max(peak - before, 0.0)
 
 
-def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, device: str = "cpu") -> list[dict]:
+#: training-step variants of :func:`train_step_ratios`: name -> (uq.method, other uq settings)
+TRAIN_STEP_METHODS = {m: (m, {}) for m in ("deterministic", "blip", "mc_dropout")}
+
+
+def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, device: str = "cpu",
+                      variants: dict[str, tuple[str, dict]] | None = None) -> list[dict]:
     """Median time of one training step (forward, forces, loss, backward, optimiser; BLIP's KL and
-    noise-contrastive pass) of BLIP and MC dropout over the deterministic model's, on batches of
-    ``batch_size`` acetylacetone structures, on ``device``."""
+    noise-contrastive pass) of each variant over the first one's (by default BLIP and MC dropout over
+    the deterministic model), on batches of ``batch_size`` acetylacetone structures, on ``device``.
+
+    ``variants``: name -> (uq.method, uq settings), default ``TRAIN_STEP_METHODS``. Rows {method (the
+    variant's name), batch_size, seconds_per_step, ratio (of medians), ratio_min (of the fastest repeats)}."""
     from ..train.datasets import prepare_data
     from ..train.loop import GraphSet, Trainer, _sizes
 
-    methods = ("deterministic", "blip", "mc_dropout")
+    variants = variants or TRAIN_STEP_METHODS
     setups = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
+        for name, (method, uq) in variants.items():
             cfg = config_mod.resolve({
                 "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * batch_size,
                          "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
-                "model": dict(model), "uq": {"method": method, "samples": 16},
+                "model": dict(model), "uq": {"method": method, "samples": 16, **uq},
                 "training": {"batch_size": batch_size, "seed": 0, "device": device}, "output_dir": tmp})
             trainer = Trainer(cfg, progress=False)
             data = prepare_data(cfg)
@@ -194,15 +202,17 @@ def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, de
             net, opt, ema = trainer._new_member(data, 0)
             rng = np.random.default_rng(0)
             trainer._train_epoch(net, opt, ema, train_set, sizes, rng)  # warm-up (and graphs built)
-            setups.append((method, trainer, net, opt, ema, train_set, sizes, rng, n_steps))
-        times = {m: [] for m in methods}
+            setups.append((name, trainer, net, opt, ema, train_set, sizes, rng, n_steps))
+        times = {name: [] for name in variants}
         for rep in range(repeats):
-            for method, trainer, net, opt, ema, train_set, sizes, rng, n_steps in setups[rep % 3:] + setups[:rep % 3]:
+            turn = rep % len(setups)
+            for name, trainer, net, opt, ema, train_set, sizes, rng, n_steps in setups[turn:] + setups[:turn]:
                 seconds = _seconds(lambda: trainer._train_epoch(net, opt, ema, train_set, sizes, rng, epoch=rep + 1))
-                times[method].append(seconds / n_steps)
-    base = statistics.median(times["deterministic"])
-    return [{"method": m, "batch_size": batch_size, "seconds_per_step": statistics.median(times[m]),
-             "ratio": statistics.median(times[m]) / base} for m in methods]
+                times[name].append(seconds / n_steps)
+    first = next(iter(variants))
+    base, fastest = statistics.median(times[first]), min(times[first])
+    return [{"method": name, "batch_size": batch_size, "seconds_per_step": statistics.median(t),
+             "ratio": statistics.median(t) / base, "ratio_min": min(t) / fastest} for name, t in times.items()]
 
 
 def md_ratios(model: BlipModel, atoms, steps: int, repeats: int, watches: list[tuple[int, int]]) -> list[dict]:
