@@ -1,6 +1,9 @@
 """Make the bundled GFN2-xTB ammonia data set of ``blip bench energy-split`` (runs offline).
 
     python benchmarks/make_xtb_dataset.py -o blip/bench/data/ammonia_gfn2.xyz
+    python benchmarks/make_xtb_dataset.py --molecule H3CNH2 -o methylamine_gfn2.xyz   # another molecule
+
+``--molecule`` takes any name of ``ase.build.molecule`` (the G2 set); the rest of the recipe is the same.
 
 How the file was made (the defaults below): NH3 relaxed with GFN2-xTB (tblite, BFGS,
 fmax 1e-3 eV/A); Langevin MD with GFN2-xTB forces at 300, 600, 1000, 1500, 2000 and
@@ -62,10 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=25, help="MD steps between frames")
     p.add_argument("--distorted", type=int, default=140)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--molecule", default="NH3", help="a name of ase.build.molecule (default NH3)")
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
 
-    eq = molecule("NH3")
+    eq = molecule(args.molecule)
     eq.calc = xtb()
     BFGS(eq, logfile=None).run(fmax=1e-3)
     frames = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from blip.bench.protocols import Budget
+from blip.errors import ConfigError
 from blip.cli import main
 from conftest import EXAMPLES
 
@@ -190,6 +191,21 @@ def test_energy_split_trains_low_and_tests_high_with_mean_and_std_over_seeds(tmp
     assert blip_high["forces_sigma_ratio"] > 0 and summary[("deterministic", "high_energy")]["sigma_ratio"] is None
     md = (out / "results.md").read_text()
     assert "σ ratio" in md and " ± " in md and "seeds 0, 1" in md
+
+
+def test_energy_split_takes_a_labelled_file_of_ones_own(tmp_path):
+    """--sets also takes the path of an extxyz file: the experiment is named after it, E0s by least squares."""
+    from blip.bench.protocols import PACKAGED_DATA, Options, build_plan
+
+    own = tmp_path / "my_molecule.xyz"
+    own.write_bytes((PACKAGED_DATA / "ammonia_gfn2.xyz").read_bytes())
+    plan = build_plan("energy-split", EXAMPLES, Options(quick=True, experiments=[str(own)]))
+    (exp,) = plan.experiments
+    assert exp.name == "my_molecule" and exp.e0s == "average"
+    assert plan.settings["data_sets"]["my_molecule"]["files"] == [str(own.resolve())]
+    assert {len(s.atoms) for s in exp.train} == {4}
+    with pytest.raises(ConfigError, match="neither"):
+        build_plan("energy-split", EXAMPLES, Options(quick=True, experiments=[str(tmp_path / "missing.xyz")]))
 
 
 def test_bundled_ammonia_labels_are_gfn2_xtb():

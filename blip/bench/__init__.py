@@ -63,7 +63,8 @@ def register(subparsers) -> None:
                         "over them (default 3; 1 with --quick)")
     p.add_argument("--sets", default=None,
                    help="comma-separated subset of the protocol's experiments, e.g. ethanol,acac for "
-                        "energy-split or N=25,N=50 for data-scarce")
+                        "energy-split (which also takes paths of labelled extxyz files of one's own) or "
+                        "N=25,N=50 for data-scarce")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override for every method, e.g. model.features=32")
     p.add_argument("--runs-dir", default=None, help="where trained models go (default OUT/runs)")

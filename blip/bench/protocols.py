@@ -364,23 +364,32 @@ def energy_ranked(structures: list, e0s: dict) -> list:
     return sorted(structures, key=key)
 
 
+def energy_split_source(name: str) -> tuple[str, tuple[Path | None, tuple[str, ...], str]]:
+    """Experiment name and (folder or None for the packaged data, files, E0s) of an energy-split set:
+    a name of ``ENERGY_SPLIT_SETS``, or the path of a labelled extxyz file of one's own (the experiment is
+    named after the file; isolated-atom energies by least squares, ``e0s: average``)."""
+    if name in ENERGY_SPLIT_SETS:
+        return name, ENERGY_SPLIT_SETS[name]
+    path = Path(name)
+    if path.is_file():
+        return path.stem, (path.parent.resolve(), (path.name,), "average")
+    raise ConfigError(f"energy-split data sets are {', '.join(ENERGY_SPLIT_SETS)} or the path of a labelled "
+                      f"extxyz file; {name!r} is neither")
+
+
 def energy_split(root: Path, opts: Options) -> Plan:
     """Train on the lowest-energy structures, test on held-out low-energy ones and on the high-energy rest."""
     from ..data import resolve_e0s
 
     quick = opts.quick
-    names = list(opts.experiments or ENERGY_SPLIT_SETS)
-    unknown = [n for n in names if n not in ENERGY_SPLIT_SETS]
-    if unknown:
-        raise ConfigError(f"energy-split data sets are {', '.join(ENERGY_SPLIT_SETS)}; unknown: {', '.join(unknown)}")
+    sources = [energy_split_source(n) for n in (opts.experiments or ENERGY_SPLIT_SETS)]
     budget = _budget(opts, Budget(steps=1500), Budget(epochs=1, minutes=0.5))
     cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
     n_valid, n_id = (4, 4) if quick else (ENERGY_SPLIT_VALID, ENERGY_SPLIT_ID_TEST)
     max_train = 12 if quick else ENERGY_SPLIT_MAX_TRAIN
     max_test = opts.max_test if opts.max_test is not None else (6 if quick else ENERGY_SPLIT_MAX_TEST)
     experiments, described = [], {}
-    for name in names:
-        folder_name, files, e0_name = ENERGY_SPLIT_SETS[name]
+    for name, (folder_name, files, e0_name) in sources:
         folder = PACKAGED_DATA if folder_name is None else root / folder_name
         paths = _need(folder, *files)
         pool = [s for f in paths for s in read_labelled(f)]
@@ -417,8 +426,9 @@ PROTOCOLS = {
     "data-scarce": (data_scarce, "acetylacetone learning curve, N = 25 ... 450 training structures"),
     "finetune-si": (finetune_si, "pretrained CHGNet as is / fine-tuned / BLIP fine-tuned on silicon, "
                                  "tested on held-out defect and surface groups"),
-    "energy-split": (energy_split, "train on the lowest-energy half of ethanol, acetylacetone and a GFN2-xTB "
-                                   "ammonia set; test on held-out low-energy and on high-energy structures"),
+    "energy-split": (energy_split, "train on the lowest-energy half of a data set (ethanol, acetylacetone, a "
+                                   "GFN2-xTB ammonia set, or a labelled extxyz file of one's own); test on "
+                                   "held-out low-energy and on high-energy structures"),
 }
 
 
@@ -427,10 +437,11 @@ def build_plan(name: str, root: Path, opts: Options) -> Plan:
         raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     plan = PROTOCOLS[name][0](root, opts)
     if opts.experiments:
+        wanted = [energy_split_source(e)[0] if name == "energy-split" else e for e in opts.experiments]
         known = [e.name for e in plan.experiments]
-        unknown = [e for e in opts.experiments if e not in known]
+        unknown = [e for e in wanted if e not in known]
         if unknown or not any(known):
             raise ConfigError(f"--sets: {name} has the experiments {', '.join(n or '(one)' for n in known)}; "
                               f"unknown: {', '.join(unknown)}")
-        plan.experiments = [e for e in plan.experiments if e.name in opts.experiments]
+        plan.experiments = [e for e in plan.experiments if e.name in wanted]
     return plan
