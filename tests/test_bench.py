@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from blip.bench.protocols import Budget
-from blip.errors import ConfigError
 from blip.cli import main
+from blip.errors import ConfigError
 from conftest import EXAMPLES
 
 METHODS = ("deterministic", "blip", "mc_dropout", "ensemble")

@@ -364,7 +364,7 @@ def energy_ranked(structures: list, e0s: dict) -> list:
     return sorted(structures, key=key)
 
 
-def energy_split_source(name: str) -> tuple[str, tuple[Path | None, tuple[str, ...], str]]:
+def energy_split_source(name: str) -> tuple[str, tuple[str | Path | None, tuple[str, ...], str]]:
     """Experiment name and (folder or None for the packaged data, files, E0s) of an energy-split set:
     a name of ``ENERGY_SPLIT_SETS``, or the path of a labelled extxyz file of one's own (the experiment is
     named after the file; isolated-atom energies by least squares, ``e0s: average``)."""
