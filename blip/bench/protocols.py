@@ -59,6 +59,7 @@ class Experiment:
     timing_structures: int = 32  # structures of the first test set used to time prediction
     timing_repeats: int = 3  # alternating timings; the median ratio is reported
     reference_test: str | None = None  # in-distribution test set: sigma ratios are relative to it
+    selector: str | None = None  # the --sets entry that selects it when not its name (e.g. a file's path)
 
 
 @dataclass
@@ -382,14 +383,15 @@ def energy_split(root: Path, opts: Options) -> Plan:
     from ..data import resolve_e0s
 
     quick = opts.quick
-    sources = [energy_split_source(n) for n in (opts.experiments or ENERGY_SPLIT_SETS)]
+    entries = list(opts.experiments or ENERGY_SPLIT_SETS)
     budget = _budget(opts, Budget(steps=1500), Budget(epochs=1, minutes=0.5))
     cfg = _common_sections(opts, _painn_model(quick, opts.backbone))
     n_valid, n_id = (4, 4) if quick else (ENERGY_SPLIT_VALID, ENERGY_SPLIT_ID_TEST)
     max_train = 12 if quick else ENERGY_SPLIT_MAX_TRAIN
     max_test = opts.max_test if opts.max_test is not None else (6 if quick else ENERGY_SPLIT_MAX_TEST)
     experiments, described = [], {}
-    for name, (folder_name, files, e0_name) in sources:
+    for entry in entries:
+        name, (folder_name, files, e0_name) = energy_split_source(entry)
         folder = PACKAGED_DATA if folder_name is None else root / folder_name
         paths = _need(folder, *files)
         pool = [s for f in paths for s in read_labelled(f)]
@@ -406,7 +408,8 @@ def energy_split(root: Path, opts: Options) -> Plan:
                  TestSet("high_energy", _subset(high, max_test, opts.seed),
                          f"{name}: the highest-energy half (out of distribution)")]
         experiments.append(Experiment(name, train, valid, tests, e0s_spec, _methods(opts), cfg,
-                                      str(paths[0]), **_timing(quick), reference_test="low_energy"))
+                                      str(paths[0]), **_timing(quick), reference_test="low_energy",
+                                      selector=entry))
         described[name] = {"files": [str(p) for p in paths], "n_pool": len(pool), "n_train": len(train),
                            "n_valid": len(valid), "n_low_energy_test": len(tests[0].structures),
                            "n_high_energy_test": len(tests[1].structures)}
@@ -437,11 +440,11 @@ def build_plan(name: str, root: Path, opts: Options) -> Plan:
         raise ConfigError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     plan = PROTOCOLS[name][0](root, opts)
     if opts.experiments:
-        wanted = [energy_split_source(e)[0] if name == "energy-split" else e for e in opts.experiments]
         known = [e.name for e in plan.experiments]
-        unknown = [e for e in wanted if e not in known]
+        selectors = [e.selector or e.name for e in plan.experiments]
+        unknown = [e for e in opts.experiments if e not in selectors]
         if unknown or not any(known):
             raise ConfigError(f"--sets: {name} has the experiments {', '.join(n or '(one)' for n in known)}; "
                               f"unknown: {', '.join(unknown)}")
-        plan.experiments = [e for e in plan.experiments if e.name in wanted]
+        plan.experiments = [e for e in plan.experiments if (e.selector or e.name) in opts.experiments]
     return plan
