@@ -1,9 +1,9 @@
 """Where a BLIP-PaiNN training step's extra time goes: the noise-contrastive pass, side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_step_parts.py [--repeats 9] [--batch 8]
+    OMP_NUM_THREADS=1 python benchmarks/train_step_parts.py [--repeats 9] [--batch 8] [--train-file FILE.xyz]
 
 Part 1: one training step (forward, forces, loss, double backward, optimiser) on acetylacetone
-batches, over the deterministic model's step, for BLIP as configured by default, without the
+batches (or those of ``--train-file``, e.g. a set of ``make_xtb_dataset.py``), over the deterministic model's step, for BLIP as configured by default, without the
 contrastive pass (``uq.contrastive.weight = 0``) and with one every 4 steps instead of 2
 (``blip.bench.cost.train_step_ratios`` with these variants: interleaved repeats of one epoch of
 8 steps, medians and minima of the ratios).
@@ -33,9 +33,9 @@ VARIANTS = {"deterministic": ("deterministic", {}), "blip (default)": ("blip", {
             "blip, contrastive every 4": ("blip", {"contrastive": {"every": 4}})}
 
 
-def step_ratios(batch: int, repeats: int) -> None:
-    rows = cost.train_step_ratios(cost.MODELS["painn"], repeats, 8, batch, variants=VARIANTS)
-    print(f"training step, acac batch {batch}, {repeats} interleaved repeats of one epoch:")
+def step_ratios(batch: int, repeats: int, train_file: str | None = None) -> None:
+    rows = cost.train_step_ratios(cost.MODELS["painn"], repeats, 8, batch, variants=VARIANTS, train_file=train_file)
+    print(f"training step, {train_file or 'acac'} batch {batch}, {repeats} interleaved repeats of one epoch:")
     for r in rows:
         print(f"  {r['method']:28s} {r['seconds_per_step'] * 1000:6.1f} ms   median ratio {r['ratio']:.3f}"
               f"   min ratio {r['ratio_min']:.3f}")
@@ -81,10 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--train-file", help="labelled extxyz of other molecules for part 1 (default: acetylacetone); "
+                                             "part 2 is skipped")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    step_ratios(args.batch, args.repeats)
-    contrastive_pass(max(3, args.repeats // 2))
+    step_ratios(args.batch, args.repeats, args.train_file)
+    if not args.train_file:
+        contrastive_pass(max(3, args.repeats // 2))
 
 
 if __name__ == "__main__":

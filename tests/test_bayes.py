@@ -33,6 +33,26 @@ def test_kl_averages_layers_not_rows():
     assert float(kl_divergence(rates, 0.5)) == pytest.approx(single / 2, rel=1e-6)
 
 
+def test_kl_sums_of_layers_grouped_by_domain_equal_layer_by_layer():
+    """kl_sums sums the layers of one domain in one batch of kernels: the per-layer sums, rates and
+    rows (what training all-reduces) equal those of each layer alone, in the order of the layers."""
+    from blip.bayes.inference import kl_sums
+
+    g = torch.Generator().manual_seed(0)
+    rates = {("node", 0): torch.rand(6, generator=g) * 0.2 + 1e-3, ("edge", 0): torch.rand(9, generator=g) * 0.5,
+             ("node", 1): torch.rand(6, generator=g) * 0.01 + 1e-4, ("node", 2): torch.rand(6, 2, generator=g) * 0.3}
+    sums = kl_sums(rates, 0.01)
+    assert [s.rows for s in sums] == [6, 9]
+    node = [k for k in rates if k[0] == "node"]
+    alone = [kl_sums({k: rates[k]}, 0.01)[0] for k in node]
+    torch.testing.assert_close(sums[0].kl, torch.cat([a.kl for a in alone]))
+    torch.testing.assert_close(sums[0].rate, torch.cat([(r if r.dim() == 2 else r[:, None]).sum(0) for r in
+                                                        (rates[k] for k in node)]))
+    a0 = 0.01 / 0.99
+    alpha = rates[("edge", 0)] / (1 - rates[("edge", 0)])
+    torch.testing.assert_close(sums[1].kl, (0.5 * (alpha / a0 - 1 - torch.log(alpha / a0))).sum()[None])
+
+
 def _ctx(p, rows, kind="gaussian"):
     return NoiseContext.fixed({"node": torch.full((rows, 1), p, dtype=torch.float64)}, kind=kind)
 

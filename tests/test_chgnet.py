@@ -308,7 +308,7 @@ def test_gated_mlps_share_one_whitening_and_samples_stay_the_same(pretrained, ra
     calls = []
     original = FeatureDensity.standardise_split
     monkeypatch.setattr(FeatureDensity, "standardise_split",
-                        lambda self, x, split: calls.append(1) or original(self, x, split))
+                        lambda self, x, split, *rest: calls.append(1) or original(self, x, split, *rest))
     shared = run(model, replicate(batch, 2), sample=True, seed=5)
     n_shared, calls[:] = len(calls), []
     monkeypatch.setattr(inference, "_twin", lambda *args: None)

@@ -10,8 +10,8 @@ from scipy import stats
 
 from blip.build import build_backbone
 from blip.backbones.base import DatasetSummary
-from blip.bayes.noise import (_GOLDEN, column_hashes, counter_normal, counter_normals, counter_uniform, mix32,
-                              positions_in_graph, row_keys, stream_word)
+from blip.bayes.noise import (_GOLDEN, column_hashes, counter_normal, counter_normals, counter_uniform, hash_words,
+                              mix32, mix32_int, positions_in_graph, row_keys, stream_word)
 from blip.config import resolve
 from blip.data import build_graph, collate
 from blip.model import BayesianPotential
@@ -56,6 +56,24 @@ def _keys(n_rows: int, seed: int = 5, replica: int = 0, structure: int = 0) -> t
 
 def _unsigned(x: torch.Tensor) -> np.ndarray:
     return x.numpy().view(np.uint32).astype(np.uint64)
+
+
+def test_host_hash_of_the_seed_words_equals_folding_them_on_the_device():
+    """row_keys folds the seed's two words on the host (Python ints, also inside TorchScript, whose ints
+    are 64-bit): the keys must be those of folding all four words (seed low, seed high, replica,
+    structure) on the device, for seeds beyond 32 bits too."""
+    values = np.random.default_rng(2).integers(0, 2 ** 32, 3000)
+    assert [mix32_int(int(v)) for v in values] == _mix32_reference(values).tolist()
+    replica, structure, rows = torch.tensor([0, 3, 1]), torch.tensor([7, 2, 2 ** 40 + 9]), torch.tensor([2, 1, 3])
+    ids = torch.tensor([[0, 5], [1, 6], [0, 2], [0, 1], [1, 1], [2, 9]])
+    scripted = torch.jit.script(row_keys)
+    for seed in (0, 5, 2 ** 31 + 3, 2 ** 32 - 1, 2 ** 45 + 77):
+        words = torch.stack([torch.full_like(replica, seed & 0xFFFFFFFF), torch.full_like(replica, seed >> 32),
+                             replica, structure], dim=1)
+        graph = hash_words(torch.zeros(3, dtype=torch.int32), words)
+        expected = hash_words(torch.repeat_interleave(graph, rows), ids)
+        assert torch.equal(row_keys(seed, replica, structure, rows, ids), expected)
+        assert torch.equal(scripted(seed, replica, structure, rows, ids), expected)
 
 
 def test_mix32_with_a_scratch_tensor_equals_mix32_allocating():

@@ -540,7 +540,7 @@ def test_layers_fed_the_same_input_share_one_whitening_only_when_their_statistic
     calls = []
     original = FeatureDensity.standardise_split
     monkeypatch.setattr(FeatureDensity, "standardise_split",
-                        lambda self, x, split: calls.append(self) or original(self, x, split))
+                        lambda self, x, split, *rest: calls.append(self) or original(self, x, split, *rest))
     torch.manual_seed(0)
     base, features = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
     groups = GroupSplit.of(torch.randint(0, 2, (40,)), 2)

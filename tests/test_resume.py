@@ -53,3 +53,44 @@ def test_all_nan_validation_is_a_clear_error(tmp_path, monkeypatch):
     cfg["training"]["epochs"] = 1
     with pytest.raises(FloatingPointError, match="every validation loss was NaN"):
         Trainer(cfg, progress=False).run()
+
+
+def test_weight_average_equals_torch_averaged_model_and_loads_its_checkpoints():
+    """ExponentialAverage (one multi-tensor kernel per step) = AveragedModel with the same warm-up EMA:
+    parameters averaged, buffers copied, the same state-dict keys (old checkpoints load), and a
+    loaded average continues from the loaded count."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from blip.train.ema import ExponentialAverage
+
+    decay = 0.9
+
+    def warm_up(averaged, current, n):
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    net.register_buffer("statistic", torch.zeros(5, dtype=torch.float64))
+    ours, reference = ExponentialAverage(net, decay), AveragedModel(net, multi_avg_fn=torch.no_grad()(warm_up))
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    for step in range(12):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net.statistic.fill_(step)
+        ours.update_parameters(net)
+        reference.update_parameters(net)
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-15, atol=0)
+    assert float(ours.module.statistic[0]) == 11.0  # copied, not averaged
+
+    restored = ExponentialAverage(net, decay)
+    restored.load_state_dict(reference.state_dict())  # a checkpoint of the AveragedModel era
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    restored.update_parameters(net)
+    reference.update_parameters(net)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value, rtol=1e-15, atol=0)

@@ -126,6 +126,8 @@ class FeatureDensity(nn.Module):
         self.register_buffer("cov", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("whiten", torch.eye(self.dim).repeat(self.groups, 1, 1))
         self.register_buffer("seen", torch.zeros(self.groups))  # rows seen per group (EMA: > 0 once seen)
+        # mean feature variance per group (diagonal of cov, at least _FLOOR): kept with cov, not saved
+        self.register_buffer("mean_variance", self._mean_variance(), persistent=False)
         # moving-average bookkeeping, buffers so that a checkpoint resumes it exactly
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -174,6 +176,7 @@ class FeatureDensity(nn.Module):
             + (m * (1 - m))[:, None, None] * delta[:, :, None] * delta[:, None, :]
         self.mean[present] = (old_mean + m[:, None] * delta).to(self.mean.dtype)
         self.cov[present] = new_cov.to(self.cov.dtype)
+        self.mean_variance.copy_(self._mean_variance())
         first = bool((self.seen[present] == 0).any())
         self.seen[present] += n.to(self.seen.dtype)
         self.updates += 1
@@ -211,6 +214,15 @@ class FeatureDensity(nn.Module):
         self.bank_next[g] = (int(self.bank_next[g]) + rows.shape[0]) % self.bank_size
         self.bank_rows[g] = min(self.bank_size, int(self.bank_rows[g]) + rows.shape[0])
 
+    def _mean_variance(self, floor: float = _FLOOR) -> torch.Tensor:
+        """Mean feature variance of every group (G,), at least ``floor``: the unit of the Euclidean distances."""
+        return torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():
+            self.mean_variance.copy_(self._mean_variance())
+
     def begin_fit(self) -> None:
         """Start an exact pass: the following ``update`` calls accumulate float64 sums."""
         device = self.mean.device
@@ -229,6 +241,7 @@ class FeatureDensity(nn.Module):
         cov = outer[present] / count[present, None, None] - mean[:, :, None] * mean[:, None, :]
         self.mean[present] = mean.to(self.mean.dtype)
         self.cov[present] = cov.to(self.cov.dtype)
+        self.mean_variance.copy_(self._mean_variance())
         self.seen[present] = count[present].to(self.seen.dtype)
         if self.bank_size:
             for g, (_, rows, _) in self._sample.items():
@@ -269,38 +282,47 @@ class FeatureDensity(nn.Module):
         self.whiten.copy_((vectors / values.sqrt()[:, None, :]).transpose(1, 2).to(self.whiten.dtype))
 
     # -- scores ---------------------------------------------------------------------
-    def standardise(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Whitened features ``W_g (x - mu_g)``, (rows, d); differentiable in ``x``."""
-        centred = x - self.mean.to(x.dtype)[groups]
+    def standardise(self, x: torch.Tensor, groups: torch.Tensor, centred: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Whitened features ``W_g (x - mu_g)``, (rows, d); differentiable in ``x``; ``centred``: the
+        :meth:`centred` rows when the caller has them."""
+        if centred is None:
+            centred = self.centred(x, groups)
         if self.groups == 1:
             return centred @ self.whiten[0].to(x.dtype).T
         every = centred @ self.whiten.to(x.dtype).reshape(self.groups * self.dim, self.dim).T  # (rows, G*d)
         index = groups[:, None, None].expand(-1, 1, self.dim)
         return every.view(-1, self.groups, self.dim).gather(1, index).squeeze(1)
 
-    def standardise_split(self, x: torch.Tensor, split: GroupSplit) -> torch.Tensor:
+    def centred(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """``x - mu_g`` (rows, d) of rows ``x`` (rows, d) of groups ``groups`` (rows,)."""
+        return x - self.mean.to(x.dtype)[groups]
+
+    def standardise_split(self, x: torch.Tensor, split: GroupSplit,
+                          centred: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`standardise` with the rows' groups as a :class:`GroupSplit`: one (rows_g, d) x (d, d)
         product per group instead of every row against every group's matrix (2-6x faster for
-        3-9 groups; the same values, gradients summed in another order)."""
+        3-9 groups; the same values, gradients summed in another order). ``centred``: the
+        :meth:`centred` rows when the caller has them."""
         if self.groups == 1 or not x.shape[0]:
-            return self.standardise(x, split.index)
-        centred = x - self.mean.to(x.dtype)[split.index]
+            return self.standardise(x, split.index, centred)
+        if centred is None:
+            centred = self.centred(x, split.index)
         whiten = self.whiten.to(x.dtype)
         parts = [rows @ whiten[g].T for g, rows in enumerate(torch.split(centred[split.order], split.counts))
                  if rows.shape[0]]
         return torch.cat(parts)[split.inverse]
 
-    def euclidean(self, x: torch.Tensor, groups: torch.Tensor, floor: float = _FLOOR) -> torch.Tensor:
+    def euclidean(self, x: torch.Tensor, groups: torch.Tensor, centred: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Squared Euclidean distance of rows ``x`` (rows, d) from their group's mean over the width,
-        in units of the group's mean feature variance (at least ``floor``), (rows,); about 1 for
+        in units of the group's mean feature variance (at least the variance floor), (rows,); about 1 for
         training rows. Unlike :meth:`distance` it weighs a step alike in every direction, also
-        along those in which the training features barely vary."""
-        variance = torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor).to(x.dtype)
-        centred = x - self.mean.to(x.dtype)[groups]
-        return (centred * centred).mean(dim=1) / variance[groups]
+        along those in which the training features barely vary. ``centred``: the :meth:`centred`
+        rows when the caller has them."""
+        if centred is None:
+            centred = self.centred(x, groups)
+        return (centred * centred).mean(dim=1) / self.mean_variance.to(x.dtype)[groups]
 
-    def nearest(self, x: torch.Tensor, groups: torch.Tensor, temperature: float = NEAREST_TEMPERATURE,
-                floor: float = _FLOOR) -> torch.Tensor:
+    def nearest(self, x: torch.Tensor, groups: torch.Tensor, temperature: float = NEAREST_TEMPERATURE) -> torch.Tensor:
         """Squared Euclidean distance of rows ``x`` (rows, d) from the nearest banked training rows
         of their group over the width, in units of the group's mean feature variance, (rows,).
 
@@ -309,7 +331,7 @@ class FeatureDensity(nn.Module):
         Gaussian distances it is small only near rows the training set has, not between two
         clusters of them (e.g. a hydroxyl and a methyl H whose mean no training H is near).
         Rows of a group without banked rows are infinitely far."""
-        variance = torch.diagonal(self.cov, dim1=1, dim2=2).mean(dim=1).clamp_min(floor).to(x.dtype)
+        variance = self.mean_variance.to(x.dtype)
         out = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
         for g in range(self.groups):
             n = int(self.bank_rows[g])
@@ -324,16 +346,17 @@ class FeatureDensity(nn.Module):
             out = out.index_put((sel,), soft.to(x.dtype))
         return out
 
-    def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, metric: str) -> Optional[torch.Tensor]:
+    def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, metric: str,
+                  centred: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The squared distance(s) of a rate head's distance term for ``metric`` (``uq.distance_metric``),
         from rows ``x`` (rows, d) and their whitened features ``z``: None for "mahalanobis" (``rate_inputs``
         takes it from ``z``); (rows,) for "euclidean" and "nearest"; (rows, 2) for "both" (Euclidean,
-        Mahalanobis)."""
+        Mahalanobis). ``centred``: the :meth:`centred` rows when the caller has them."""
         if metric == "nearest":
             return self.nearest(x, groups)
         if metric == "mahalanobis":
             return None
-        m = self.euclidean(x, groups)
+        m = self.euclidean(x, groups, centred)
         if metric == "both":
             return torch.stack([m, (z * z).mean(dim=1)], dim=1)
         return m

@@ -22,7 +22,7 @@ from the training data the distance term dominates and rates grow monotonically 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -157,8 +157,9 @@ class InferenceNet(nn.Module):
             shared = _twin(memo, features, base, density) if memo is not None else None
             if shared is None:
                 source = features.detach() if self.detach and training else features
-                z = density.standardise_split(source, groups)
-                m = density.distances(source, groups.index, z, self.metric) if self.distance else None
+                centred = density.centred(source, groups.index)
+                z = density.standardise_split(source, groups, centred)
+                m = density.distances(source, groups.index, z, self.metric, centred) if self.distance else None
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
@@ -198,19 +199,34 @@ def kl_divergence(rates: dict, prior_p: float) -> torch.Tensor:
     (same gradients). Averaged over rows for each layer, then over layers.
     rates: layer -> p of shape (rows,) or (rows, slots).
     """
-    return torch.cat([total / rows for total, rows in kl_sums(rates, prior_p)]).mean()
+    return torch.cat([s.kl / s.rows for s in kl_sums(rates, prior_p)]).mean()
 
 
-def kl_sums(rates: dict, prior_p: float) -> list[tuple[torch.Tensor, int]]:
-    """Per layer (in the order of ``rates``): the KL of :func:`kl_divergence` summed over rows, per
-    slot (slots,), and the number of rows. ``kl_divergence`` is
-    ``cat([s / rows for s, rows in kl_sums(...)]).mean()``; with rows counted over all ranks it
-    is the KL of a global batch split over ranks."""
+class LayerSums(NamedTuple):
+    """Sums over the rows of a group of noisy layers: ``kl`` (k,) of :func:`kl_divergence`'s
+    per-element KL and ``rate`` (k,) of the rates p (detached), one entry per layer and slot;
+    ``rows``: the rows of each of them."""
+
+    kl: torch.Tensor
+    rate: torch.Tensor
+    rows: int
+
+
+def kl_sums(rates: dict, prior_p: float) -> list[LayerSums]:
+    """The layers' KL and rates summed over rows (:class:`LayerSums`), the layers of one domain
+    (keys ``(domain, slot)``, the same rows) in one group and one batch of kernels; groups in the
+    order of their first layer in ``rates``. ``kl_divergence`` is
+    ``cat([s.kl / s.rows for s in kl_sums(...)]).mean()``; with rows counted over all ranks it is
+    the KL of a global batch split over ranks (every rank has the same groups)."""
     alpha0 = prior_p / (1.0 - prior_p)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for key, p in rates.items():
+        domain = key[0] if isinstance(key, tuple) else key
+        groups.setdefault((domain, p.shape[0]), []).append(p if p.dim() == 2 else p[:, None])
     out = []
-    for p in rates.values():
-        p = p if p.dim() == 2 else p[:, None]
-        alpha = p / (1.0 - p)
-        kl = 0.5 * (alpha / alpha0 - 1.0 - torch.log(alpha / alpha0))
-        out.append((kl.sum(dim=0), int(p.shape[0])))
+    for (_, rows), ps in groups.items():
+        p = torch.cat(ps, dim=1) if len(ps) > 1 else ps[0]
+        ratio = p / ((1.0 - p) * alpha0)  # alpha / alpha0
+        kl = 0.5 * (ratio - 1.0 - torch.log(ratio))
+        out.append(LayerSums(kl.sum(dim=0), p.detach().sum(dim=0), int(rows)))
     return out

@@ -21,15 +21,19 @@ def draw_channels(kind: str, in_features: int, out_features: int) -> int:
 
 
 def noisy_linear(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: torch.Tensor,
-                 draws: torch.Tensor, kind: str, tiny: float = _TINY) -> torch.Tensor:
+                 draws: torch.Tensor, kind: str, scale: Optional[torch.Tensor] = None,
+                 tiny: float = _TINY) -> torch.Tensor:
     """One sampled pass of a noisy linear layer (:class:`NoisyLinear`): input h (rows, in), rates p
-    (rows,), ``draws`` (rows, :func:`draw_channels`): U(0, 1) for "bernoulli", N(0, 1) otherwise."""
+    (rows,), ``draws`` (rows, :func:`draw_channels`): U(0, 1) for "bernoulli", N(0, 1) otherwise;
+    ``scale``: optionally ``sqrt(p / (1 - p))`` (rows, 1) when the caller has it ("gaussian_inputs")."""
+    if kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
+        if scale is None:
+            scale = torch.sqrt(p[:, None] / (1.0 - p[:, None]))
+        return F.linear(h * (1.0 + scale * draws), weight, bias)
     p = p[:, None]
     if kind == "bernoulli":
         keep = (draws >= p).to(h.dtype)
         return F.linear(h * keep / (1.0 - p), weight, bias)
-    if kind == "gaussian_inputs":  # one factor per input channel, shared by the outputs
-        return F.linear(h * (1.0 + torch.sqrt(p / (1.0 - p)) * draws), weight, bias)
     mean = F.linear(h, weight, bias)
     var = F.linear(h * h, weight * weight)
     return mean + torch.sqrt(p / (1.0 - p) * var + tiny) * draws
@@ -83,7 +87,8 @@ class NoisyLinear(nn.Module):
             draws = ctx.uniform(self.domain, self.slot, rows, channels, h)
         else:
             draws = ctx.standard_normal(self.domain, self.slot, rows, channels, h)
-        return noisy_linear(h, self.weight, self.bias, p, draws, ctx.kind)
+        scale = ctx.noise_scale(self.domain, self.rate_slot) if ctx.kind == "gaussian_inputs" else None
+        return noisy_linear(h, self.weight, self.bias, p, draws, ctx.kind, scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}"

@@ -64,11 +64,36 @@ def mix32(x: torch.Tensor, work: Optional[torch.Tensor] = None, mul1: int = _MUL
     return x
 
 
-def hash_words(key: torch.Tensor, words: torch.Tensor, golden: int = _GOLDEN) -> torch.Tensor:
-    """Fold integer ``words`` (rows, m) (any integer dtype; low 32 bits used) into ``key`` (rows,) int32."""
+def hash_words(key: torch.Tensor, words: torch.Tensor, golden: int = _GOLDEN, first: int = 0) -> torch.Tensor:
+    """Fold integer ``words`` (rows, m) (any integer dtype; low 32 bits used) into ``key`` (rows,) int32;
+    ``first``: the position of the first word in the sequence (words already folded into ``key``)."""
     for c in range(words.shape[1]):
-        key = mix32(key ^ (words[:, c].to(torch.int32) + _int32(golden * (c + 1))))
+        key = mix32(key ^ (words[:, c].to(torch.int32) + _int32(golden * (c + 1 + first))))
     return key
+
+
+def _mul32(x: int, m: int, mask: int = _MASK32) -> int:
+    """``x * m`` modulo 2**32 of two unsigned 32-bit ints, without intermediate beyond 2**49 (TorchScript
+    ints are 64-bit)."""
+    return (x & 0xFFFF) * m + (((x >> 16) * m) & 0xFFFF) * 65536 & mask
+
+
+def mix32_int(x: int, mul1: int = 0x7FEB352D, mul2: int = 0x846CA68B, mask: int = _MASK32) -> int:
+    """:func:`mix32` of one 32-bit pattern given as a Python int; returns the unsigned result."""
+    x = x & mask
+    x = x ^ (x >> 16)
+    x = _mul32(x, mul1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, mul2)
+    return x ^ (x >> 16)
+
+
+def hash_int_words(words: list[int], golden: int = _GOLDEN, mask: int = _MASK32) -> int:
+    """:func:`hash_words` of a key 0 and constant ``words`` (low 32 bits of each), on the host; the int32 value."""
+    key = 0
+    for c, word in enumerate(words):
+        key = mix32_int(key ^ ((word + golden * (c + 1)) & mask))
+    return _int32(key)
 
 
 def row_keys(seed: int, replica: torch.Tensor, structure_index: torch.Tensor, rows_per_graph: torch.Tensor,
@@ -79,9 +104,9 @@ def row_keys(seed: int, replica: torch.Tensor, structure_index: torch.Tensor, ro
     every row within its structure (rows ordered graph by graph).
     """
     seed = int(seed)
-    graph_words = torch.stack([torch.full_like(replica, seed & mask), torch.full_like(replica, (seed >> 32) & mask),
-                               replica, structure_index], dim=1)
-    graph_key = hash_words(torch.zeros(replica.shape, dtype=torch.int32, device=replica.device), graph_words)
+    seed_key = hash_int_words([seed & mask, (seed >> 32) & mask])  # the constant words on the host
+    graph_key = hash_words(torch.full(replica.shape, seed_key, dtype=torch.int32, device=replica.device),
+                           torch.stack([replica, structure_index], dim=1), first=2)
     key = torch.repeat_interleave(graph_key, rows_per_graph, output_size=ids.shape[0])
     return hash_words(key, ids)
 
@@ -251,6 +276,7 @@ class NoiseContext:
     plan: dict[str, list[tuple[int, int]]] | None = None
     requested: list[tuple[str, int, int]] = field(default_factory=list)
     _drawn: dict[tuple[str, torch.dtype], dict[tuple[int, int], torch.Tensor]] = field(default_factory=dict)
+    _scales: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def fixed(cls, rates: dict[str, torch.Tensor], keys: dict | None = None, kind: str = "gaussian") -> "NoiseContext":
@@ -267,7 +293,18 @@ class NoiseContext:
             return self.used[key]
         p = self.provider(domain, slot, rows, features)
         self.used[key] = p
+        self._scales.pop(key, None)
         return p
+
+    def noise_scale(self, domain: str, slot: int) -> torch.Tensor:
+        """``sqrt(p / (1 - p))`` (rows, 1) of the rate ``p`` of rate slot ``slot`` (:meth:`rate` first): the
+        standard deviation of the multiplicative noise, computed once per pass for the layers sharing it."""
+        key = (domain, slot)
+        scale = self._scales.get(key)
+        if scale is None:
+            p = self.used[key][:, None]
+            scale = self._scales[key] = torch.sqrt(p / (1.0 - p))
+        return scale
 
     def standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
         """N(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``."""

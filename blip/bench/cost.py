@@ -176,10 +176,11 @@ TRAIN_STEP_METHODS = {m: (m, {}) for m in ("deterministic", "blip", "mc_dropout"
 
 
 def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, device: str = "cpu",
-                      variants: dict[str, tuple[str, dict]] | None = None) -> list[dict]:
+                      variants: dict[str, tuple[str, dict]] | None = None, train_file: str | None = None) -> list[dict]:
     """Median time of one training step (forward, forces, loss, backward, optimiser; BLIP's KL and
     noise-contrastive pass) of each variant over the first one's (by default BLIP and MC dropout over
-    the deterministic model), on batches of ``batch_size`` acetylacetone structures, on ``device``.
+    the deterministic model), on batches of ``batch_size`` acetylacetone structures (or of the
+    labelled extxyz ``train_file``, isolated-atom energies fitted), on ``device``.
 
     ``variants``: name -> (uq.method, uq settings), default ``TRAIN_STEP_METHODS``. Rows {method (the
     variant's name), batch_size, seconds_per_step, ratio (of medians), ratio_min (of the fastest repeats)}."""
@@ -190,9 +191,10 @@ def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, de
     setups = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (method, uq) in variants.items():
+            data = ({"train_file": str(train_file)} if train_file else
+                    {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")})
             cfg = config_mod.resolve({
-                "data": {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "max_train": steps * batch_size,
-                         "valid_fraction": 0.1, "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")},
+                "data": {**data, "max_train": steps * batch_size, "valid_fraction": 0.1},
                 "model": dict(model), "uq": {"method": method, "samples": 16, **uq},
                 "training": {"batch_size": batch_size, "seed": 0, "device": device}, "output_dir": tmp})
             trainer = Trainer(cfg, progress=False)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import config as config_mod
@@ -31,6 +30,7 @@ from ..predictor import BlipModel
 from ..bayes import kl_divergence
 from .contrastive import draws_of_graphs, perturbation_draws, perturbed_batch
 from .datasets import PreparedData, prepare_data
+from .ema import ExponentialAverage
 from .loss import data_loss_sums, stress_loss_sum
 from .sampler import GlobalBatchSampler, shard
 
@@ -41,26 +41,10 @@ LOG_FIELDS = ["member", "epoch", "lr", "train_loss", "train_data_loss", "kl", "m
               "valid_loss", "valid_energy_rmse_per_atom", "valid_forces_rmse", "time_s"]
 
 
-def _mean_rate(rates: dict) -> float:
-    """Mean dropout rate over the rows of every noisy layer (each layer weighs the same)."""
-    return float(torch.stack([p.detach().mean() for p in rates.values()]).mean())
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def ema_update_fn(decay: float):
-    """EMA with warm-up: the decay is min(decay, (1 + n) / (10 + n)) after n updates."""
-
-    @torch.no_grad()
-    def update(averaged: list, current: list, n_averaged) -> None:
-        d = min(decay, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
-
-    return update
 
 
 def _lr_factor(epoch: int, tcfg: dict) -> float:
@@ -107,10 +91,8 @@ class Trainer:
             groups.append({"params": list(model.inference.parameters()), "lr": float(lr_inf)})
         for g in groups:
             g["base_lr"] = g["lr"]
-        # foreach: one multi-tensor update instead of a Python loop over tensors (torch picks it on
-        # CUDA only); the same numbers, ~2 ms less per step of the example PaiNN on a CPU
-        opt = torch.optim.AdamW(groups, weight_decay=float(self.tcfg["weight_decay"]), foreach=True)
-        ema = AveragedModel(model, multi_avg_fn=ema_update_fn(float(self.tcfg["ema_decay"])))
+        opt = torch.optim.AdamW(groups, weight_decay=float(self.tcfg["weight_decay"]), **_adam_kernel(self.device))
+        ema = ExponentialAverage(model, float(self.tcfg["ema_decay"]))
         return model, opt, ema
 
     def out_of_time(self) -> bool:
@@ -171,29 +153,29 @@ class Trainer:
             sum_e, sum_f = data_loss_sums(out, batch, kind)
             sum_s, n_s = stress_loss_sum(out, batch, kind)
             kls = kl_sums(out["rates"], float(self.uq["prior_p"])) if "rates" in out else []
-            ncp_kls, ncp_rates = [], None
+            ncp_kls = []
             if ncp_weight > 0 and step_no % ncp_every == 0:  # the same steps on every rank
                 ncp_rates = self._contrastive_rates(model, batch, rng, step, sizes,
                                                     self._step_seed(member, epoch, step_no, stream=1))
                 ncp_kls = kl_sums(ncp_rates, float(ncp["prior_p"]))
             counts = distributed.sum_floats([w * batch["n_atoms"].shape[0], w * batch["forces"].numel(), w * n_s]
-                                            + [w * rows for _, rows in kls + ncp_kls])
+                                            + [w * s.rows for s in kls + ncp_kls])
             n_graphs, n_forces, n_stress, rows = counts[0], counts[1], counts[2], counts[3:]
             loss_data = w * (ew * sum_e / n_graphs + fw * sum_f / n_forces)
             if n_stress > 0:  # the same on every rank: the counts are global
                 loss_data = loss_data + w * sw * sum_s / n_stress
             loss = loss_data
             if kls:
-                kl = w * torch.cat([s / r for (s, _), r in zip(kls, rows[:len(kls)])]).mean()
+                kl = w * torch.cat([s.kl / r for s, r in zip(kls, rows[:len(kls)])]).mean()
                 loss = loss + beta * kl
                 partial["kl"] += float(kl.detach())
-                partial["mean_p"] += _partial_mean_rate(out["rates"], rows[:len(kls)], w)
+                partial["mean_p"] += _partial_mean_rate(kls, rows[:len(kls)], w)
             if ncp_kls:
                 ncp_rows = rows[len(kls):]
-                ncp_kl = w * torch.cat([s / r for (s, _), r in zip(ncp_kls, ncp_rows)]).mean()
+                ncp_kl = w * torch.cat([s.kl / r for s, r in zip(ncp_kls, ncp_rows)]).mean()
                 loss = loss + ncp_every * ncp_weight * ncp_kl  # weighted by `every`: the same objective on average
                 partial["contrastive_kl"] += float(ncp_kl.detach())
-                partial["contrastive_mean_p"] += _partial_mean_rate(ncp_rates, ncp_rows, w)
+                partial["contrastive_mean_p"] += _partial_mean_rate(ncp_kls, ncp_rows, w)
                 ncp_steps += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -493,6 +475,14 @@ def _board(out: Path, tcfg: dict):
     return SummaryWriter(log_dir=str(out))
 
 
+def _adam_kernel(device) -> dict:
+    """AdamW's implementation: the fused kernel (one kernel for all tensors of a parameter group)
+    on CPU and CUDA, else the multi-tensor one. The default loops over tensors in Python on a
+    CPU, and even the multi-tensor path reads every tensor's step count back to the host: each
+    a few small kernels per tensor and step, milliseconds per step for BLIP's many small rate heads."""
+    return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
+
+
 def _sizes(structures) -> np.ndarray:
     """Atoms per structure (without building graphs; streamed data sets know them from their index)."""
     sizes = getattr(structures, "n_atoms", None)
@@ -501,11 +491,10 @@ def _sizes(structures) -> np.ndarray:
     return np.array([len(s.atoms) for s in structures], dtype=np.int64)
 
 
-def _partial_mean_rate(rates: dict, rows: list, weight: float) -> float:
-    """This rank's part of the mean rate over the global batch's rows (each layer weighs the same)."""
-    parts = [weight * float(p.detach().sum()) / (r * (p.shape[1] if p.dim() == 2 else 1))
-             for p, r in zip(rates.values(), rows)]
-    return sum(parts) / len(parts)
+def _partial_mean_rate(sums: list, rows: list, weight: float) -> float:
+    """This rank's part of the mean rate over the global batch's rows (each layer weighs the same);
+    ``sums``: the :class:`~blip.bayes.inference.LayerSums` of the pass, ``rows`` their global rows."""
+    return weight * float(torch.cat([s.rate / r for s, r in zip(sums, rows)]).mean())
 
 
 class GraphSet(torch.utils.data.Dataset):
