@@ -253,3 +253,19 @@ def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance
     older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
     assert older.config["uq"]["distance_metric"] == "mahalanobis"
     assert older.members[0].inference.metric != "euclidean" and current.members[0].inference.metric == "euclidean"
+
+
+def test_bench_cost_unit_is_one_network_even_for_an_ensemble(trained, atoms):
+    """``blip bench`` divides predict times by one network's MAP pass: for a run without a
+    deterministic model whose first method is the ensemble, that is its first member alone (the
+    ensemble's own MAP pass runs every member, which made its predict cost read ~1x)."""
+    from blip.bench.runner import one_network
+
+    model = blip.load(trained["ensemble"])
+    single = one_network(model)
+    assert len(single.members) == 1 and single.members[0] is model.members[0] and len(model.members) == 2
+    first = copy.copy(model)
+    first.members = model.members[:1]
+    np.testing.assert_array_equal(single.predict(atoms, samples=0)["energy"], first.predict(atoms, samples=0)["energy"])
+    blip_model = blip.load(trained["blip"])
+    assert one_network(blip_model) is blip_model

@@ -139,8 +139,10 @@ _LEGEND = (
     "before and after recalibration). train: wall seconds "
     "of all networks of the method (an ensemble trains all its members). predict cost: wall "
     "time of predict with uncertainty (default samples; all members for the ensemble) over "
-    "the deterministic model's MAP predict on the same structures (the first {n} of the first "
-    "test set), same process and threads; median of {repeats} alternating timings. '–': undefined (no σ).")
+    "one network's MAP predict (the deterministic model's; in a run without one, the first "
+    "method's first network: cost_reference in results.json) on the same structures (the first {n} "
+    "of the first test set), same process and threads; median of {repeats} alternating timings. "
+    "'–': undefined (no σ).")
 
 
 def write_markdown(out: Path, protocol: str, description: str, rows: list[dict], settings: dict,

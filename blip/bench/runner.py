@@ -186,10 +186,11 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
     reference = next((t for t in trained if t[1]["uq"]["method"] == "deterministic"), trained[0])
     timing = exp.tests[0].structures[:exp.timing_structures]
     cost_reference = ("deterministic MAP" if reference[1]["uq"]["method"] == "deterministic"
-                      else f"MAP pass of {reference[0].name}")
+                      else f"MAP pass of one {reference[0].name} network")
+    reference_model = one_network(reference[2])
     for spec, cfg, model, seconds, summary in trained:
         first_row = len(rows)
-        ratio = cost_ratio(model, reference[2], timing, seed, exp.timing_repeats)
+        ratio = cost_ratio(model, reference_model, timing, seed, exp.timing_repeats)
         log(f"      {exp.name} {spec.name}: predict cost {ratio:.2f} x {cost_reference} "
             f"({len(timing)} structures of {exp.tests[0].name}, median of {exp.timing_repeats})")
         scales = recalibrate(model, exp.valid, seed=seed, source="validation split")
@@ -228,6 +229,16 @@ def add_sigma_ratios(rows: list[dict], reference_test: str | None) -> None:
             num, den = r.get(f"{q}_mean_std"), None if ref is None else ref.get(f"{q}_mean_std")
             r[f"{q}_sigma_ratio"] = num / den if num is not None and den else None
         r["sigma_ratio"] = r[f"{r['uq_target']}_sigma_ratio"]
+
+
+def one_network(model):
+    """``model`` itself, or for an ensemble a model of its first member alone: the unit of the
+    predict cost is one network's MAP pass (an ensemble's own MAP pass runs all its members)."""
+    if len(model.members) == 1:
+        return model
+    from ..predictor import BlipModel
+
+    return BlipModel(model.members[:1], model.config, model.summary).to(model.device)
 
 
 def cost_ratio(model, reference, structures, seed: int, repeats: int = 3) -> float:
