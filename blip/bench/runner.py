@@ -23,6 +23,7 @@ from .. import config as config_mod
 from ..data import resolve_e0s
 from ..evaluate import reference_arrays
 from ..io import save_model
+from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
@@ -236,8 +237,6 @@ def one_network(model):
     predict cost is one network's MAP pass (an ensemble's own MAP pass runs all its members)."""
     if len(model.members) == 1:
         return model
-    from ..predictor import BlipModel
-
     return BlipModel(model.members[:1], model.config, model.summary).to(model.device)
 
 
