@@ -18,14 +18,10 @@ import collections
 import tempfile
 import traceback
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blip import config as config_mod
 from blip.bench import cost
-from blip.train.datasets import prepare_data
-from blip.train.loop import GraphSet, Trainer, _sizes
 
 STEPS = 8
 
@@ -53,24 +49,6 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def epoch_runner(method: str, batch: int, train_file: str | None, tmp: str):
-    """A function running one training epoch of ``STEPS`` steps of ``method``, after a warm-up epoch."""
-    data = ({"train_file": str(train_file)} if train_file else
-            {"train_file": str(cost.EXAMPLES / "acac" / "train_300K.xyz"),
-             "e0s": str(cost.EXAMPLES / "acac" / "isolated_atoms.xyz")})
-    cfg = config_mod.resolve({"data": {**data, "max_train": STEPS * batch, "valid_fraction": 0.1},
-                              "model": dict(cost.MODELS["painn"]), "uq": {"method": method},
-                              "training": {"batch_size": batch, "seed": 0}, "output_dir": tmp})
-    trainer = Trainer(cfg, progress=False)
-    prepared = prepare_data(cfg)
-    train_set, sizes = GraphSet(prepared.train, float(cfg["model"]["cutoff"])), _sizes(prepared.train)
-    net, opt, ema = trainer._new_member(prepared, 0)
-    rng = np.random.default_rng(0)
-    trainer._train_epoch(net, opt, ema, train_set, sizes, rng)
-    steps = -(-len(train_set) // batch)
-    return (lambda: trainer._train_epoch(net, opt, ema, train_set, sizes, rng, epoch=1)), steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -80,9 +58,10 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("deterministic", "blip"):
-            run, steps = epoch_runner(method, args.batch, args.train_file, f"{tmp}/{method}")
+            run, steps = cost.training_epoch(cost.MODELS["painn"], method, {}, STEPS, args.batch, tmp,
+                                             train_file=args.train_file)
             with OperatorCount() as counter:
-                run()
+                run(1)
             total = sum(counter.counts.values()) / steps
             print(f"{method}: {total:.0f} operators per training step ({args.train_file or 'acac'}, batch {args.batch})")
             for source, n in counter.counts.most_common(args.top):

@@ -175,42 +175,50 @@ def peak_memory_mb(fn) -> float | None:
 TRAIN_STEP_METHODS = {m: (m, {}) for m in ("deterministic", "blip", "mc_dropout")}
 
 
+def training_epoch(model: dict, method: str, uq: dict, steps: int, batch_size: int, output_dir: str,
+                   device: str = "cpu", train_file: str | None = None):
+    """One network of ``method`` ready to train: ``(run, n_steps)`` where ``run(epoch)`` trains one
+    epoch of ``n_steps`` steps of ``batch_size`` acetylacetone structures (or those of the labelled
+    extxyz ``train_file``, isolated-atom energies fitted). One warm-up epoch has run (graphs built)."""
+    from ..train.datasets import prepare_data
+    from ..train.loop import GraphSet, Trainer, _sizes
+
+    data = ({"train_file": str(train_file)} if train_file else
+            {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")})
+    cfg = config_mod.resolve({
+        "data": {**data, "max_train": steps * batch_size, "valid_fraction": 0.1},
+        "model": dict(model), "uq": {"method": method, "samples": 16, **uq},
+        "training": {"batch_size": batch_size, "seed": 0, "device": device}, "output_dir": output_dir})
+    trainer = Trainer(cfg, progress=False)
+    prepared = prepare_data(cfg)
+    train_set, sizes = GraphSet(prepared.train, float(cfg["model"]["cutoff"])), _sizes(prepared.train)
+    net, opt, ema = trainer._new_member(prepared, 0)
+    rng = np.random.default_rng(0)
+
+    def run(epoch: int) -> None:
+        trainer._train_epoch(net, opt, ema, train_set, sizes, rng, epoch=epoch)
+
+    run(0)
+    return run, -(-len(train_set) // batch_size)
+
+
 def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, device: str = "cpu",
                       variants: dict[str, tuple[str, dict]] | None = None, train_file: str | None = None) -> list[dict]:
     """Median time of one training step (forward, forces, loss, backward, optimiser; BLIP's KL and
     noise-contrastive pass) of each variant over the first one's (by default BLIP and MC dropout over
-    the deterministic model), on batches of ``batch_size`` acetylacetone structures (or of the
-    labelled extxyz ``train_file``, isolated-atom energies fitted), on ``device``.
+    the deterministic model), on batches of :func:`training_epoch`, on ``device``.
 
     ``variants``: name -> (uq.method, uq settings), default ``TRAIN_STEP_METHODS``. Rows {method (the
     variant's name), batch_size, seconds_per_step, ratio (of medians), ratio_min (of the fastest repeats)}."""
-    from ..train.datasets import prepare_data
-    from ..train.loop import GraphSet, Trainer, _sizes
-
     variants = variants or TRAIN_STEP_METHODS
-    setups = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (method, uq) in variants.items():
-            data = ({"train_file": str(train_file)} if train_file else
-                    {"train_file": str(EXAMPLES / "acac" / "train_300K.xyz"), "e0s": str(EXAMPLES / "acac" / "isolated_atoms.xyz")})
-            cfg = config_mod.resolve({
-                "data": {**data, "max_train": steps * batch_size, "valid_fraction": 0.1},
-                "model": dict(model), "uq": {"method": method, "samples": 16, **uq},
-                "training": {"batch_size": batch_size, "seed": 0, "device": device}, "output_dir": tmp})
-            trainer = Trainer(cfg, progress=False)
-            data = prepare_data(cfg)
-            train_set, sizes = GraphSet(data.train, float(cfg["model"]["cutoff"])), _sizes(data.train)
-            n_steps = -(-len(train_set) // batch_size)
-            net, opt, ema = trainer._new_member(data, 0)
-            rng = np.random.default_rng(0)
-            trainer._train_epoch(net, opt, ema, train_set, sizes, rng)  # warm-up (and graphs built)
-            setups.append((name, trainer, net, opt, ema, train_set, sizes, rng, n_steps))
+        setups = [(name, *training_epoch(model, method, uq, steps, batch_size, tmp, device, train_file))
+                  for name, (method, uq) in variants.items()]
         times = {name: [] for name in variants}
         for rep in range(repeats):
             turn = rep % len(setups)
-            for name, trainer, net, opt, ema, train_set, sizes, rng, n_steps in setups[turn:] + setups[:turn]:
-                seconds = _seconds(lambda: trainer._train_epoch(net, opt, ema, train_set, sizes, rng, epoch=rep + 1))
-                times[name].append(seconds / n_steps)
+            for name, run, n_steps in setups[turn:] + setups[:turn]:
+                times[name].append(_seconds(lambda: run(rep + 1)) / n_steps)
     first = next(iter(variants))
     base, fastest = statistics.median(times[first]), min(times[first])
     return [{"method": name, "batch_size": batch_size, "seconds_per_step": statistics.median(t),
