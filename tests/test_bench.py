@@ -9,7 +9,7 @@ import ase.io
 import numpy as np
 import pytest
 
-from blip.bench.protocols import Budget
+from blip.bench.protocols import Budget, parse_budget_scale
 from blip.cli import main
 from blip.errors import ConfigError
 from conftest import EXAMPLES
@@ -162,6 +162,27 @@ def test_budget_epochs_from_steps():
     assert "5 ensemble members" in Budget(epochs=3, minutes=2).statement(5)
 
 
+def test_budget_scale_multiplies_one_methods_budget_only():
+    scaled = Budget(steps=1500, minutes=2.0, scale={"blip": 3.0})
+    assert scaled.epochs_for(250, 8, "blip") == 141  # ceil(4500 / 32)
+    assert scaled.epochs_for(250, 8, "ensemble") == Budget(steps=1500).epochs_for(250, 8) == 47
+    assert Budget(epochs=10, scale={"blip": 2.5}).epochs_for(450, 8, "blip") == 25
+    assert scaled.minutes_for("blip") == 6.0 and scaled.minutes_for("deterministic") == 2.0
+    assert "blip 3x" in scaled.statement(5)
+    assert parse_budget_scale("blip=3, mc_dropout=1.5") == {"blip": 3.0, "mc_dropout": 1.5}
+    for bad in ("blip", "blip=0", "blip=x", "=2", "blip=-1"):
+        with pytest.raises(ConfigError, match="budget-scale"):
+            parse_budget_scale(bad)
+
+
+def test_budget_scale_of_an_unknown_method_is_a_config_error(capsys):
+    args = ["bench", "data-scarce", "--quick", "--data", str(EXAMPLES), "--methods", "blip"]
+    assert main(args + ["--budget-scale", "gp=2"]) == 2
+    assert "unknown method(s) gp" in capsys.readouterr().err
+    assert main(["bench", "cost", "--quick", "--budget-scale", "blip=2"]) == 2
+    assert "training protocols" in capsys.readouterr().err
+
+
 def test_energy_split_trains_low_and_tests_high_with_mean_and_std_over_seeds(tmp_path):
     from blip.bench.protocols import Options, build_plan, energy_ranked
     from blip.data import resolve_e0s
@@ -178,10 +199,12 @@ def test_energy_split_trains_low_and_tests_high_with_mean_and_std_over_seeds(tmp
 
     out = tmp_path / "es"
     assert main(["bench", "energy-split", "--quick", "--data", str(EXAMPLES), "--sets", "acac", "--seeds", "2",
-                 "--methods", "deterministic,blip", "--out", str(out), "--quiet"]) == 0
+                 "--methods", "deterministic,blip", "--out", str(out), "--quiet", "--budget-scale", "blip=2"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {(r["seed"], r["method"], r["test_set"]) for r in results["rows"]} == {
         (s, m, t) for s in (0, 1) for m in ("deterministic", "blip") for t in ("low_energy", "high_energy")}
+    epochs = {r["method"]: r["epochs"] for r in results["rows"]}
+    assert epochs["blip"] == 2 * epochs["deterministic"]  # --budget-scale: BLIP's networks train twice as long
     summary = {(r["method"], r["test_set"]): r for r in results["summary"]}
     blip_high = summary[("blip", "high_energy")]
     per_seed = [r["forces_rmse"] for r in results["rows"] if (r["method"], r["test_set"]) == ("blip", "high_energy")]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .protocols import PROTOCOLS, Options, build_plan, data_dir
+from .protocols import PROTOCOLS, Options, build_plan, data_dir, parse_budget_scale
 
 __all__ = ["register", "run"]
 
@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                         "steps, finetune-si 10 epochs)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per network; epochs = ceil(steps / batches per epoch)")
+    p.add_argument("--budget-scale", default=None, metavar="METHOD=FACTOR[,...]",
+                   help="train the networks of these methods for FACTOR times the budget, e.g. blip=3 "
+                        "(about the training cost of a 5-member ensemble); the others keep it")
     p.add_argument("--max-test", type=int, default=None, help="score at most this many structures per test set")
     p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods")
     p.add_argument("--backbone", default=None,
@@ -91,6 +94,8 @@ def cmd_bench(args) -> int:
         if args.threads < 1:
             raise ConfigError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.budget_scale and args.protocol in ("cost", "active"):
+        raise ConfigError(f"--budget-scale applies to the training protocols, not to '{args.protocol}'")
     if args.protocol == "cost":
         from . import cost
 
@@ -119,6 +124,7 @@ def cmd_bench(args) -> int:
                    methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
                    backbone=args.backbone,
                    overrides=list(args.set or []) + (["training.resume=true"] if args.resume else []),
+                   budget_scale=parse_budget_scale(args.budget_scale),
                    seeds=args.seeds if args.seeds is not None else (1 if args.quick else 3),
                    experiments=[e.strip() for e in args.sets.split(",")] if args.sets else None)
     for name in names:
@@ -160,7 +166,7 @@ def run(protocol: str, root: Path, opts: Options, out: Path, runs_dir: Path | No
         "command": "blip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
         else f"blip bench {protocol}",
         "budget": {"epochs": plan.budget.epochs, "steps": plan.budget.steps,
-                   "max_minutes_per_network": plan.budget.minutes,
+                   "max_minutes_per_network": plan.budget.minutes, "scale_per_method": plan.budget.scale,
                    "statement": plan.budget.statement(ensemble_size)},
         "methods": [m.name for m in first.methods],
         "timing": {"n": first.timing_structures, "repeats": first.timing_repeats},
@@ -223,11 +229,15 @@ def _resolved_ensemble_size(exp, opts) -> int:
 
 
 class _NoBudget:
-    epochs, steps, minutes = 1, None, None
+    epochs, steps, minutes, scale = 1, None, None, {}
 
     @staticmethod
-    def epochs_for(n_train, batch_size):
+    def epochs_for(n_train, batch_size, method=None):
         return 1
+
+    @staticmethod
+    def minutes_for(method=None):
+        return None
 
 
 def _versions() -> dict:

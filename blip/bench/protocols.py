@@ -72,19 +72,31 @@ class Budget:
     epochs: int | None = None
     steps: int | None = None
     minutes: float | None = None
+    scale: dict = field(default_factory=dict)  # method name -> multiple of the budget (e.g. equal cost)
 
-    def epochs_for(self, n_train: int, batch_size: int) -> int:
+    def epochs_for(self, n_train: int, batch_size: int, method: str | None = None) -> int:
+        """Epochs of one network of ``method`` (its ``scale`` times the steps or epochs)."""
+        factor = float(self.scale.get(method, 1.0))
         if self.steps is not None:
-            return max(1, math.ceil(self.steps / math.ceil(n_train / batch_size)))
-        return int(self.epochs)
+            return max(1, math.ceil(factor * self.steps / math.ceil(n_train / batch_size)))
+        return max(1, round(factor * int(self.epochs)))
+
+    def minutes_for(self, method: str | None = None) -> float | None:
+        """Wall-time cap of one network of ``method`` (None: no cap)."""
+        return None if self.minutes is None else float(self.minutes) * float(self.scale.get(method, 1.0))
 
     def statement(self, ensemble_size: int) -> str:
         what = (f"{self.steps} optimizer steps (epochs = ceil(steps / batches per epoch))"
                 if self.steps is not None else f"{self.epochs} epochs")
         cap = f", with a wall-time cap of {self.minutes:g} min per network" if self.minutes else ""
-        return (f"same budget for every method: each network trains for {what}{cap}; "
-                f"each of the {ensemble_size} ensemble members gets this budget, so the ensemble "
-                f"costs {ensemble_size}x the training of one network (see train_seconds)")
+        if not self.scale:
+            return (f"same budget for every method: each network trains for {what}{cap}; "
+                    f"each of the {ensemble_size} ensemble members gets this budget, so the ensemble "
+                    f"costs {ensemble_size}x the training of one network (see train_seconds)")
+        scaled = ", ".join(f"{m} {f:g}x" for m, f in self.scale.items())
+        return (f"budget per network: {what}{cap}, scaled per method by --budget-scale ({scaled}); "
+                f"each of the {ensemble_size} ensemble members gets its method's budget "
+                f"(compare the methods' train_seconds)")
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Options:
     methods: list[str] | None = None
     backbone: str | None = None
     overrides: list[str] = field(default_factory=list)
+    budget_scale: dict = field(default_factory=dict)  # method name -> multiple of the budget
     experiments: list[str] | None = None  # subset of a protocol's experiments (e.g. energy-split data sets)
 
 
@@ -158,9 +171,16 @@ def _methods(opts: Options, available=STANDARD_METHODS) -> list[MethodSpec]:
     unknown = [m for m in names if m not in available]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    _check_budget_scale(opts, available)
     # the deterministic model first: it is the reference of the prediction cost
     names.sort(key=lambda m: available.index(m))
     return [MethodSpec(m, {"method": m}) for m in names]
+
+
+def _check_budget_scale(opts: Options, available) -> None:
+    unknown = [m for m in opts.budget_scale if m not in available]
+    if unknown:
+        raise ConfigError(f"--budget-scale: unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
 
 
 # -- shared settings ------------------------------------------------------------------
@@ -194,7 +214,25 @@ def _budget(opts: Options, full: Budget, quick: Budget) -> Budget:
         budget.steps, budget.epochs = opts.steps, None
     if opts.budget_minutes is not None:
         budget.minutes = opts.budget_minutes
+    budget.scale = dict(opts.budget_scale)
     return budget
+
+
+def parse_budget_scale(text: str | None) -> dict[str, float]:
+    """``"blip=3,mc_dropout=2"`` -> {"blip": 3.0, "mc_dropout": 2.0} (factors > 0)."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not name.strip() or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"--budget-scale: '{item.strip()}' is not METHOD=FACTOR with a factor > 0")
+        out[name.strip()] = factor
+    return out
 
 
 # -- ood-ethanol ----------------------------------------------------------------------
@@ -327,6 +365,7 @@ def finetune_si(root: Path, opts: Options) -> Plan:
             raise ConfigError(f"finetune-si methods are {', '.join(s.name for s in methods)}; "
                               f"unknown: {', '.join(unknown)}")
         methods = [s for s in methods if s.name in opts.methods]
+    _check_budget_scale(opts, [s.name for s in methods])
     budget = _budget(opts, Budget(epochs=10), Budget(epochs=1, minutes=1.0))
     cfg = {"model": {"backbone": "chgnet", "pretrained": True}, "uq": {},
            "training": {"seed": opts.seed, "batch_size": 2 if quick else 4}}

@@ -59,10 +59,10 @@ def method_config(exp: Experiment, spec: MethodSpec, budget: Budget, overrides: 
     cfg = config_mod.resolve(user, overrides)
     t = cfg["training"]
     if "epochs" not in spec.training:  # e.g. "chgnet-as-is" keeps its 0 epochs
-        t["epochs"] = budget.epochs_for(len(exp.train), int(t["batch_size"]))
+        t["epochs"] = budget.epochs_for(len(exp.train), int(t["batch_size"]), spec.name)
     if budget.minutes is not None:  # Trainer splits max_minutes evenly over ensemble members
         members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
-        t["max_minutes"] = float(budget.minutes) * members
+        t["max_minutes"] = budget.minutes_for(spec.name) * members
     t["patience"] = max(int(t["patience"]), int(t["epochs"]) + 1)  # the budget, not early stopping, ends a run
     return cfg
 
@@ -175,7 +175,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
         members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
         log(f"({counter[0]}/{total}) {protocol} {exp.name} {spec.name}: training {len(exp.train)} structures, "
             f"{cfg['training']['epochs']} epochs x {members} network(s)"
-            + (f", cap {budget.minutes:g} min each" if budget.minutes else ""))
+            + (f", cap {budget.minutes_for(spec.name):g} min each" if budget.minutes else ""))
         model, seconds, summary = train(exp, spec, cfg, progress)
         rmse = summary["best_valid_forces_rmse"]
         log(f"      done in {seconds:.0f} s ({summary['epochs_run']} epochs"
