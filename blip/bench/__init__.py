@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .protocols import PROTOCOLS, Options, build_plan, data_dir, parse_budget_scale
+from .protocols import PROTOCOLS, Budget, Options, build_plan, data_dir, parse_budget_scale
 
 __all__ = ["register", "run"]
 
@@ -217,7 +217,7 @@ def _resolved_sections(exp, opts) -> dict:
     """model / uq / training sections of the first method, as every method resolves them."""
     from .runner import method_config
 
-    cfg = method_config(exp, exp.methods[0], _NoBudget(), opts.overrides, Path("unused"))
+    cfg = method_config(exp, exp.methods[0], Budget(epochs=1), opts.overrides, Path("unused"))
     training = {k: cfg["training"][k] for k in ("batch_size", "lr", "scheduler", "loss", "energy_weight",
                                                  "forces_weight", "ema_decay", "seed")}
     uq = {k: v for k, v in cfg["uq"].items() if k != "method"}
@@ -226,18 +226,6 @@ def _resolved_sections(exp, opts) -> dict:
 
 def _resolved_ensemble_size(exp, opts) -> int:
     return int(_resolved_sections(exp, opts)["uq"]["ensemble_size"])
-
-
-class _NoBudget:
-    epochs, steps, minutes, scale = 1, None, None, {}
-
-    @staticmethod
-    def epochs_for(n_train, batch_size, method=None):
-        return 1
-
-    @staticmethod
-    def minutes_for(method=None):
-        return None
 
 
 def _versions() -> dict:

@@ -79,7 +79,7 @@ class Budget:
         factor = float(self.scale.get(method, 1.0))
         if self.steps is not None:
             return max(1, math.ceil(factor * self.steps / math.ceil(n_train / batch_size)))
-        return max(1, round(factor * int(self.epochs)))
+        return round(factor * int(self.epochs))
 
     def minutes_for(self, method: str | None = None) -> float | None:
         """Wall-time cap of one network of ``method`` (None: no cap)."""
