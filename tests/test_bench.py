@@ -272,3 +272,15 @@ def test_cost_marginal_slope_is_the_least_squares_line():
     fit = marginal_cost(rows, "blip")
     assert fit["slope"] == pytest.approx(0.9) and fit["intercept"] == pytest.approx(1.5)
     assert marginal_cost(rows, "mc_dropout") == {"slope": None, "intercept": None}
+
+
+def test_learning_curves_of_the_plain_model_only_skip_uncertainty_plots(tmp_path):
+    """A run of the deterministic model alone has no σ: its accuracy curves are drawn, and no
+    empty NLL / coverage plots are written."""
+    from blip.bench.results import _learning_curves
+
+    rows = [{"method": "deterministic", "test_set": "test_MD", "n_train": n, "forces_rmse": 0.1 / n,
+             "energy_rmse": 0.01 / n, "forces_nll_recal": None} for n in (10, 20)]
+    written = {p.name for p in _learning_curves(tmp_path, rows)}
+    assert written == {"test_MD_forces_rmse_vs_N.png", "test_MD_energy_rmse_vs_N.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)

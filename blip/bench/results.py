@@ -256,7 +256,10 @@ def _learning_curves(plots_dir: Path, rows: list[dict]) -> list[Path]:
             ("forces_coverage_95_recal", 1.0, "95% coverage after recalibration, forces", False, 0.95),
         )
         for key, scale, label, logy, ideal in specs:
+            values = series(key, scale)
+            if all(v is None for vs in values.values() for v in vs):
+                continue  # e.g. uncertainty metrics of a run of the plain model only
             written.append(report.learning_curve_plot(
-                sizes, series(key, scale), plots_dir / f"{t}_{key}_vs_N.png", label,
+                sizes, values, plots_dir / f"{t}_{key}_vs_N.png", label,
                 title=f"{t}: {label}", logy=logy, ideal=ideal))
     return written
