@@ -52,6 +52,10 @@ def _train(cfg, args) -> int:
         print(f"recalibrated on the {where}: standard deviations x "
               + ", ".join(f"{q} {f:.3g}" for q, f in factors.items())
               + f"; force spread per {model.force_std}", file=sys.stderr)
+    elif model.method != "deterministic":
+        print("uq.recalibrate is off: the uncertainties are the samples' raw spread, which for BLIP is "
+              "typically several times too small in distribution; fit the scale on labelled held-out data "
+              "with `blip calibrate MODEL VALID.xyz -o OUT`", file=sys.stderr)
     if data.tests:
         results = write_test_metrics(model, data, trainer.out, progress=not args.quiet)
         for name, metrics in results.items():

@@ -55,6 +55,14 @@ def test_train_writes_outputs_and_lowers_validation_error(tmp_path):
     assert resolved["training"]["epochs"] == 6 and resolved["uq"]["method"] == "blip"
 
 
+def test_train_without_recalibration_says_the_spreads_are_raw(tmp_path, capsys):
+    config = _write_config(tmp_path, {"uq": {"samples": 2, "recalibrate": False}, "training": {"epochs": 1}})
+    assert main(["train", str(config), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "uq.recalibrate is off" in err and "blip calibrate" in err
+    assert blip.load(tmp_path / "out" / "model.pt").calibration == {"energy": 1.0, "forces": 1.0}
+
+
 def test_resume_after_a_kill_gives_the_uninterrupted_model(tmp_path, monkeypatch):
     from blip.train.loop import Trainer
 
