@@ -175,6 +175,11 @@ def test_budget_scale_multiplies_one_methods_budget_only():
             parse_budget_scale(bad)
 
 
+def test_budget_scale_below_one_keeps_at_least_one_epoch():
+    assert Budget(epochs=3, scale={"blip": 0.1}).epochs_for(450, 8, "blip") == 1
+    assert Budget(epochs=0, scale={"blip": 3.0}).epochs_for(450, 8, "blip") == 0
+
+
 def test_budget_scale_of_an_unknown_method_is_a_config_error(capsys):
     args = ["bench", "data-scarce", "--quick", "--data", str(EXAMPLES), "--methods", "blip"]
     assert main(args + ["--budget-scale", "gp=2"]) == 2

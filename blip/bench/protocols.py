@@ -74,16 +74,21 @@ class Budget:
     minutes: float | None = None
     scale: dict = field(default_factory=dict)  # method name -> multiple of the budget (e.g. equal cost)
 
+    def factor(self, method: str | None) -> float:
+        """Multiple of the budget that the networks of ``method`` get (1 unless scaled)."""
+        return float(self.scale.get(method, 1.0))
+
     def epochs_for(self, n_train: int, batch_size: int, method: str | None = None) -> int:
-        """Epochs of one network of ``method`` (its ``scale`` times the steps or epochs)."""
-        factor = float(self.scale.get(method, 1.0))
+        """Epochs of one network of ``method`` (its ``scale`` times the steps or epochs; an
+        explicit 0 epochs stays 0, any other budget trains at least one epoch)."""
         if self.steps is not None:
-            return max(1, math.ceil(factor * self.steps / math.ceil(n_train / batch_size)))
-        return round(factor * int(self.epochs))
+            return max(1, math.ceil(self.factor(method) * self.steps / math.ceil(n_train / batch_size)))
+        epochs = int(self.epochs)
+        return 0 if epochs == 0 else max(1, round(self.factor(method) * epochs))
 
     def minutes_for(self, method: str | None = None) -> float | None:
         """Wall-time cap of one network of ``method`` (None: no cap)."""
-        return None if self.minutes is None else float(self.minutes) * float(self.scale.get(method, 1.0))
+        return None if self.minutes is None else float(self.minutes) * self.factor(method)
 
     def statement(self, ensemble_size: int) -> str:
         what = (f"{self.steps} optimizer steps (epochs = ceil(steps / batches per epoch))"
