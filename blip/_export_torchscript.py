@@ -238,8 +238,8 @@ class BlipMetatomic(nn.Module):
     members: one :class:`PaiNNEnergy` (BLIP, MC dropout, deterministic) or several (ensemble).
     ``energy``: the noise-free (MAP) pass when ``predict_map``, else the mean of the samples
     (an ensemble's member mean). ``energy_ensemble`` (K properties) and ``energy_uncertainty``:
-    the samples scaled about their mean by ``calibration`` and their population std, as
-    ``BlipModel.predict`` gives them. Every system is its own structure (structure index 0).
+    the samples scaled about the prediction by ``calibration`` and their root mean square deviation
+    from it, as ``BlipModel.predict`` gives them. Every system is its own structure (structure index 0).
     """
 
     def __init__(self, members: List[nn.Module], cutoff: float, samples: int, seed: int,
@@ -309,10 +309,10 @@ class BlipMetatomic(nn.Module):
                 atom_values.append(atomic_map[mask])
                 index = torch.nonzero(mask).reshape(-1)
                 atom_samples.append(torch.stack([torch.full_like(index, s), index], dim=1))
-            if samples is not None:
-                mean = samples.mean()
-                scaled = mean + self.calibration * (samples - mean)
-                spreads.append(torch.sqrt(((scaled - scaled.mean()) ** 2).mean()))
+            if samples is not None:  # about the prediction: the MAP energy, else the sample mean
+                centre = atomic_map[mask].sum() if self.predict_map else samples.mean()
+                scaled = centre + self.calibration * (samples - centre)
+                spreads.append(torch.sqrt(((scaled - centre) ** 2).mean()))
                 ensembles.append(scaled)
 
         results: Dict[str, TensorMap] = {}

@@ -11,14 +11,15 @@ Result keys (units eV, eV/Angstrom; energies per structure):
   ``BlipModel.predict`` gives it: the noise-free (MAP) pass for BLIP and MC dropout with
   ``uq.predict_mean: map`` (the default), else the mean over the K samples; an ensemble's
   member mean.
-* ``energy_std`` (float), ``forces_std`` (n, 3): **standard deviations** over the samples
-  (population, ddof=0), times the model's calibration factor; where the model's force spread is
-  per atom (``uq.force_std``) a row's three entries are equal, the root mean square of the
-  atom's component spreads.
-* ``energy_var`` (float), ``forces_var`` (n, 3): **population variances**, exactly ``std**2``
+* ``energy_std`` (float), ``forces_std`` (n, 3): **standard deviations**: the root mean square
+  deviation of the K samples from the prediction (for a MAP prediction that includes the
+  samples' mean offset from it; for a sample mean it is the population std, ddof=0), times the
+  model's calibration factor; where the model's force spread is per atom (``uq.force_std``) a
+  row's three entries are equal, the root mean square of the atom's component spreads.
+* ``energy_var`` (float), ``forces_var`` (n, 3): the variances, exactly ``std**2``
   (the names MACE's committee calculator uses).
-* ``energy_samples`` (K,), ``forces_samples`` (K, n, 3): the samples themselves
-  (K = 0 in MAP mode, where every std and var is zero).
+* ``energy_samples`` (K,), ``forces_samples`` (K, n, 3): the samples, scaled about the
+  prediction by the calibration factor (K = 0 in MAP mode, where every std and var is zero).
 * periodic structures only: ``stress`` (6,) eV/A^3 (Voigt order xx, yy, zz, yz, xz, xy and
   ASE's sign convention, as ``atoms.get_stress()``), ``stress_std``, ``stress_var`` (6,) and
   ``stress_samples`` (K, 6). An open structure has no stress (``get_stress`` raises
@@ -55,7 +56,7 @@ class BlipCalculator(Calculator):
         (use it for finite differences or long NVE runs: total energies of ~1e4 eV
         in float32 are only good to ~1 meV).
     map_pass: False skips the noise-free pass of "sample" mode: energy and forces are then the
-        sample means (the spreads are the same); for callers that only need the spread.
+        sample means and the spreads are about them (with it they are about the noise-free pass).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]

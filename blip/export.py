@@ -8,8 +8,8 @@ Outputs of the exported model (eV; per system unless stated):
   ``uq.predict_mean: map`` (the default), else the mean of the K samples; an ensemble's
   member mean; also per atom. Forces and stress come from the engine's autograd.
 * ``energy_ensemble`` (K properties) and ``energy_uncertainty``: K fixed-seed noise samples
-  (an ensemble: its members), scaled about their mean by the calibration factor, and their
-  population standard deviation: exactly ``blip.Calculator(model, samples=K, seed=S)``'s
+  (an ensemble: its members), scaled about the prediction (``energy``) by the calibration factor,
+  and their root mean square deviation from it: exactly ``blip.Calculator(model, samples=K, seed=S)``'s
   ``energy_samples`` and ``energy_std`` for one structure. Deterministic models (and
   ``--samples 0``) export ``energy`` only.
 

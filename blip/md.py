@@ -227,9 +227,7 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
     dyn_calc.check_atoms(atoms, source)  # before step 0, before any file is opened
     if s.ensemble == "npt" and not np.all(atoms.pbc):
         raise ConfigError(f"md: {source}: --ensemble npt needs a cell periodic in all three directions")
-    # the watch needs only the spread: the step's MAP pass is not repeated
     samples = s.samples if s.samples is not None else min(WATCH_SAMPLES, dyn_calc.model.default_samples)
-    watch = BlipCalculator(dyn_calc.model, samples=samples, seed=s.seed, mode="sample", map_pass=False)
     atoms = atoms.copy()
     atoms.info = {}
     atoms.calc = dyn_calc
@@ -251,10 +249,11 @@ def run_md(model, atoms, settings: MDSettings, trajectory=None, progress: bool =
             if problem:
                 _stop(result, traj, last_good, template, step, problem, source, trajectory)
             if step % s.every == 0 or _close_to_threshold(check, s):
-                watch.get_property("forces", atoms)
-                r = watch.results
-                check = {"energy_std": float(r["energy_std"]), "max_force_std": max_atom_force_std(r["forces_std"]),
-                         "std_step": step}
+                # the step's MAP energy and forces are the centre of the spread: no second MAP pass
+                r = dyn_calc.model.predict([atoms], samples=samples, seed=s.seed, stress=False, source=source,
+                                           map_values={"energy": [energy], "forces": [forces]})
+                check = {"energy_std": float(r["energy_std"][0]),
+                         "max_force_std": max_atom_force_std(r["forces_std"][0]), "std_step": step}
                 if not (np.isfinite(check["energy_std"]) and np.isfinite(check["max_force_std"])):
                     _stop(result, traj, last_good, template, step, "sampled uncertainty is NaN/inf", source, trajectory)
                 result.max_force_std_seen = max(result.max_force_std_seen, check["max_force_std"])

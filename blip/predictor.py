@@ -30,7 +30,7 @@ def atom_force_std(component_std: np.ndarray) -> np.ndarray:
 class BlipModel:
     """A trained potential (or ensemble) with its config, data summary and calibration.
 
-    ``predict`` returns means, standard deviations (population, ddof=0) and samples; forces get
+    ``predict`` returns predictions, standard deviations and samples; forces get
     one std per atom or per Cartesian component (``uq.force_std``; with "auto", the default,
     recalibration picks the one of lower NLL on its data and stores it in ``fitted_force_std``).
     ``calibration`` holds one multiplicative factor per target applied to the spread.
@@ -111,20 +111,22 @@ class BlipModel:
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
                 progress: bool = False, source: str = "input", stress: bool | None = None, indices=None,
-                map_pass: bool = True) -> dict:
+                map_pass: bool = True, map_values: dict | None = None) -> dict:
         """Predict energies and forces (and stress) with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
         lists of (n_i, 3) eV/A; ``energy_samples`` (K, N); ``forces_samples`` list of
-        (K, n_i, 3). Standard deviations are population (ddof=0) over the K samples, times
-        the calibration factor; where :attr:`force_std` is "atom" the three entries of an atom's
+        (K, n_i, 3). ``energy`` and ``forces`` are the noise-free (MAP) pass when
+        ``uq.predict_mean`` is "map" (the default), else the sample means; the ensemble always
+        gives its member mean. Standard deviations are the root mean square deviation of the K
+        samples from that prediction (from the MAP pass: K degrees of freedom, and the samples'
+        mean offset from the MAP counts as spread; from the sample mean: the population std,
+        ddof=0), times the calibration factor, which also scales the returned samples about the
+        prediction; where :attr:`force_std` is "atom" the three entries of an atom's
         ``forces_std`` row are equal, the root mean square of its components' stds (3K numbers per
         atom give a steadier spread than K per component; the row norm is the same either way).
-        ``energy`` and ``forces`` are the noise-free (MAP) pass when
-        ``uq.predict_mean`` is "map" (the default), else the sample means; the ensemble always
-        gives its member mean. ``samples=0`` is the noise-free MAP prediction (std zero; for
-        an ensemble the member mean). An ensemble ignores other values of ``samples``: its K
-        is the number of members.
+        ``samples=0`` is the noise-free MAP prediction (std zero; for an ensemble the member mean).
+        An ensemble ignores other values of ``samples``: its K is the number of members.
 
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
         xz, xy; ASE's sign convention: the derivative of the energy with respect to strain over
@@ -134,8 +136,10 @@ class BlipModel:
         predicted on its own gets the samples of the whole). The stress spread takes its own
         calibration factor when the model was recalibrated on stress labels, else the forces' one.
         ``map_pass=False`` skips the noise-free pass: ``energy`` and ``forces`` are then the sample
-        means, the spreads are unchanged (for callers that need only the spread, such as the MD
-        watch, whose step has just computed the MAP forces).
+        means and the spreads are about them. ``map_values``: the noise-free ``energy`` (N,) and
+        ``forces`` (list of (n_i, 3)) the caller already has for these structures (an MD step's):
+        the noise-free pass is skipped and the prediction and its spreads are those of a full
+        ``predict`` (the stress spread, if asked for, is then about the sample mean).
         """
         if hasattr(atoms_list, "get_positions"):
             atoms_list = [atoms_list]
@@ -149,7 +153,8 @@ class BlipModel:
         indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)
-        map_mean = samples > 0 and self.predicts_map and map_pass
+        given = _given_map_values(map_values, len(atoms_list)) if samples > 0 and self.predicts_map else None
+        map_mean = samples > 0 and self.predicts_map and map_pass and given is None
         keys = ("energy", "forces") + (("stress",) if stress else ())
         sampled = {key: [None] * len(graphs) for key in keys}
         noise_free = {key: [None] * len(graphs) for key in keys}
@@ -160,7 +165,7 @@ class BlipModel:
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
             _scatter(batch, chunk, self.sample_batch(batch, k, seed, stress),
                      noise_free if k == 0 and map_mean else sampled)
-        means = {key: [v[0] for v in values] for key, values in noise_free.items()} if map_mean else None
+        means = {key: [v[0] for v in values] for key, values in noise_free.items()} if map_mean else given
         return self._summarise(sampled, stochastic=samples > 0, means=means)
 
     @property
@@ -179,21 +184,21 @@ class BlipModel:
         return setting
 
     def _summarise(self, sampled: dict, stochastic: bool, means: dict | None = None) -> dict:
-        """Means, calibrated standard deviations and samples from ``sampled`` (key -> one
-        (K, ...) array per structure); ``means`` (key -> one array per structure) replace the
-        sample means as the prediction (the spread stays that of the samples)."""
+        """Predictions, calibrated standard deviations and samples from ``sampled`` (key -> one
+        (K, ...) array per structure); ``means`` (key -> one array per structure, e.g. the MAP
+        pass) replace the sample means as the prediction and as the centre of the spread."""
         factors = {"energy": self.calibration["energy"], "forces": self.calibration["forces"],
                    "stress": self.calibration.get("stress", self.calibration["forces"])}
         out = {}
         for key, per_structure in sampled.items():
             mean = [s.mean(0) for s in per_structure]
             if stochastic:
+                if means is not None and key in means:
+                    mean = [np.asarray(m, dtype=np.float64) for m in means[key]]
                 samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
-                std = [s.std(0) for s in samples]
+                std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
                     std = [atom_force_std(s) for s in std]
-                if means is not None:
-                    mean = list(means[key])
             else:
                 samples = [s[:0] for s in per_structure]
                 std = [np.zeros_like(m) for m in mean]
@@ -245,6 +250,16 @@ class BlipModel:
         for i, atoms in enumerate(atoms_list):
             if not np.all(np.isfinite(atoms.get_positions())):
                 raise DataError(source, "positions contain NaN or inf", i)
+
+
+def _given_map_values(values: dict | None, n: int) -> dict | None:
+    """``predict``'s ``map_values`` checked: {"energy": [(), ...], "forces": [(n_i, 3), ...]} of ``n`` structures."""
+    if values is None:
+        return None
+    if set(values) != {"energy", "forces"} or len(values["energy"]) != n or len(values["forces"]) != n:
+        raise ValueError(f"map_values needs 'energy' and 'forces' of each of the {n} structures")
+    return {"energy": [np.float64(e) for e in values["energy"]],
+            "forces": [np.asarray(f, dtype=np.float64) for f in values["forces"]]}
 
 
 def _scatter(batch, chunk, values: dict, out: dict) -> None:

@@ -47,15 +47,17 @@ def test_variance_is_std_squared_and_matches_the_samples(model, atoms):
     assert r["energy_samples"].shape == (8,) and r["forces_samples"].shape == (8, n, 3)
     assert r["forces_std"].shape == r["forces_var"].shape == (n, 3)
     assert r["energy_std"] > 0 and np.all(r["forces_std"] > 0)
-    assert r["energy_var"] == r["energy_std"] ** 2  # population variance, exactly std**2
+    assert r["energy_var"] == r["energy_std"] ** 2  # exactly std**2
     np.testing.assert_array_equal(r["forces_var"], r["forces_std"] ** 2)
-    assert r["energy_std"] == pytest.approx(np.std(r["energy_samples"]), rel=1e-9)  # ddof=0
-    assert r["energy_var"] == pytest.approx(np.var(r["energy_samples"]), rel=1e-9)
-    # uq.force_std auto: one spread per component until recalibration chooses (this model was not recalibrated)
-    np.testing.assert_allclose(r["forces_std"], r["forces_samples"].std(axis=0), rtol=1e-9)
     map_pred = model.predict([atoms], samples=0)  # uq.predict_mean: map -> the prediction is the MAP pass
     assert r["energy"] == pytest.approx(float(map_pred["energy"][0]), rel=1e-12)
     np.testing.assert_allclose(r["forces"], map_pred["forces"][0], rtol=1e-9, atol=1e-12)
+    # the spread is the root mean square deviation of the samples from that prediction (K degrees of freedom)
+    assert r["energy_std"] == pytest.approx(np.sqrt(np.mean((r["energy_samples"] - r["energy"]) ** 2)), rel=1e-9)
+    # uq.force_std auto: one spread per component until recalibration chooses (this model was not recalibrated)
+    np.testing.assert_allclose(r["forces_std"], np.sqrt(np.mean((r["forces_samples"] - r["forces"]) ** 2, axis=0)),
+                               rtol=1e-9)
+    assert r["energy_std"] > np.std(r["energy_samples"])  # the samples' mean is off the MAP: that counts too
     assert max_atom_force_std(r["forces_std"]) == pytest.approx(np.linalg.norm(r["forces_std"], axis=1).max())
 
 
@@ -75,19 +77,37 @@ def test_map_mode_is_the_noise_free_prediction(model, atoms):
         calc.mode = "mean"
 
 
-def test_without_the_map_pass_the_spread_is_the_same_and_the_prediction_the_sample_mean(model, atoms):
-    """map_pass=False (the MD watch) skips only the noise-free pass: same samples, same spreads."""
+def test_without_the_map_pass_the_prediction_and_the_spread_are_the_sample_mean_and_std(model, atoms):
+    """map_pass=False skips the noise-free pass: the same samples, centred on their own mean."""
+    model.calibration = {"energy": 1.0, "forces": 1.0}
     atoms.calc = BlipCalculator(model, samples=8, seed=2)
     atoms.get_potential_energy()
     full = dict(atoms.calc.results)
     atoms.calc = BlipCalculator(model, samples=8, seed=2, map_pass=False)
     atoms.get_potential_energy()
     spread = atoms.calc.results
-    for key in ("energy_std", "forces_std", "energy_samples", "forces_samples"):
+    for key in ("energy_samples", "forces_samples"):
         np.testing.assert_allclose(spread[key], full[key], rtol=0, atol=1e-12)
     assert spread["energy"] == pytest.approx(float(np.mean(full["energy_samples"])), abs=1e-9)
     np.testing.assert_allclose(spread["forces"], full["forces_samples"].mean(axis=0), rtol=0, atol=1e-9)
     assert abs(spread["energy"] - full["energy"]) > 1e-9  # the sample mean is not the MAP pass
+    assert spread["energy_std"] == pytest.approx(float(np.std(full["energy_samples"])), rel=1e-9)  # ddof=0
+    np.testing.assert_allclose(spread["forces_std"], full["forces_samples"].std(axis=0), rtol=1e-9)
+
+
+def test_given_map_values_give_the_full_prediction_without_a_noise_free_pass(model, atoms):
+    """``map_values`` (the MD watch hands in its step's MAP energy and forces): the result of a full predict."""
+    model.calibration = {"energy": 1.3, "forces": 1.7}
+    full = model.predict([atoms], samples=8, seed=2)
+    noise_free = model.predict([atoms], samples=0)
+    given = model.predict([atoms], samples=8, seed=2,
+                          map_values={"energy": noise_free["energy"], "forces": noise_free["forces"]})
+    for key in ("energy", "energy_std", "energy_samples"):
+        np.testing.assert_allclose(given[key], full[key], rtol=1e-12, atol=1e-12)
+    for key in ("forces", "forces_std", "forces_samples"):
+        np.testing.assert_allclose(given[key][0], full[key][0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="map_values"):
+        model.predict([atoms], samples=8, seed=2, map_values={"energy": noise_free["energy"]})
 
 
 def _finite_difference_forces(calc, atoms, entries, h=1e-4):
@@ -168,7 +188,8 @@ def test_force_std_per_atom_or_per_component(tiny_model_path, atoms, tmp_path):
     assert model.config["uq"]["force_std"] == "auto" and model.force_std == "component"
     model.calibration = {"energy": 1.0, "forces": 1.7}
     component = model.predict([atoms], samples=8, seed=2)
-    np.testing.assert_allclose(component["forces_std"][0], component["forces_samples"][0].std(axis=0), rtol=1e-9)
+    deviation = component["forces_samples"][0] - component["forces"][0]  # samples scaled about the MAP forces
+    np.testing.assert_allclose(component["forces_std"][0], np.sqrt(np.mean(deviation ** 2, axis=0)), rtol=1e-9)
     model.config["uq"]["force_std"] = "atom"
     pooled = model.predict([atoms], samples=8, seed=2)["forces_std"][0]
     component = component["forces_std"][0]

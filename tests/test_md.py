@@ -119,7 +119,7 @@ def test_watch_takes_at_most_watch_samples_unless_told(tiny_model_path, equilibr
         return run_md(model, equilibrium[0], s, keep_frames=True).frames[0].info["max_force_std"]
 
     def direct(samples):
-        calc = BlipCalculator(model, samples=samples, seed=0, mode="sample", map_pass=False)
+        calc = BlipCalculator(model, samples=samples, seed=0, mode="sample")  # the watch's spread is the calculator's
         calc.calculate(equilibrium[0].copy(), ["energy", "forces"])
         return max_atom_force_std(calc.results["forces_std"])
 
