@@ -225,6 +225,9 @@ class BlipModel:
             kwargs["stress"] = any(bool(np.any(a.pbc)) for a in atoms_list)
         self.check_structures(atoms_list, kwargs.get("source", "input"))
         mine = list(range(distributed.rank(), len(atoms_list), distributed.world_size()))
+        given = _given_map_values(kwargs.pop("map_values", None), len(atoms_list))
+        if given is not None:  # each rank gets the noise-free values of its own structures
+            kwargs["map_values"] = {key: [values[i] for i in mine] for key, values in given.items()}
         part = self.predict([atoms_list[i] for i in mine], indices=mine, **kwargs) if mine else None
         parts = distributed.all_gather_objects((mine, part))
         if not distributed.is_main():

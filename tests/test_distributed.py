@@ -39,9 +39,14 @@ def _worker(rank, world, init_file, cfgs, result, atoms):
         for cfg in cfgs:
             model = Trainer(cfg, progress=False).run()
         pred = model.predict_distributed(atoms, samples=3, seed=5) if atoms else None
+        given = None
+        if atoms:  # the noise-free values handed in: each rank takes its own structures' share
+            noise_free = model.predict(atoms, samples=0)
+            given = model.predict_distributed(atoms, samples=3, seed=5, map_values={
+                "energy": noise_free["energy"], "forces": noise_free["forces"]})
         if rank == 0:
-            torch.save({"state": {k: v.cpu() for k, v in model.members[0].state_dict().items()}, "pred": pred},
-                       result)
+            torch.save({"state": {k: v.cpu() for k, v in model.members[0].state_dict().items()}, "pred": pred,
+                        "given": given}, result)
     finally:
         dist.destroy_process_group()
 
@@ -54,7 +59,7 @@ def run_ranks(tmp_path, cfgs, world=2, atoms=None, with_prediction=False):
         init_file.unlink()
     mp.spawn(_worker, args=(world, str(init_file), cfgs, str(result), atoms), nprocs=world, join=True)
     out = torch.load(result, weights_only=False)
-    return (out["state"], out["pred"]) if with_prediction else out["state"]
+    return (out["state"], out["pred"], out["given"]) if with_prediction else out["state"]
 
 
 def assert_close(a: dict, b: dict, tol=TOL) -> float:
@@ -76,7 +81,7 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(tmp_path):
     ref = {k: v.cpu() for k, v in one.members[0].state_dict().items()}
 
     atoms = [s.atoms for s in prepare_data(_config(tmp_path / "x")).valid[:5]]
-    two, pred = run_ranks(tmp_path, [_config(tmp_path / "two")], atoms=atoms, with_prediction=True)
+    two, pred, given = run_ranks(tmp_path, [_config(tmp_path / "two")], atoms=atoms, with_prediction=True)
     worst = assert_close(two, ref)
     print(f"2 ranks vs 1 rank: largest relative parameter difference {worst:.3g}")
     # prediction split over the 2 ranks, gathered in input order = one process (same model up to 1e-12)
@@ -84,6 +89,10 @@ def test_two_ranks_equal_one_rank_and_resume_is_exact(tmp_path):
     assert np.allclose(pred["energy"], single["energy"], rtol=1e-9, atol=1e-9)
     assert np.allclose(pred["energy_std"], single["energy_std"], rtol=1e-6, atol=1e-9)
     assert all(np.allclose(a, b, atol=1e-8) for a, b in zip(pred["forces"], single["forces"]))
+    # with the noise-free values handed in (split over the ranks): the same prediction and spreads
+    np.testing.assert_allclose(given["energy"], pred["energy"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(given["energy_std"], pred["energy_std"], rtol=1e-12, atol=1e-12)
+    assert all(np.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(given["forces_std"], pred["forces_std"]))
 
     paused = _config(tmp_path / "paused", max_epochs=1)
     resumed = copy.deepcopy(paused)
