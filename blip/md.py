@@ -42,7 +42,7 @@ class MDFault(BlipError):
 
 ENSEMBLES = ("nvt", "nve", "npt")
 #: K of a watch check unless given. 8 samples rank and flag as 16 do (the same stop steps in
-#: docs/results/cost/md_watch.md; recalibrated force NLL 0.04-0.06 nats worse in docs/results/samples)
+#: docs/results/cost/md_watch.md; recalibrated force NLL 0.02-0.08 nats worse in docs/results/samples)
 #: at about half the cost: a check of acetylacetone costs 4.3 plain MD steps against 8.1 (PaiNN;
 #: MACE 3.6 against 7.6), benchmarks/md_watch_cost.py.
 WATCH_SAMPLES = 8
