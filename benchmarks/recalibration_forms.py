@@ -33,10 +33,6 @@ from blip.uq.recalibration import fit_scale
 FORMS = ("scale", "species", "floor", "power")
 
 
-def _gaussian_nll(err: np.ndarray, variance: np.ndarray) -> float:
-    return float(np.mean(0.5 * np.log(variance) + 0.5 * err ** 2 / variance))
-
-
 def fit_form(form: str, err: np.ndarray, sigma: np.ndarray, species: np.ndarray):
     """A map ``(sigma, species) -> calibrated sigma`` fitted on validation residuals ``err`` (n,)."""
     s0 = fit_scale(err, sigma)
@@ -46,11 +42,11 @@ def fit_form(form: str, err: np.ndarray, sigma: np.ndarray, species: np.ndarray)
         factors = {int(e): fit_scale(err[species == e], sigma[species == e]) for e in np.unique(species)}
         return lambda s, z: s * np.array([factors.get(int(e), s0) for e in z])
     if form == "floor":
-        x = minimize(lambda x: _gaussian_nll(err, np.exp(2 * x[0]) * sigma ** 2 + np.exp(2 * x[1])),
+        x = minimize(lambda x: nll(err, np.sqrt(np.exp(2 * x[0]) * sigma ** 2 + np.exp(2 * x[1]))),
                      [np.log(s0), np.log(np.std(err) / 3)], method="Nelder-Mead").x
         return lambda s, z: np.sqrt(np.exp(2 * x[0]) * s ** 2 + np.exp(2 * x[1]))
     if form == "power":
-        x = minimize(lambda x: _gaussian_nll(err, np.exp(2 * x[0]) * sigma ** (2 * x[1])),
+        x = minimize(lambda x: nll(err, np.exp(x[0]) * sigma ** x[1]),
                      [np.log(s0), 1.0], method="Nelder-Mead").x
         return lambda s, z: np.exp(x[0]) * s ** x[1]
     raise ValueError(form)

@@ -194,7 +194,7 @@ class BlipModel:
             mean = [s.mean(0) for s in per_structure]
             if stochastic:
                 if means is not None and key in means:
-                    mean = [np.asarray(m, dtype=np.float64) for m in means[key]]
+                    mean = list(means[key])
                 samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
                 std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
