@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from .backbones.base import isolation_switch
 from .backbones.painn import cosine_cutoff, message_step, sine_rbf, update_inputs, update_step
 from .bayes.inference import clamp_rate, rate_inputs
-from .bayes.layers import NoisyLinear, draw_channels, noisy_linear
+from .bayes.layers import (NoisyLinear, NoisyVectorLinear, draw_channels, noisy_linear, noisy_vector_linear,
+                           vector_channel_norms)
 from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
 
 
@@ -135,6 +136,36 @@ def noisy_stack(module: nn.Module, potential) -> NoisyStack:
     return NoisyStack(linears, True, kind, rate)
 
 
+class NoisyVectorMixing(nn.Module):
+    """A trained vector-mixing layer (PaiNN's U or V, (rows, 3, in) -> (rows, 3, out)), with BLIP's
+    channel noise (:class:`~blip.bayes.layers.NoisyVectorLinear`) when it is noisy and sampled."""
+
+    def __init__(self, layer: nn.Module, potential):
+        super().__init__()
+        self.weight = layer.weight
+        self.in_features = int(layer.in_features)
+        self.noisy = isinstance(layer, NoisyVectorLinear)
+        self.stream = stream_word(layer.domain, layer.slot) if self.noisy else 0
+        if not self.noisy:
+            self.rate, self.kind = FixedRate(0.0), "gaussian"
+        elif potential.method == "blip":
+            self.rate = LearnedRate(potential.inference, layer.domain, layer.rate_slot, layer.in_features)
+            self.kind = potential.noise_kind
+        else:
+            self.rate, self.kind = FixedRate(potential.dropout_p), "bernoulli"
+
+    def forward(self, v: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
+                groups: torch.Tensor) -> torch.Tensor:
+        if not self.noisy or keys is None:
+            return F.linear(v, self.weight)
+        p = self.rate(base, vector_channel_norms(v), groups)
+        if self.kind == "bernoulli":
+            draws = counter_uniform(keys, self.stream, self.in_features, v.dtype)
+        else:
+            draws = counter_normal(keys, self.stream, self.in_features, v.dtype)
+        return noisy_vector_linear(v, self.weight, p, draws, self.kind)
+
+
 # -- K noise replicas of one system -------------------------------------------------------
 def replica_graph(pairs: torch.Tensor, shifts: torch.Tensor, n: int, copies: int, seed: int, sampled: bool,
                   noisy_nodes: bool, noisy_edges: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -166,7 +197,7 @@ class PaiNNInteraction(nn.Module):
         super().__init__()
         self.filter = noisy_stack(block.message.filter, potential)
         self.phi = noisy_stack(block.message.phi, potential)
-        self.U, self.V = block.update.U, block.update.V
+        self.U, self.V = NoisyVectorMixing(block.update.U, potential), NoisyVectorMixing(block.update.V, potential)
         self.mlp = noisy_stack(block.update.mlp, potential)
 
 
@@ -222,7 +253,8 @@ class PaiNNEnergy(nn.Module):
         for block in self.interactions:
             w = block.filter(rbf_all, edge_keys, edge_base, edge_groups) * fcut_all[:, None]
             s, v = message_step(block.phi(s, node_keys, node_base, node_groups), s, v, edge_index, w, unit_all)
-            uv, vv = block.U(v), block.V(v)
+            uv = block.U(v, node_keys, node_base, node_groups)
+            vv = block.V(v, node_keys, node_base, node_groups)
             a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups)
             s, v = update_step(a, s, v, uv, vv)
         atomic = (self.scale * self.readout(s).squeeze(-1) + self.shift).reshape(copies, n)

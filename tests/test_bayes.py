@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from blip.bayes import InferenceNet, NoiseContext, NoiseState, NoisyLinear, kl_divergence, wrap
+from blip.bayes.layers import NoisyVectorLinear, VectorLinear
 from blip.bayes.noise import positions_in_graph, row_keys
 
 
@@ -88,6 +89,41 @@ def test_bernoulli_kind_drops_inputs_with_rate_p():
     assert float(y.mean()) == pytest.approx(1.0, abs=0.008)  # inverted dropout keeps the mean
     corr = torch.corrcoef(kept.T)[0, 1:]
     assert corr.abs().max() < 0.02  # channels are dropped independently
+
+
+def test_noisy_vector_linear_is_exact_at_map_and_each_sample_rotates_with_its_input():
+    """One factor per (row, channel) shared by x, y, z: a sample commutes with any rotation."""
+    torch.manual_seed(0)
+    lin = VectorLinear(6, 4, bias=False).double()
+    state = NoiseState()
+    noisy = NoisyVectorLinear(lin, "node", 0, state)
+    v = torch.randn(30, 3, 6, dtype=torch.float64)
+    assert torch.equal(noisy(v), lin(v))
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))  # a random orthogonal matrix
+    keys = {"node": row_keys(7, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                             torch.tensor([30]), positions_in_graph(torch.tensor([30]))[:, None])}
+    rates = {"node": torch.full((30, 1), 0.3, dtype=torch.float64)}
+    with state.use(NoiseContext.fixed(rates, keys)):
+        y = noisy(v)
+    with state.use(NoiseContext.fixed(rates, keys)):
+        y_rot = noisy(torch.einsum("ij,njc->nic", q, v))
+    assert (y - lin(v)).abs().max() > 0.1  # the sample is noisy
+    torch.testing.assert_close(y_rot, torch.einsum("ij,njc->nic", q, y), atol=1e-12, rtol=0)
+
+
+def test_noisy_vector_linear_noise_has_the_variance_of_its_rate():
+    """With an identity weight each output channel is its input times 1 + sqrt(alpha) xi."""
+    torch.manual_seed(0)
+    lin = VectorLinear(4, 4, bias=False).double()
+    lin.weight.data.copy_(torch.eye(4, dtype=torch.float64))
+    state = NoiseState()
+    noisy = NoisyVectorLinear(lin, "node", 0, state)
+    v = torch.ones(40000, 3, 4, dtype=torch.float64)
+    with state.use(_ctx(0.2, v.shape[0])), torch.no_grad():
+        factor = noisy(v)
+    assert torch.equal(factor[:, 0], factor[:, 2])  # the same factor for every Cartesian component
+    assert float(factor.mean()) == pytest.approx(1.0, abs=0.005)
+    assert float(factor[:, 0].var()) == pytest.approx(0.2 / 0.8, rel=0.03)
 
 
 def test_counter_noise_of_a_structure_does_not_depend_on_batch_neighbours():

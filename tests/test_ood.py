@@ -30,9 +30,9 @@ def _batch(atoms_list, dtype=torch.float64, labels=None):
 
 @pytest.fixture
 def potential(acac_summary, acac_small):
-    """Tiny BLIP-PaiNN whose rates depend on hidden features and their distance from acac_small."""
+    """Tiny BLIP-PaiNN (vector noise on) whose rates depend on hidden features and their distance from acac_small."""
     torch.manual_seed(0)
-    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8),
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8, vector_noise=True),
                               p_init=0.05, weight_noise="per_input").double()
     for head in model.inference.heads_list():
         torch.nn.init.normal_(head.net[2].weight, std=0.5)
@@ -317,8 +317,9 @@ def test_rates_of_a_fixed_seed_sample_are_invariant_to_rotation_and_translation(
         return {k: v.detach() for k, v in out["rates"].items()}
 
     ref, rot = rates(atoms), rates(moved)
-    # rates of phi (interaction 1 only: interaction 0 acts on species embeddings) and the update MLPs
-    assert ref.keys() == rot.keys() and len(ref) == 1 + 2  # no edge noise by default
+    # rates of phi (interaction 1 only: interaction 0 acts on species embeddings), the update MLPs
+    # and the vector-mixing U and V of both interactions (one rate per pair, from the vector channels' norms)
+    assert ref.keys() == rot.keys() and len(ref) == 1 + 2 + 2  # no edge noise by default
     assert max(float(v.std()) for v in ref.values()) > 1e-3  # rates do vary between rows
     for key in ref:
         torch.testing.assert_close(rot[key], ref[key], atol=1e-10, rtol=1e-8)

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from blip.backbones.painn import PaiNN
+from blip.bayes.noise import NoiseContext
+from blip.build import build_backbone
+from blip.config import resolve
 from blip.data import build_graph, collate, replicate
 from blip.model import BayesianPotential
 
@@ -92,3 +95,39 @@ def test_unwrapped_backbone_equals_map(acac_summary, acac_small):
     wrapped.backbone.load_state_dict(state)
     batch = _batch([s.atoms for s in acac_small])
     assert torch.equal(plain.energy(batch), wrapped(batch)["energy"].detach())
+
+
+def test_vector_noise_is_an_option_off_by_default_and_for_older_model_files(acac_summary):
+    cfg = resolve({"model": {"backbone": "painn", "features": 8, "interactions": 2, "radial": 4}})["model"]
+    assert cfg["vector_noise"] is False
+    assert not [n for n in BayesianPotential(build_backbone(cfg, acac_summary)).layers["node"]
+                if n.endswith((".U", ".V"))]
+    cfg["vector_noise"] = True
+    layers = BayesianPotential(build_backbone(cfg, acac_summary)).layers["node"]
+    assert [n for n in layers if n.endswith((".U", ".V"))] == [
+        "interactions.0.update.U", "interactions.0.update.V", "interactions.1.update.U", "interactions.1.update.V"]
+    potential = BayesianPotential(build_backbone(cfg, acac_summary))
+    u, v = (potential.backbone.get_submodule(f"interactions.1.update.{m}") for m in "UV")
+    assert v.rate_slot == u.rate_slot == u.slot != v.slot  # one rate (they read the same vectors), own draws
+    older = {k: v for k, v in cfg.items() if k != "vector_noise"}  # a file written before the key
+    layers = BayesianPotential(build_backbone(older, acac_summary)).layers["node"]
+    assert not [n for n in layers if n.endswith((".U", ".V"))]
+
+
+def test_vector_noise_alone_changes_a_sample(acac_summary, acac_small):
+    """The channel noise of U and V reaches the energy: with every other layer's rate at zero a
+    sample still differs from the noise-free pass."""
+    torch.manual_seed(0)
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8,
+                                    vector_noise=True)).double()
+    batch = _batch([acac_small[0].atoms])
+    vector = {i for i, n in enumerate(model.layers["node"]) if n.endswith((".U", ".V"))}
+
+    def only_vectors(domain, slot, rows, features):
+        return torch.full((rows,), 0.2 if slot in vector else 0.0, dtype=torch.float64)
+
+    map_energy = model(batch, forces=False)["energy"].detach()
+    batch = model.backbone.prepare(dict(batch))
+    with model.noise_state.use(NoiseContext(only_vectors, None, model.noise_kind)), torch.no_grad():
+        sampled = model.backbone.energy(batch)
+    assert abs(float(sampled - map_energy)) > 1e-4

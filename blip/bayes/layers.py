@@ -92,3 +92,75 @@ class NoisyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}"
+
+
+class VectorLinear(nn.Linear):
+    """A bias-free channel-mixing ``nn.Linear`` applied to vector features (rows, 3, in) -> (rows, 3, out)
+    (PaiNN's U and V); :func:`blip.bayes.wrap.wrap` turns it into a :class:`NoisyVectorLinear`."""
+
+
+def noisy_vector_linear(v: torch.Tensor, weight: torch.Tensor, p: torch.Tensor, draws: torch.Tensor,
+                        kind: str) -> torch.Tensor:
+    """One sampled pass of :class:`NoisyVectorLinear`: vectors v (rows, 3, in), rates p (rows,),
+    ``draws`` (rows, in): U(0, 1) for "bernoulli", N(0, 1) otherwise. One factor per (row, input
+    channel), shared by the three Cartesian components."""
+    p = p[:, None]
+    if kind == "bernoulli":
+        factor = (draws >= p).to(v.dtype) / (1.0 - p)
+    else:
+        factor = 1.0 + torch.sqrt(p / (1.0 - p)) * draws
+    return F.linear(v * factor[:, None, :], weight)
+
+
+def vector_channel_norms(v: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
+    """Norm of every channel of vector features (rows, 3, channels) -> (rows, channels): invariant
+    rate features; ``tiny`` keeps the gradient finite where a channel is zero (a lone atom)."""
+    return torch.sqrt((v * v).sum(dim=1) + tiny)
+
+
+class NoisyVectorLinear(nn.Module):
+    """:class:`VectorLinear` with multiplicative Gaussian noise on the weights of each input channel,
+    ``w_oc (1 + sqrt(alpha) xi_c)``, i.e. Gaussian dropout of the input channels: one factor per
+    (row, channel) shared by the three Cartesian components, so it commutes with rotations and
+    every fixed-seed sample stays exactly equivariant (as MACE's irreps channels,
+    :class:`blip.bayes.irreps.NoisyIrrepsLinear`). The rate comes from the channels' norms
+    (invariant); the vector layers of one module (U and V) share the first one's rate
+    (:func:`blip.bayes.wrap.wrap`), each with its own draws. Kind "bernoulli" (MC dropout) drops
+    whole channels. The KL is the one of :class:`NoisyLinear` (the same noise per weight).
+
+    Input (rows, 3, in_features) -> output (rows, 3, out_features).
+    """
+
+    def __init__(self, linear: nn.Linear, domain: str, slot: int, state: NoiseState):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("NoisyVectorLinear wraps bias-free layers (a bias would break equivariance)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = None
+        self.domain, self.slot = domain, slot
+        self.rate_slot = slot
+        self._state = state
+
+    @property
+    def rate_features_dim(self) -> int:
+        """Width of the invariant features this layer gives the rate provider (its channel norms)."""
+        return self.in_features
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        ctx = self._state.ctx
+        if ctx is None:
+            return F.linear(v, self.weight)
+        if v.dim() != 3 or v.shape[1] != 3:
+            raise RuntimeError(f"noisy vector layer on domain '{self.domain}' expects (rows, 3, features), "
+                               f"got {tuple(v.shape)}")
+        features = vector_channel_norms(v) if ctx.wants_features and self.rate_slot == self.slot else None
+        p = ctx.rate(self.domain, self.rate_slot, v.shape[0], features)
+        if ctx.kind == "bernoulli":
+            draws = ctx.uniform(self.domain, self.slot, v.shape[0], self.in_features, v)
+        else:
+            draws = ctx.standard_normal(self.domain, self.slot, v.shape[0], self.in_features, v)
+        return noisy_vector_linear(v, self.weight, p, draws, ctx.kind)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}, vectors"

@@ -7,12 +7,12 @@ from typing import Callable
 
 from torch import nn
 
-from .layers import NoisyLinear
+from .layers import NoisyLinear, NoisyVectorLinear, VectorLinear
 from .noise import NoiseState
 
 # A factory turns (module, domain, slot, state) into its noisy replacement.
 Factory = Callable[[nn.Module, str, int, NoiseState], nn.Module]
-DEFAULT_FACTORIES: dict[type, Factory] = {nn.Linear: NoisyLinear}
+DEFAULT_FACTORIES: dict[type, Factory] = {nn.Linear: NoisyLinear, VectorLinear: NoisyVectorLinear}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -37,10 +37,12 @@ def wrap(
     """Replace every module whose full name matches a regex in ``patterns`` by a noisy layer.
 
     patterns: regex (matched against the whole module name) -> domain (e.g. "node", "edge").
-    factories: module type -> factory; ``nn.Linear`` -> :class:`NoisyLinear` by default.
+    factories: module type -> factory; by default ``nn.Linear`` -> :class:`NoisyLinear` and
+    :class:`~blip.bayes.layers.VectorLinear` -> :class:`~blip.bayes.layers.NoisyVectorLinear`.
     Returns domain -> names of its noisy layers; a layer's slot is its position in that list.
     Noisy layers inside one ``nn.Sequential`` (an MLP) share one rate: ``rate_slot`` of every
-    layer is the slot of the MLP's first noisy layer (its own slot elsewhere).
+    layer is the slot of the MLP's first noisy layer (its own slot elsewhere); so do the
+    :class:`~blip.bayes.layers.VectorLinear` layers of one parent module (they read the same vectors).
     Raises ValueError if a pattern matches no layer a factory can wrap.
     """
     factories = {**DEFAULT_FACTORIES, **(factories or {})}
@@ -63,6 +65,8 @@ def wrap(
         parent = name.rpartition(".")[0]
         if isinstance(backbone.get_submodule(parent) if parent else backbone, nn.Sequential):
             noisy.rate_slot = first_in_mlp.setdefault((domain, parent), slot)
+        elif type(module) is VectorLinear:  # siblings read the same vectors (PaiNN's U and V)
+            noisy.rate_slot = first_in_mlp.setdefault((domain, parent + ".<vectors>"), slot)
         _set_submodule(backbone, name, noisy)
     missing = [p for p, n in matched.items() if n == 0]
     if missing:
@@ -72,6 +76,7 @@ def wrap(
 
 def rate_slots(backbone: nn.Module, layers: dict[str, list[str]]) -> dict[str, dict[int, int]]:
     """Domain -> {slot: slot whose rate it uses}. The noisy layers of one MLP (an ``nn.Sequential``)
-    share the rate of its first noisy layer, which the inference net computes from the MLP's input."""
+    share the rate of its first noisy layer, which the inference net computes from the MLP's input
+    (the vector layers of one module: from the first one's input)."""
     return {d: {slot: backbone.get_submodule(n).rate_slot for slot, n in enumerate(names)}
             for d, names in layers.items()}

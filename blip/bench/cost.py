@@ -208,12 +208,14 @@ def train_step_ratios(model: dict, repeats: int, steps: int, batch_size: int, de
     noise-contrastive pass) of each variant over the first one's (by default BLIP and MC dropout over
     the deterministic model), on batches of :func:`training_epoch`, on ``device``.
 
-    ``variants``: name -> (uq.method, uq settings), default ``TRAIN_STEP_METHODS``. Rows {method (the
-    variant's name), batch_size, seconds_per_step, ratio (of medians), ratio_min (of the fastest repeats)}."""
+    ``variants``: name -> (uq.method, uq settings) or (uq.method, uq settings, model settings over
+    ``model``), default ``TRAIN_STEP_METHODS``. Rows {method (the variant's name), batch_size,
+    seconds_per_step, ratio (of medians), ratio_min (of the fastest repeats)}."""
     variants = variants or TRAIN_STEP_METHODS
     with tempfile.TemporaryDirectory() as tmp:
-        setups = [(name, *training_epoch(model, method, uq, steps, batch_size, tmp, device, train_file))
-                  for name, (method, uq) in variants.items()]
+        setups = [(name, *training_epoch({**model, **(extra[0] if extra else {})}, method, uq, steps, batch_size,
+                                         tmp, device, train_file))
+                  for name, (method, uq, *extra) in variants.items()]
         times = {name: [] for name in variants}
         for rep in range(repeats):
             turn = rep % len(setups)
