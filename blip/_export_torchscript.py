@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from .backbones.base import isolation_switch
 from .backbones.painn import cosine_cutoff, message_step, sine_rbf, update_inputs, update_step
 from .bayes.inference import clamp_rate, rate_inputs
-from .bayes.layers import (NoisyLinear, NoisyVectorLinear, draw_channels, noisy_linear, noisy_vector_linear,
-                           vector_channel_norms)
+from .bayes.irreps import channel_factors
+from .bayes.layers import NoisyLinear, NoisyVectorLinear, draw_channels, noisy_linear, vector_channel_norms
 from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
 
 
@@ -136,34 +136,40 @@ def noisy_stack(module: nn.Module, potential) -> NoisyStack:
     return NoisyStack(linears, True, kind, rate)
 
 
-class NoisyVectorMixing(nn.Module):
-    """A trained vector-mixing layer (PaiNN's U or V, (rows, 3, in) -> (rows, 3, out)), with BLIP's
-    channel noise (:class:`~blip.bayes.layers.NoisyVectorLinear`) when it is noisy and sampled."""
+class VectorMixing(nn.Module):
+    """PaiNN's trained vector mixing U and V of one block, (rows, 3, F) -> two (rows, 3, F), with
+    BLIP's channel noise (:class:`~blip.bayes.layers.NoisyVectorLinear`: one rate for both, each
+    its own draws) when they are noisy and sampled."""
 
-    def __init__(self, layer: nn.Module, potential):
+    def __init__(self, u: nn.Module, v: nn.Module, potential):
         super().__init__()
-        self.weight = layer.weight
-        self.in_features = int(layer.in_features)
-        self.noisy = isinstance(layer, NoisyVectorLinear)
-        self.stream = stream_word(layer.domain, layer.slot) if self.noisy else 0
+        self.weight_u, self.weight_v = u.weight, v.weight
+        self.in_features = int(u.in_features)
+        self.noisy = isinstance(u, NoisyVectorLinear)
+        self.stream_u = stream_word(u.domain, u.slot) if self.noisy else 0
+        self.stream_v = stream_word(v.domain, v.slot) if self.noisy else 0
         if not self.noisy:
             self.rate, self.kind = FixedRate(0.0), "gaussian"
         elif potential.method == "blip":
-            self.rate = LearnedRate(potential.inference, layer.domain, layer.rate_slot, layer.in_features)
+            self.rate = LearnedRate(potential.inference, u.domain, u.rate_slot, u.in_features)
             self.kind = potential.noise_kind
         else:
             self.rate, self.kind = FixedRate(potential.dropout_p), "bernoulli"
 
-    def forward(self, v: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
-                groups: torch.Tensor) -> torch.Tensor:
-        if not self.noisy or keys is None:
-            return F.linear(v, self.weight)
-        p = self.rate(base, vector_channel_norms(v), groups)
+    def _factors(self, keys: torch.Tensor, stream: int, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.kind == "bernoulli":
-            draws = counter_uniform(keys, self.stream, self.in_features, v.dtype)
+            draws = counter_uniform(keys, stream, self.in_features, dtype)
         else:
-            draws = counter_normal(keys, self.stream, self.in_features, v.dtype)
-        return noisy_vector_linear(v, self.weight, p, draws, self.kind)
+            draws = counter_normal(keys, stream, self.in_features, dtype)
+        return channel_factors(p, draws, self.kind)[:, None, :]
+
+    def forward(self, vec: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
+                groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not self.noisy or keys is None:
+            return F.linear(vec, self.weight_u), F.linear(vec, self.weight_v)
+        p = self.rate(base, vector_channel_norms(vec), groups)[:, None]
+        return (F.linear(vec * self._factors(keys, self.stream_u, p, vec.dtype), self.weight_u),
+                F.linear(vec * self._factors(keys, self.stream_v, p, vec.dtype), self.weight_v))
 
 
 # -- K noise replicas of one system -------------------------------------------------------
@@ -197,7 +203,7 @@ class PaiNNInteraction(nn.Module):
         super().__init__()
         self.filter = noisy_stack(block.message.filter, potential)
         self.phi = noisy_stack(block.message.phi, potential)
-        self.U, self.V = NoisyVectorMixing(block.update.U, potential), NoisyVectorMixing(block.update.V, potential)
+        self.UV = VectorMixing(block.update.U, block.update.V, potential)
         self.mlp = noisy_stack(block.update.mlp, potential)
 
 
@@ -253,8 +259,7 @@ class PaiNNEnergy(nn.Module):
         for block in self.interactions:
             w = block.filter(rbf_all, edge_keys, edge_base, edge_groups) * fcut_all[:, None]
             s, v = message_step(block.phi(s, node_keys, node_base, node_groups), s, v, edge_index, w, unit_all)
-            uv = block.U(v, node_keys, node_base, node_groups)
-            vv = block.V(v, node_keys, node_base, node_groups)
+            uv, vv = block.UV(v, node_keys, node_base, node_groups)
             a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups)
             s, v = update_step(a, s, v, uv, vv)
         atomic = (self.scale * self.readout(s).squeeze(-1) + self.shift).reshape(copies, n)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .irreps import channel_multipliers
 from .noise import NoiseState
 
 _TINY = 1e-12
@@ -99,19 +100,6 @@ class VectorLinear(nn.Linear):
     (PaiNN's U and V); :func:`blip.bayes.wrap.wrap` turns it into a :class:`NoisyVectorLinear`."""
 
 
-def noisy_vector_linear(v: torch.Tensor, weight: torch.Tensor, p: torch.Tensor, draws: torch.Tensor,
-                        kind: str) -> torch.Tensor:
-    """One sampled pass of :class:`NoisyVectorLinear`: vectors v (rows, 3, in), rates p (rows,),
-    ``draws`` (rows, in): U(0, 1) for "bernoulli", N(0, 1) otherwise. One factor per (row, input
-    channel), shared by the three Cartesian components."""
-    p = p[:, None]
-    if kind == "bernoulli":
-        factor = (draws >= p).to(v.dtype) / (1.0 - p)
-    else:
-        factor = 1.0 + torch.sqrt(p / (1.0 - p)) * draws
-    return F.linear(v * factor[:, None, :], weight)
-
-
 def vector_channel_norms(v: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
     """Norm of every channel of vector features (rows, 3, channels) -> (rows, channels): invariant
     rate features; ``tiny`` keeps the gradient finite where a channel is zero (a lone atom)."""
@@ -123,7 +111,7 @@ class NoisyVectorLinear(nn.Module):
     ``w_oc (1 + sqrt(alpha) xi_c)``, i.e. Gaussian dropout of the input channels: one factor per
     (row, channel) shared by the three Cartesian components, so it commutes with rotations and
     every fixed-seed sample stays exactly equivariant (as MACE's irreps channels,
-    :class:`blip.bayes.irreps.NoisyIrrepsLinear`). The rate comes from the channels' norms
+    :class:`blip.bayes.irreps.NoisyIrrepsLinear`, with the same factors). The rate comes from the channels' norms
     (invariant); the vector layers of one module (U and V) share the first one's rate
     (:func:`blip.bayes.wrap.wrap`), each with its own draws. Kind "bernoulli" (MC dropout) drops
     whole channels. The KL is the one of :class:`NoisyLinear` (the same noise per weight).
@@ -156,11 +144,8 @@ class NoisyVectorLinear(nn.Module):
                                f"got {tuple(v.shape)}")
         features = vector_channel_norms(v) if ctx.wants_features and self.rate_slot == self.slot else None
         p = ctx.rate(self.domain, self.rate_slot, v.shape[0], features)
-        if ctx.kind == "bernoulli":
-            draws = ctx.uniform(self.domain, self.slot, v.shape[0], self.in_features, v)
-        else:
-            draws = ctx.standard_normal(self.domain, self.slot, v.shape[0], self.in_features, v)
-        return noisy_vector_linear(v, self.weight, p, draws, ctx.kind)
+        factors = channel_multipliers(ctx, p[:, None], self.domain, self.slot, v.shape[0], self.in_features, v)
+        return F.linear(v * factors[:, None, :], self.weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, domain={self.domain}, slot={self.slot}, vectors"
