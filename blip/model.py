@@ -77,6 +77,10 @@ class BayesianPotential(nn.Module):
         feats = self.backbone.domain_features(batch)
         counts = {d: c for d, (_, c) in feats.items()}
         keys = None if seed is None else self._noise_keys(batch, counts, seed)
+        active = None
+        if "noise_free" in batch:  # graphs of the noise-free pass sharing this one: no noise on their rows
+            takes_noise = (~batch["noise_free"]).to(batch["positions"].dtype)
+            active = {d: torch.repeat_interleave(takes_noise, c)[:, None] for d, c in counts.items()}
         if self.method == "blip":
             base = {d: f for d, (f, _) in feats.items()}
             groups = {}  # rows sorted by group once per domain, for all its layers' densities
@@ -92,14 +96,14 @@ class BayesianPotential(nn.Module):
                 return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training,
                                       memo=memo)
 
-            return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features)
+            return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features, active=active)
         p = self.dropout_p
         dtype = batch["positions"].dtype
 
         def fixed(domain, slot, rows, features):
             return torch.full((rows,), p, dtype=dtype, device=batch["positions"].device)
 
-        return NoiseContext(fixed, keys, "bernoulli")
+        return NoiseContext(fixed, keys, "bernoulli", active=active)
 
     def _noise_keys(self, batch: dict, counts: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """Domain -> counter key of every row (rows,), from (seed, replica, structure, row identity)."""
@@ -114,7 +118,9 @@ class BayesianPotential(nn.Module):
         """Energies (G,) eV and forces (N, 3) eV/A of one pass; ``rates`` (the noise rates of every
         noisy layer, for the KL) when sampling BLIP.
 
-        sample: draw noise (a Monte-Carlo sample); False gives the noise-free MAP pass.
+        sample: draw noise (a Monte-Carlo sample); False gives the noise-free MAP pass. Graphs
+        flagged in ``batch["noise_free"]`` (G,) bool take no noise in a sampled pass either: their
+        outputs are those of the MAP pass (up to float rounding), at the cost of one more replica.
         seed: with ``batch["replica"]`` and ``batch["structure_index"]``, makes the noise of each
         (replica, structure) block reproducible; None draws from torch's global generator.
         training: a training step: keep the graph for a loss on the forces (create_graph), and

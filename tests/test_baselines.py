@@ -119,6 +119,38 @@ def test_mc_dropout_is_reproducible_with_a_seed_and_differs_between_seeds(traine
     assert not np.any(np.isclose(a["energy_samples"], m["energy"][None], rtol=0, atol=1e-9))
 
 
+@pytest.mark.parametrize("method", ["blip", "mc_dropout"])
+def test_noise_free_pass_as_one_more_replica_gives_the_same_prediction(trained, atoms, method, monkeypatch):
+    """On a GPU ``predict`` runs the noise-free pass as a noise-free replica of the sampled pass
+    (``batch["noise_free"]``): the same prediction, spreads and samples as with a pass of its own,
+    also when the replicas are split over several passes."""
+    import blip.predictor
+    from blip.data import build_graph, collate
+
+    model = blip.load(trained[method])
+    for m in model.members:
+        m.double()
+    structures = atoms[:2]
+    own_pass = model.predict(structures, samples=5, seed=4)
+    monkeypatch.setattr(blip.predictor.BlipModel, "folds_map_pass", property(lambda self: True))
+    graphs = [build_graph(a, model.cutoff, index=i) for i, a in enumerate(structures)]
+    batch = collate(graphs, dtype=torch.float64)
+    for max_edges in (blip.predictor.MAX_EDGES_PER_PASS, 1):  # 1: each replica a pass of its own
+        monkeypatch.setattr(blip.predictor, "MAX_EDGES_PER_PASS", max_edges)
+        folded = model.predict(structures, samples=5, seed=4)
+        for key in ("energy", "energy_std", "energy_samples"):
+            np.testing.assert_allclose(folded[key], own_pass[key], rtol=0, atol=1e-10)
+        for key in ("forces", "forces_std", "forces_samples"):
+            for a, b in zip(folded[key], own_pass[key]):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+        out = model.sample_batch(batch, 5, 4, noise_free_copy=True)
+        assert out["energy"].shape == (6, 2)
+        map_pass = model.sample_batch(batch, 0, 4)
+        torch.testing.assert_close(out["energy"][5:], map_pass["energy"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(out["forces"][5:], map_pass["forces"], rtol=0, atol=1e-10)
+        assert not torch.allclose(out["energy"][:5], map_pass["energy"].expand(5, 2), rtol=0, atol=1e-6)
+
+
 def test_mc_dropout_rate_is_the_configured_bernoulli_rate(trained):
     model = blip.load(trained["mc_dropout"])
     member = model.members[0]

@@ -18,7 +18,7 @@ from blip.bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, irreps_channel_in
 from blip.build import build_backbone
 from blip.cli import main
 from blip.config import resolve
-from blip.data import build_graph, collate
+from blip.data import build_graph, collate, replicate
 from blip.errors import ConfigError
 from blip.model import BayesianPotential
 from conftest import DATA
@@ -96,6 +96,24 @@ def test_samples_are_reproducible_and_differ_between_seeds(blip_mace_model, acac
     e2, _ = _run(blip_mace_model, atoms, True, seed=2)
     assert np.array_equal(e1, e1b) and np.array_equal(f1, f1b)
     assert abs(e1[0] - e2[0]) > 1e-5
+
+
+@pytest.mark.parametrize("method", ["blip", "mc_dropout"])
+def test_graphs_flagged_noise_free_in_a_sampled_pass_give_the_map_pass(acac_summary, acac_small, method):
+    """``batch["noise_free"]`` (the noise-free replica a GPU predict adds to its sampled pass): with
+    noise on node and edge layers, the flagged graphs' energies and forces are the MAP pass's; the
+    other graphs' are the samples they would be without the flag."""
+    model = _potential(acac_summary, method)
+    batch = replicate(_batch([s.atoms for s in acac_small[:2]]), 3)
+    plain = model(batch, sample=True, seed=5)
+    flagged = model(dict(batch, noise_free=batch["replica"] == 2), sample=True, seed=5)
+    map_pass = model(_batch([s.atoms for s in acac_small[:2]]))
+    n = map_pass["forces"].shape[0]
+    torch.testing.assert_close(flagged["energy"][4:], map_pass["energy"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(flagged["forces"][2 * n:], map_pass["forces"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(flagged["energy"][:4], plain["energy"][:4], rtol=0, atol=1e-10)
+    torch.testing.assert_close(flagged["forces"][:2 * n], plain["forces"][:2 * n], rtol=0, atol=1e-10)
+    assert not torch.allclose(plain["energy"][4:], map_pass["energy"], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- noise off == mace-torch

@@ -192,15 +192,19 @@ def counter_normal(keys: torch.Tensor, stream: int, channels: int, dtype: torch.
     return out[:, :channels].to(dtype)
 
 
-BATCH_ELEMENTS = 2 ** 17  # pairs of draws per batch of kernels: small graphs are dispatch-bound, large
-# ones memory-bound (one big block of several layers ran 1.3-1.8x slower than layer by layer)
+BATCH_ELEMENTS = 2 ** 17  # pairs of draws per batch of kernels on a CPU: small graphs are dispatch-bound,
+# large ones memory-bound (one big block of several layers ran 1.3-1.8x slower than layer by layer)
+BATCH_ELEMENTS_GPU = 2 ** 23  # on a GPU kernel launches cost more than memory traffic: all layers at once
 
 
 def counter_normals(keys: torch.Tensor, layers: list[tuple[int, int]], dtype: torch.dtype,
-                    max_elements: int = BATCH_ELEMENTS) -> list[torch.Tensor]:
+                    max_elements: int | None = None) -> list[torch.Tensor]:
     """:func:`counter_normal` draws of several layers ``[(stream, channels)]`` on the same rows;
     element by element the same numbers as one call per layer. Consecutive layers share one
-    batch of kernels while rows x their pairs of channels stay within ``max_elements``."""
+    batch of kernels while rows x their pairs of channels stay within ``max_elements`` (None:
+    ``BATCH_ELEMENTS`` on a CPU, ``BATCH_ELEMENTS_GPU`` on other devices)."""
+    if max_elements is None:
+        max_elements = BATCH_ELEMENTS if keys.device.type == "cpu" else BATCH_ELEMENTS_GPU
     out: list[torch.Tensor] = []
     group: list[tuple[int, int]] = []
     size = 0
@@ -266,6 +270,8 @@ class NoiseContext:
     learns it from the first pass): the first request of a domain draws all its layers' numbers
     in one batch of kernels (the same numbers as layer by layer), the others take theirs.
     requested: (domain, slot, channels) of every normal draw asked for, in order (passes without a plan).
+    active: domain -> (rows, 1), 1 for rows that take noise and 0 for those of noise-free graphs
+    (``batch["noise_free"]``: a noise-free copy sharing the sampled pass); None: every row takes noise.
     """
 
     provider: RateProvider
@@ -275,6 +281,7 @@ class NoiseContext:
     used: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     plan: dict[str, list[tuple[int, int]]] | None = None
     requested: list[tuple[str, int, int]] = field(default_factory=list)
+    active: dict[str, torch.Tensor] | None = None
     _drawn: dict[tuple[str, torch.dtype], dict[tuple[int, int], torch.Tensor]] = field(default_factory=dict)
     _scales: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
@@ -292,6 +299,8 @@ class NoiseContext:
         if features is None and key in self.used:
             return self.used[key]
         p = self.provider(domain, slot, rows, features)
+        if self.active is not None and self.kind == "bernoulli":  # dropout rate 0: the noise-free pass
+            p = p * self.active[domain][:, 0]
         self.used[key] = p
         self._scales.pop(key, None)
         return p
@@ -307,7 +316,12 @@ class NoiseContext:
         return scale
 
     def standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
-        """N(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``."""
+        """N(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``;
+        zero on the rows of noise-free graphs (``active``): every Gaussian kind is then exactly noise-free there."""
+        draws = self._standard_normal(domain, slot, rows, channels, like)
+        return draws if self.active is None else draws * self.active[domain].to(draws.dtype)
+
+    def _standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
         keys = self._keys(domain, rows)
         if keys is None:
             return torch.randn((rows, channels), dtype=like.dtype, device=like.device)

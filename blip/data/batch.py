@@ -19,7 +19,7 @@ ATOM_KEYS = frozenset({"positions", "numbers", "batch", "forces"})
 FLOAT64_KEYS = frozenset({"energy"})
 EDGE_KEYS = frozenset({"edge_index", "shifts", "unit_shifts"})
 GRAPH_KEYS = frozenset(
-    {"cell", "pbc", "n_atoms", "n_edges", "structure_index", "energy", "replica", "stress"}
+    {"cell", "pbc", "n_atoms", "n_edges", "structure_index", "energy", "replica", "stress", "noise_free"}
 )
 
 
