@@ -55,6 +55,16 @@ def test_sampled_stress_has_a_spread_and_its_keys(lj_si_model):
                                rtol=1e-12)
 
 
+def test_stress_is_the_same_when_the_noise_free_pass_is_a_replica_of_the_sampled_one(lj_si_model, monkeypatch):
+    """On a GPU ``predict`` folds the noise-free pass into the sampled one (``folds_map_pass``)."""
+    cells = lj_si_cells(2, seed=8)
+    own_pass = lj_si_model.predict(cells, samples=3, seed=5)
+    monkeypatch.setattr(blip.predictor.BlipModel, "folds_map_pass", property(lambda self: True))
+    folded = lj_si_model.predict(cells, samples=3, seed=5)
+    for key in ("stress", "stress_std", "stress_samples", "energy"):
+        np.testing.assert_allclose(folded[key], own_pass[key], rtol=0, atol=1e-10)
+
+
 def test_open_structures_report_no_stress(lj_si_model):
     molecule = ase.Atoms("Si3", positions=[[0, 0, 0], [2.3, 0, 0], [0, 2.3, 0.2]])
     molecule.calc = blip.Calculator(lj_si_model, samples=2, seed=0)
