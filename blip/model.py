@@ -80,7 +80,8 @@ class BayesianPotential(nn.Module):
         active = None
         if "noise_free" in batch:  # graphs of the noise-free pass sharing this one: no noise on their rows
             takes_noise = (~batch["noise_free"]).to(batch["positions"].dtype)
-            active = {d: torch.repeat_interleave(takes_noise, c)[:, None] for d, c in counts.items()}
+            active = {d: torch.repeat_interleave(takes_noise, c, output_size=f.shape[0])[:, None]  # no device sync
+                      for d, (f, c) in feats.items()}
         if self.method == "blip":
             base = {d: f for d, (f, _) in feats.items()}
             groups = {}  # rows sorted by group once per domain, for all its layers' densities
