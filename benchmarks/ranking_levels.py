@@ -1,0 +1,75 @@
+"""Where a force sigma's ranking of the errors comes from: between structures or within them.
+
+    OMP_NUM_THREADS=1 python benchmarks/ranking_levels.py RUNS_DIR --sets oxirane_gfn2.xyz \
+        [--methods blip,ensemble] [--test low_energy] [--seeds 0,1,2] [--data ../shared/data]
+
+RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` run. For each seed and
+method, on one test set of the experiment (its structures rebuilt from the protocol's split),
+with the force sigma scaled by the factor fitted on the validation split (as ``blip train`` does):
+the recalibrated NLL per force component (nats); the NLL with the best single factor on the test
+set itself ("oracle": what is lost to the scale found on validation); the NLL of a constant
+sigma equal to the RMSE (no ranking); the Spearman rank correlation of the structures' RMS error
+with their RMS sigma (between structures) and the mean of the per-structure Spearman of |error|
+with sigma over components (within structures).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+import blip
+from blip.bench.protocols import Options, build_plan, data_dir
+from blip.bench.runner import score
+from blip.uq.metrics import nll
+from blip.uq.recalibration import fit_scale
+
+
+def force_arrays(model, structures, seed: int):
+    """Residuals, raw sigma and structure index of every force component (flat)."""
+    pred = model.predict([s.atoms for s in structures], samples=None, seed=seed)
+    forces = score(structures, pred)["forces"]
+    structure = np.concatenate([np.full(3 * len(s.atoms), i) for i, s in enumerate(structures)])
+    return forces["ref"] - forces["pred"], forces["std"], structure
+
+
+def per_structure_rms(values: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    n = structure.max() + 1
+    return np.sqrt(np.bincount(structure, values ** 2, n) / np.bincount(structure, None, n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir")
+    parser.add_argument("--sets", required=True, help="the experiment (as for blip bench --sets)")
+    parser.add_argument("--methods", default="blip,ensemble")
+    parser.add_argument("--test", default="low_energy")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        plan = build_plan("energy-split", data_dir(args.data), Options(seed=seed, experiments=[args.sets]))
+        exp = plan.experiments[0]
+        test = next(t for t in exp.tests if t.name == args.test)
+        for method in args.methods.split(","):
+            model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / exp.name / method / "model_calibrated.pt"))
+            model.calibration = {"energy": 1.0, "forces": 1.0}
+            err_v, sigma_v, _ = force_arrays(model, exp.valid, seed)
+            err, sigma, structure = force_arrays(model, test.structures, seed)
+            sigma = fit_scale(err_v, sigma_v) * sigma
+            rmse = float(np.sqrt(np.mean(err ** 2)))
+            between = spearmanr(per_structure_rms(err, structure), per_structure_rms(sigma, structure))[0]
+            within = np.nanmean([spearmanr(np.abs(err[structure == g]), sigma[structure == g])[0]
+                                 for g in range(structure.max() + 1)])
+            print(f"seed {seed} {method:9s} F RMSE {rmse * 1000:6.1f} meV/A  NLL {nll(err, sigma):7.3f}  "
+                  f"oracle {nll(err, fit_scale(err, sigma) * sigma):7.3f}  constant {nll(err, np.full_like(err, rmse)):7.3f}  "
+                  f"Spearman between structures {between:.2f}, within {within:.2f}")
+
+
+if __name__ == "__main__":
+    main()
