@@ -1,7 +1,7 @@
 """Where a force sigma's ranking of the errors comes from: between structures or within them.
 
     OMP_NUM_THREADS=1 python benchmarks/ranking_levels.py RUNS_DIR --sets oxirane_gfn2.xyz \
-        [--methods blip,ensemble] [--test low_energy] [--seeds 0,1,2] [--data ../shared/data]
+        [--methods blip,ensemble] [--test low_energy] [--seeds 0,1,2] [--data ../shared/data] [--only-slots 0,4]
 
 RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` run. For each seed and
 method, on one test set of the experiment (its structures rebuilt from the protocol's split),
@@ -10,7 +10,9 @@ the recalibrated NLL per force component (nats); the NLL with the best single fa
 set itself ("oracle": what is lost to the scale found on validation); the NLL of a constant
 sigma equal to the RMSE (no ranking); the Spearman rank correlation of the structures' RMS error
 with their RMS sigma (between structures) and the mean of the per-structure Spearman of |error|
-with sigma over components (within structures).
+with sigma over components (within structures). ``--only-slots``: BLIP's sigma from the noise of
+these noisy layers only (slots of the node domain, listed with their layer names; the rates of
+every other layer multiplied by 1e-8), the model otherwise as trained.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ def force_arrays(model, structures, seed: int):
     return forces["ref"] - forces["pred"], forces["std"], structure
 
 
+def keep_noise_of(model, slots: set[int]) -> None:
+    """Scale the rates of every noisy layer whose slot is not in ``slots`` by 1e-8 (in each member)."""
+    for potential in model.members:
+        print("noisy layers:", ", ".join(f"{i} {name}" for i, name in enumerate(potential.layers["node"])))
+        rate = potential.inference.rate
+
+        def only(domain, slot, *args, _rate=rate, **kwargs):
+            p = _rate(domain, slot, *args, **kwargs)
+            return p if slot in slots else p * 1e-8
+
+        potential.inference.rate = only
+
+
 def per_structure_rms(values: np.ndarray, structure: np.ndarray) -> np.ndarray:
     n = structure.max() + 1
     return np.sqrt(np.bincount(structure, values ** 2, n) / np.bincount(structure, None, n))
@@ -50,6 +65,7 @@ def main() -> None:
     parser.add_argument("--test", default="low_energy")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--only-slots", default=None, help="comma-separated node slots whose noise to keep")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -59,6 +75,8 @@ def main() -> None:
         for method in args.methods.split(","):
             model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / exp.name / method / "model_calibrated.pt"))
             model.calibration = {"energy": 1.0, "forces": 1.0}
+            if args.only_slots is not None and method == "blip":
+                keep_noise_of(model, {int(s) for s in args.only_slots.split(",")})
             err_v, sigma_v, _ = force_arrays(model, exp.valid, seed)
             err, sigma, structure = force_arrays(model, test.structures, seed)
             sigma = fit_scale(err_v, sigma_v) * sigma

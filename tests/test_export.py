@@ -64,7 +64,7 @@ def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, backbone: 
     torch.manual_seed(seed)
     summary = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -107.2},
                              energy_shift=-1.0, force_scale=0.5)
-    noise = {k: uq.pop(k) for k in ("edge_noise", "vector_noise") if k in uq}
+    noise = {k: uq.pop(k) for k in ("edge_noise", "vector_noise", "message_noise") if k in uq}
     cfg = config.resolve({"model": {"backbone": backbone, **MODEL_SETTINGS[backbone],
                                     "dtype": "float64", **noise},
                           "uq": {"method": method, "samples": 4, "p_init": 0.05, "dropout_p": 0.2, **uq}})
@@ -186,7 +186,7 @@ def test_per_atom_energies_and_selected_atoms(exported_path, model):
     assert float(part["energy"].block().values[0, 0]) == pytest.approx(values[[0, 3, 5]].sum(), abs=TOL)
 
 
-@pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "vector_noise", "mc_dropout_vector_noise",
+@pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "vector_noise", "message_noise", "mc_dropout_vector_noise",
                                      "predict_mean_samples", "independent", "mahalanobis", "both_distances",
                                      "nearest"])
 def test_variants_equal_blip_calculator(variant, tmp_path):
@@ -198,6 +198,8 @@ def test_variants_equal_blip_calculator(variant, tmp_path):
         model = tiny_model(edge_noise=True)
     elif variant == "vector_noise":
         model = tiny_model(vector_noise=True)
+    elif variant == "message_noise":
+        model = tiny_model(message_noise=True)
     elif variant == "mc_dropout_vector_noise":
         model = tiny_model("mc_dropout", vector_noise=True)
     elif variant == "predict_mean_samples":

@@ -30,9 +30,10 @@ def _batch(atoms_list, dtype=torch.float64, labels=None):
 
 @pytest.fixture
 def potential(acac_summary, acac_small):
-    """Tiny BLIP-PaiNN (vector noise on) whose rates depend on hidden features and their distance from acac_small."""
+    """Tiny BLIP-PaiNN (message and vector noise on) whose rates depend on hidden features and their distance from acac_small."""
     torch.manual_seed(0)
-    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8, vector_noise=True),
+    model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=16, interactions=2, radial=8, vector_noise=True,
+                                    message_noise=True),
                               p_init=0.05, weight_noise="per_input").double()
     for head in model.inference.heads_list():
         torch.nn.init.normal_(head.net[2].weight, std=0.5)

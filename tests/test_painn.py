@@ -114,6 +114,19 @@ def test_vector_noise_is_an_option_off_by_default_and_for_older_model_files(acac
     assert not [n for n in layers if n.endswith((".U", ".V"))]
 
 
+def test_message_noise_is_an_option_off_by_default_and_on_for_older_model_files(acac_summary):
+    cfg = resolve({"model": {"backbone": "painn", "features": 8, "interactions": 3, "radial": 4}})["model"]
+    assert cfg["message_noise"] is False
+    assert BayesianPotential(build_backbone(cfg, acac_summary)).layers["node"] == [
+        f"interactions.{i}.update.mlp.{j}" for i in range(3) for j in (0, 2)]
+    cfg["message_noise"] = True
+    phi = [n for n in BayesianPotential(build_backbone(cfg, acac_summary)).layers["node"] if ".message.phi." in n]
+    assert phi == [f"interactions.{i}.message.phi.{j}" for i in (1, 2) for j in (0, 2)]  # not interaction 0's
+    older = {k: v for k, v in cfg.items() if k != "message_noise"}  # a file written before the key
+    assert [n for n in BayesianPotential(build_backbone(older, acac_summary)).layers["node"]
+            if ".message.phi." in n] == phi
+
+
 def test_vector_noise_alone_changes_a_sample(acac_summary, acac_small):
     """The channel noise of U and V reaches the energy: with every other layer's rate at zero a
     sample still differs from the noise-free pass."""

@@ -43,7 +43,7 @@ def _varying_rates(model: BayesianPotential, std: float) -> BayesianPotential:
 
 def _painn(method):
     cfg = resolve({"model": {"backbone": "painn", "cutoff": 4.0, "features": 16, "interactions": 2, "radial": 8,
-                             "vector_noise": True}})  # noise on every layer type
+                             "vector_noise": True, "message_noise": True}})  # noise on every layer type
     torch.manual_seed(0)
     return _varying_rates(BayesianPotential(build_backbone(cfg["model"], SUMMARY), method, p_init=0.2), 0.5)
 
