@@ -11,8 +11,9 @@ set itself ("oracle": what is lost to the scale found on validation); the NLL of
 sigma equal to the RMSE (no ranking); the Spearman rank correlation of the structures' RMS error
 with their RMS sigma (between structures) and the mean of the per-structure Spearman of |error|
 with sigma over components (within structures). ``--only-slots``: BLIP's sigma from the noise of
-these noisy layers only (slots of the node domain, listed with their layer names; the rates of
-every other layer multiplied by 1e-8), the model otherwise as trained.
+these noisy MLPs only (node-domain slots, printed with their layer names; an MLP's layers share the
+rate of its first layer's slot, so name that one), the rates of every other MLP multiplied by
+1e-8, the model otherwise as trained.
 """
 
 from __future__ import annotations
