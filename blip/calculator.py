@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
+from .allocator import keep_freed_memory
+
 MODES = ("sample", "map")
 
 #: Extra result keys stored per structure (info) and per atom (arrays) by :func:`store_results`.
@@ -57,6 +59,10 @@ class BlipCalculator(Calculator):
         in float32 are only good to ~1 meV).
     map_pass: False skips the noise-free pass of "sample" mode: energy and forces are then the
         sample means and the spreads are about them (with it they are about the noise-free pass).
+
+    Creating one keeps freed memory in the process (:func:`blip.allocator.keep_freed_memory`, as
+    every ``blip`` command does: sampled passes reuse their large blocks instead of faulting them
+    in again); the environment variable ``BLIP_KEEP_FREED_MEMORY=0`` turns that off.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
@@ -65,6 +71,7 @@ class BlipCalculator(Calculator):
                  device: str = "cpu", mode: str = "sample", dtype: str | None = None, map_pass: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
+        keep_freed_memory()
         if isinstance(model, (str, Path)):
             from .io import load
 

@@ -249,8 +249,11 @@ def _extra_commands():
 
 
 def main(argv=None) -> int:
+    from .allocator import keep_freed_memory
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # large tensors reused, not faulted in again (blip.allocator)
     try:
         return args.func(args)
     except BlipError as exc:

@@ -29,6 +29,7 @@ import torch
 
 from .. import config as config_mod
 from .._files import write_text_atomic
+from ..allocator import release_freed_memory
 from ..backbones.base import DatasetSummary
 from ..build import build_potential
 from ..data import read_structures
@@ -150,6 +151,8 @@ def peak_memory_mb(fn) -> float | None:
     """Peak resident memory (MiB) reached while ``fn`` runs, above the resident memory before it.
 
     Linux only (resets the kernel's high-water mark through /proc/self/clear_refs); None elsewhere.
+    Freed heap memory is given back first (:func:`blip.allocator.release_freed_memory`), so memory
+    kept from earlier calls does not hide this one's.
     """
     status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
     if not (status.is_file() and clear.exists()):
@@ -161,6 +164,7 @@ def peak_memory_mb(fn) -> float | None:
                 return int(line.split()[1]) / 1024
         return None
 
+    release_freed_memory()
     try:
         clear.write_text("5")
     except OSError:
