@@ -3,8 +3,8 @@
 A sampled predict allocates and frees tensors of several MiB (K replicas x edges x channels)
 many times per call. With glibc's defaults freed memory at the top of the heap goes back to
 the operating system, and the next allocation of the same size faults every page in again (the
-kernel zeroes it): on 2 CPU cores that made a K = 16 predict of a 64-atom Si cell about 1.4x
-slower (docs/results/cost/README.md, "allocator"). ``blip`` commands call
+kernel zeroes it): on one CPU thread that made a K = 16 predict 1.2x (8 acetylacetone molecules)
+to 1.4x (a 64-atom Si cell) slower (docs/results/cost/README.md, "keep freed memory"). ``blip`` commands call
 :func:`keep_freed_memory` at start; Python callers (an ASE script) may call it themselves.
 The price: the process keeps up to ``trim_threshold`` of freed memory after a peak.
 """
