@@ -12,6 +12,7 @@ The price: the process keeps up to ``trim_threshold`` of freed memory after a pe
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -20,6 +21,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MIB = 1024 * 1024
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     """The process's C library when it is glibc (Linux), else None."""
     if not sys.platform.startswith("linux"):

@@ -5,7 +5,8 @@ Noise goes on the update MLPs (node rows); with ``message_noise`` also on the me
 ranked the errors worse, and without it the recalibrated NLL was lower on 16 of 21
 benchmark figures, docs/results/energy-split); with ``vector_noise`` on the vector-mixing
 matrices U and V (Gaussian dropout of whole vector channels, exactly equivariant; off by
-default: a little better in and near the training distribution, 20 % dearer to sample); the
+default: better forces in and near the training distribution, but worse energies along
+bond-breaking paths, 20 % dearer to sample, and some samples run away far out); the
 radial ``filter`` stays deterministic unless ``edge_noise`` is set (noise on a function of
 distances alone adds spread that does not grow away from the training data).
 """
