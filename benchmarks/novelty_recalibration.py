@@ -1,10 +1,11 @@
 """A recalibration that also widens σ with a structure's distance from the training features, on finished runs.
 
     OMP_NUM_THREADS=1 python benchmarks/novelty_recalibration.py RUNS_DIR --sets ammonia \
-        [--seeds 0,1,2] [--data ../shared/data]
+        [--protocol energy-split] [--seeds 0,1,2] [--data ../shared/data]
 
-RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` run with BLIP
-(``seedS/SET/blip/model_calibrated.pt``). For every seed the model predicts its validation split
+RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` (or, with ``--protocol
+ood-ethanol`` and no ``--sets``, ``blip bench ood-ethanol``) run with BLIP
+(``seedS/SET/blip/model_calibrated.pt``); test sets without forces (energy paths) are skipped. For every seed the model predicts its validation split
 and test sets without calibration (force spreads per atom or per component, as its recalibration
 chose; K = the model's default). Each structure's novelty ``nu`` is the mean over its atoms and the
 noisy node layers of ``log m``, ``m`` the squared Mahalanobis distance over the width of the
@@ -91,16 +92,19 @@ def fit_novelty(err: np.ndarray, sigma: np.ndarray, nu: np.ndarray) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir")
-    parser.add_argument("--sets", required=True, help="the experiment (as for blip bench --sets)")
+    parser.add_argument("--sets", default=None, help="the experiment (as for blip bench --sets)")
+    parser.add_argument("--protocol", default="energy-split")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        plan = build_plan("energy-split", data_dir(args.data), Options(seed=seed, experiments=[args.sets]))
+        plan = build_plan(args.protocol, data_dir(args.data),
+                          Options(seed=seed, experiments=[args.sets] if args.sets else None))
         exp = plan.experiments[0]
-        model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / exp.name / "blip" / "model_calibrated.pt"))
+        folder = exp.name.replace("=", "") or "run"  # as blip bench names its runs
+        model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / "blip" / "model_calibrated.pt"))
         model.calibration = {"energy": 1.0, "forces": 1.0}
         err_v, sigma_v, structure_v = force_arrays(model, exp.valid, seed)
         nu_v = novelty(model, exp.valid, seed)
@@ -108,6 +112,8 @@ def main() -> None:
         s_scale = fit_scale(err_v, sigma_v)
         s_nov, b = fit_novelty(err_v, sigma_v, nu_v[structure_v] - centre)
         for test in exp.tests:
+            if any(s.forces is None for s in test.structures):
+                continue  # an energy-only path
             err, sigma, structure = force_arrays(model, test.structures, seed)
             nu = novelty(model, test.structures, seed)[structure] - centre
             plain, widened = s_scale * sigma, s_nov * sigma * np.exp(b * nu)
