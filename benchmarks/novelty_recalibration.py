@@ -1,7 +1,7 @@
 """A recalibration that also widens σ with a structure's distance from the training features, on finished runs.
 
     OMP_NUM_THREADS=1 python benchmarks/novelty_recalibration.py RUNS_DIR --sets ammonia \
-        [--protocol energy-split] [--seeds 0,1,2] [--data ../shared/data]
+        [--protocol energy-split] [--seeds 0,1,2] [--data ../shared/data] [--distance euclidean] [--per-atom]
 
 RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` (or, with ``--protocol
 ood-ethanol`` and no ``--sets``, ``blip bench ood-ethanol``) run with BLIP
@@ -9,8 +9,10 @@ ood-ethanol`` and no ``--sets``, ``blip bench ood-ethanol``) run with BLIP
 and test sets without calibration (force spreads per atom or per component, as its recalibration
 chose; K = the model's default). Each structure's novelty ``nu`` is the mean over its atoms and the
 noisy node layers of ``log m``, ``m`` the squared Mahalanobis distance over the width of the
-layer's input features from the training statistics (``FeatureDensity.distance``; the features of
-one sampled pass with the run's seed). Two maps from the raw force sigma to a calibrated one are
+layer's input features from the training statistics (``FeatureDensity.distance``; with
+``--distance euclidean`` the Euclidean one, ``FeatureDensity.euclidean``; the features of one
+sampled pass with the run's seed); with ``--per-atom`` each atom's own mean over the layers
+widens its force spread instead. Two maps from the raw force sigma to a calibrated one are
 fitted on the validation split only, by Gaussian NLL, and scored on every test set:
 
 * ``scale``: ``s sigma`` (what ``blip train`` fits);
@@ -47,8 +49,9 @@ def force_arrays(model, structures, seed: int):
     return forces["ref"] - forces["pred"], forces["std"], structure
 
 
-def novelty(model, structures, seed: int) -> np.ndarray:
-    """Mean log squared feature distance of each structure (n,) over its atoms and noisy node layers."""
+def novelty(model, structures, seed: int, distance: str = "mahalanobis", per_atom: bool = False) -> np.ndarray:
+    """Mean log squared feature distance over the noisy node layers and the atoms of each structure (n,)
+    or, ``per_atom``, of each atom (atoms,)."""
     potential = model.members[0]
     rate = potential.inference.rate
     seen: list[torch.Tensor] = []
@@ -60,7 +63,8 @@ def novelty(model, structures, seed: int) -> np.ndarray:
             if index is None:
                 index = features.new_zeros(features.shape[0], dtype=torch.long)
             with torch.no_grad():
-                seen.append(density.distance(features, index).log())
+                m = density.euclidean(features, index) if distance == "euclidean" else density.distance(features, index)
+                seen.append(m.log())
         return rate(domain, slot, base, features, groups, *args, **kwargs)
 
     potential.inference.rate = recording
@@ -73,9 +77,9 @@ def novelty(model, structures, seed: int) -> np.ndarray:
             seen.clear()
             with torch.no_grad():
                 potential.rates(batch, seed=seed)
-            per_atom = torch.stack(seen, dim=1).mean(dim=1)
-            out.append(torch.zeros(len(chunk), dtype=per_atom.dtype).index_add(0, batch["batch"], per_atom)
-                       / batch["n_atoms"].to(per_atom.dtype))
+            atoms = torch.stack(seen, dim=1).mean(dim=1)
+            out.append(atoms if per_atom else torch.zeros(len(chunk), dtype=atoms.dtype).index_add(
+                0, batch["batch"], atoms) / batch["n_atoms"].to(atoms.dtype))
     finally:
         potential.inference.rate = rate
     return torch.cat(out).numpy()
@@ -96,7 +100,11 @@ def main() -> None:
     parser.add_argument("--protocol", default="energy-split")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--distance", default="mahalanobis", choices=("mahalanobis", "euclidean"))
+    parser.add_argument("--per-atom", action="store_true")
     args = parser.parse_args()
+    atom_of = (lambda structure, n_components: np.repeat(np.arange(n_components // 3), 3)) if args.per_atom else \
+        (lambda structure, n_components: structure)
     torch.set_num_threads(1)
     rows: dict[str, list[tuple[float, float, float, float]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -107,15 +115,15 @@ def main() -> None:
         model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / "blip" / "model_calibrated.pt"))
         model.calibration = {"energy": 1.0, "forces": 1.0}
         err_v, sigma_v, structure_v = force_arrays(model, exp.valid, seed)
-        nu_v = novelty(model, exp.valid, seed)
+        nu_v = novelty(model, exp.valid, seed, args.distance, args.per_atom)
         centre = float(nu_v.mean())
         s_scale = fit_scale(err_v, sigma_v)
-        s_nov, b = fit_novelty(err_v, sigma_v, nu_v[structure_v] - centre)
+        s_nov, b = fit_novelty(err_v, sigma_v, nu_v[atom_of(structure_v, len(err_v))] - centre)
         for test in exp.tests:
             if any(s.forces is None for s in test.structures):
                 continue  # an energy-only path
             err, sigma, structure = force_arrays(model, test.structures, seed)
-            nu = novelty(model, test.structures, seed)[structure] - centre
+            nu = novelty(model, test.structures, seed, args.distance, args.per_atom)[atom_of(structure, len(err))] - centre
             plain, widened = s_scale * sigma, s_nov * sigma * np.exp(b * nu)
             row = (nll(err, plain), coverage(err, plain, 0.95), nll(err, widened), coverage(err, widened, 0.95))
             rows.setdefault(test.name, []).append(row)
