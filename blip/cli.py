@@ -50,8 +50,8 @@ def _train(cfg, args) -> int:
                               seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
         print(f"recalibrated on the {where}: standard deviations x "
-              + ", ".join(f"{q} {f:.3g}" for q, f in factors.items())
-              + f"; force spread per {model.force_std}", file=sys.stderr)
+              + ", ".join(f"{q} {f:.3g}" for q, f in factors.items() if q in ("energy", "forces", "stress"))
+              + f"; force spread per {model.force_std}" + _widening_text(model.calibration), file=sys.stderr)
     elif model.method != "deterministic":
         print("uq.recalibrate is off: the uncertainties are the samples' raw spread, which for BLIP is "
               "typically several times too small in distribution; fit the scale on labelled held-out data "
@@ -151,6 +151,14 @@ def _evaluate(args) -> int:
 
 
 # -- calibrate -----------------------------------------------------------------------
+def _widening_text(calibration: dict) -> str:
+    """How recalibration widens each atom's force spread with its feature distance ("" when it does not)."""
+    if "forces_novelty" not in calibration:
+        return ""
+    return (f"; each atom's force spread also x exp({calibration['forces_novelty']:.3g} "
+            f"(novelty - {calibration['novelty_centre']:.3g}))")
+
+
 def cmd_calibrate(args) -> int:
     from .data import read_labelled
     from .io import load, save_model
@@ -161,7 +169,8 @@ def cmd_calibrate(args) -> int:
     recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
     print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
-          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std}); wrote {args.output}")
+          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std})"
+          f"{_widening_text(model.calibration)}; wrote {args.output}")
     return 0
 
 

@@ -62,6 +62,7 @@ DEFAULTS: dict = {
         "dropout_p": 0.1,            # MC dropout baseline
         "ensemble_size": 5,
         "recalibrate": True,
+        "novelty_widening": True,    # recalibration also widens each atom's force spread with its feature distance
     },
     "training": {
         "epochs": 100,
@@ -99,7 +100,7 @@ DEFAULTS: dict = {
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "force_std": "component",
-           "dropout_p": 0.05},
+           "dropout_p": 0.05, "novelty_widening": False},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
 

@@ -26,20 +26,23 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
     ``split``: under ``torchrun`` (every rank calling this) the structures are split over the
     ranks and rank 0 gets the results (the other ranks (None, None)).
     Returns (metrics, arrays): metrics as in ``blip evaluate --json``; arrays
-    ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation)
+    ``{quantity: {"ref", "pred", "std"}}`` flat numpy arrays (std = standard deviation; forces also
+    ``novelty``, each component's atom's log feature distance, where the prediction has it)
     for plots, reports and recalibration. ``stress`` (Voigt components, eV/A^3) is scored
     when every structure is periodic and has a stress label.
     """
     with_stress = bool(structures) and all(s.stress is not None for s in structures)
     predict = model.predict_distributed if split else model.predict
     pred = predict([s.atoms for s in structures], samples=samples, seed=seed, progress=progress, source=source,
-                   stress=with_stress)
+                   stress=with_stress, novelty=True)
     if pred is None:  # a rank other than 0 of a distributed run: rank 0 scores the gathered predictions
         return None, None
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
     metrics, arrays = evaluate_predictions(*args), prediction_arrays(*args)
+    if "atom_novelty" in pred:  # each atom's log feature distance, for each force component
+        arrays["forces"]["novelty"] = np.repeat(np.concatenate(pred["atom_novelty"]), 3)
     if with_stress:
         ref = full_to_voigt(np.stack([s.stress for s in structures])).ravel()
         arrays["stress"] = {"ref": ref, "pred": pred["stress"].ravel(), "std": pred["stress_std"].ravel()}

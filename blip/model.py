@@ -67,13 +67,22 @@ class BayesianPotential(nn.Module):
                 shrinkage=float(u["distance_shrinkage"]), metric=u["distance_metric"])
 
     @property
+    def wants_novelty(self) -> bool:
+        """Whether sampled passes can give each atom's feature distance (BLIP with feature-based rates
+        on a "node" domain of atom rows)."""
+        return (self.method == "blip" and self.inference is not None and self.inference.wants_features
+                and "node" in self.layers)  # atom rows (PaiNN, MACE; CHGNet's domains are its own)
+
+    @property
     def stochastic(self) -> bool:
         return self.method in ("blip", "mc_dropout")
 
-    def _context(self, batch: dict, seed: int | None, update: bool, training: bool = False) -> NoiseContext:
+    def _context(self, batch: dict, seed: int | None, update: bool, training: bool = False,
+                 novelty: list | None = None) -> NoiseContext:
         """Noise context of one pass; ``seed``: reproducible counter-based draws (None: global RNG);
         ``update``: feature statistics follow this batch; ``training``: a training step (rate
-        inputs may enter detached, ``uq.detach_rate_inputs``)."""
+        inputs may enter detached, ``uq.detach_rate_inputs``); ``novelty``: a list that collects the
+        rows' log feature distances (:meth:`InferenceNet.rate`)."""
         feats = self.backbone.domain_features(batch)
         counts = {d: c for d, (_, c) in feats.items()}
         keys = None if seed is None else self._noise_keys(batch, counts, seed)
@@ -95,7 +104,7 @@ class BayesianPotential(nn.Module):
 
             def provider(domain, slot, rows, features):
                 return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training,
-                                      memo=memo)
+                                      memo=memo, novelty=novelty)
 
             return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features, active=active)
         p = self.dropout_p
@@ -115,7 +124,8 @@ class BayesianPotential(nn.Module):
                 for d in self.layers}
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
-                forces: bool = True, training: bool = False, stress: bool = False) -> dict[str, torch.Tensor]:
+                forces: bool = True, training: bool = False, stress: bool = False,
+                novelty: bool = False) -> dict[str, torch.Tensor]:
         """Energies (G,) eV and forces (N, 3) eV/A of one pass; ``rates`` (the noise rates of every
         noisy layer, for the KL) when sampling BLIP.
 
@@ -129,6 +139,9 @@ class BayesianPotential(nn.Module):
         stress: also ``stress`` (G, 3, 3) eV/A^3, the derivative of the energy with respect to a
         symmetric strain of cell and positions over the cell volume (ASE's sign convention);
         rows of graphs without a periodic cell of non-zero volume are NaN.
+        novelty: also ``novelty`` (N,), each atom's mean over the noisy node layers of the log squared
+        Mahalanobis distance of the layer's input features from the training statistics (a sampled
+        BLIP pass whose rate heads see features; no gradient).
         """
         batch = self.backbone.prepare(dict(batch))
         positions = batch["positions"]
@@ -138,11 +151,15 @@ class BayesianPotential(nn.Module):
         strain = apply_strain(batch) if stress else None
         out: dict[str, torch.Tensor] = {}
         ctx = None
+        distances: list | None = [] if novelty and self.wants_novelty else None
         if sample and self.stochastic:
-            ctx = self._context(batch, seed, update=training, training=training)
+            ctx = self._context(batch, seed, update=training, training=training, novelty=distances)
         with self.noise_state.use(ctx):
             energy = self.backbone.energy(batch)
         out["energy"] = energy
+        node = [nu for domain, nu in distances or [] if domain == "node"]
+        if node:
+            out["novelty"] = torch.stack(node, dim=1).mean(dim=1)
         if ctx is not None and self.method == "blip":
             out["rates"] = dict(ctx.used)  # the KL is the caller's (training), not every sampled pass's
         wrt = ([positions] if forces else []) + ([strain] if stress else [])

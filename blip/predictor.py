@@ -92,6 +92,8 @@ class BlipModel:
 
         samples=0 gives the MAP pass only (K = 1). For an ensemble K is the number of
         members. Otherwise the batch is replicated K times and sampled in one pass;
+        BLIP models whose rate heads see features also return ``novelty`` (K, N): each atom's log
+        feature distance in each sample (:meth:`BayesianPotential.forward`).
         ``noise_free_copy`` adds the noise-free (MAP) pass as one more replica in the same pass,
         the last entry (K + 1 in all): on a GPU, where small passes cost their kernel launches,
         that is nearly free (``predict`` does it there, see :attr:`folds_map_pass`).
@@ -108,7 +110,8 @@ class BlipModel:
         per_copy = int(batch["n_edges"].sum()) + n
         copies = samples + int(noise_free_copy)
         group = max(1, min(copies, self.max_edges_per_pass // max(per_copy, 1)))
-        parts = {key: [] for key in keys}
+        novelty = model.wants_novelty
+        parts = {key: [] for key in keys + (("novelty",) if novelty else ())}
         shared = model.backbone.shared_terms(batch) or {}  # noise-free terms, once for all replicas
         for first in range(0, copies, group):  # large structures: replicas in groups
             k = min(group, copies - first)
@@ -117,8 +120,10 @@ class BlipModel:
             if noise_free_copy:
                 rep["noise_free"] = rep["replica"] == samples
             rep.update(shared)
-            out = model(rep, sample=True, seed=seed, stress=stress)
+            out = model(rep, sample=True, seed=seed, stress=stress, novelty=novelty)
             parts["energy"].append(out["energy"].detach().reshape(k, g))
+            if novelty:
+                parts["novelty"].append(out["novelty"].detach().reshape(k, n))
             parts["forces"].append(out["forces"].detach().reshape(k, n, 3))
             if stress:
                 parts["stress"].append(out["stress"].detach().reshape(k, g, 3, 3))
@@ -127,7 +132,7 @@ class BlipModel:
     # -- user API --------------------------------------------------------------------
     def predict(self, atoms_list, samples: int | None = None, seed: int | None = None,
                 progress: bool = False, source: str = "input", stress: bool | None = None, indices=None,
-                map_pass: bool = True, map_values: dict | None = None) -> dict:
+                map_pass: bool = True, map_values: dict | None = None, novelty: bool = False) -> dict:
         """Predict energies and forces (and stress) with uncertainties for a list of ``ase.Atoms``.
 
         Returns numpy arrays: ``energy``, ``energy_std`` (N,) eV; ``forces``, ``forces_std``
@@ -143,6 +148,12 @@ class BlipModel:
         atom give a steadier spread than K per component; the row norm is the same either way).
         ``samples=0`` is the noise-free MAP prediction (std zero; for an ensemble the member mean).
         An ensemble ignores other values of ``samples``: its K is the number of members.
+        For BLIP models whose rate heads see features, where the calibration holds a
+        ``forces_novelty`` b > 0 (fitted by recalibration with ``uq.novelty_widening``), each atom's
+        force spread and samples are widened by ``exp(b (nu - novelty_centre))`` on top of the
+        calibration factor, ``nu`` the atom's log squared feature distance from the training data
+        (mean over the noisy node layers and the K samples); ``novelty=True`` also returns these
+        ``atom_novelty`` (list of (n_i,); other models and ``samples=0``: no such key).
 
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
         xz, xy; ASE's sign convention: the derivative of the energy with respect to strain over
@@ -172,7 +183,7 @@ class BlipModel:
         given = _given_map_values(map_values, len(atoms_list)) if samples > 0 and self.predicts_map else None
         map_mean = samples > 0 and self.predicts_map and map_pass and given is None
         keys = ("energy", "forces") + (("stress",) if stress else ())
-        sampled = {key: [None] * len(graphs) for key in keys}
+        sampled = {key: [None] * len(graphs) for key in keys + ("novelty",)}
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
@@ -186,7 +197,7 @@ class BlipModel:
                 out = {key: v[:k] for key, v in out.items()}
             _scatter(batch, chunk, out, noise_free if k == 0 and map_mean else sampled)
         means = {key: [v[0] for v in values] for key, values in noise_free.items()} if map_mean else given
-        return self._summarise(sampled, stochastic=samples > 0, means=means)
+        return self._summarise(sampled, stochastic=samples > 0, means=means, novelty=novelty)
 
     @property
     def predicts_map(self) -> bool:
@@ -203,19 +214,30 @@ class BlipModel:
             return self.fitted_force_std or "component"
         return setting
 
-    def _summarise(self, sampled: dict, stochastic: bool, means: dict | None = None) -> dict:
+    def _summarise(self, sampled: dict, stochastic: bool, means: dict | None = None, novelty: bool = False) -> dict:
         """Predictions, calibrated standard deviations and samples from ``sampled`` (key -> one
         (K, ...) array per structure); ``means`` (key -> one array per structure, e.g. the MAP
         pass) replace the sample means as the prediction and as the centre of the spread."""
         factors = {"energy": self.calibration["energy"], "forces": self.calibration["forces"],
                    "stress": self.calibration.get("stress", self.calibration["forces"])}
+        distances = sampled.pop("novelty", None)
         out = {}
+        widening = None
+        if stochastic and distances is not None and all(v is not None for v in distances):
+            atom_novelty = [v.mean(axis=0) for v in distances]
+            widening = novelty_widening(atom_novelty, self.calibration)
+            if novelty:
+                out["atom_novelty"] = atom_novelty
         for key, per_structure in sampled.items():
             mean = [s.mean(0) for s in per_structure]
             if stochastic:
                 if means is not None and key in means:
                     mean = list(means[key])
-                samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
+                if key == "forces" and widening is not None:  # per atom: (1, n, 1)
+                    samples = [m + factors[key] * w[None, :, None] * (s - m)
+                               for m, s, w in zip(mean, per_structure, widening)]
+                else:
+                    samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
                 std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
                     std = [atom_force_std(s) for s in std]
@@ -285,15 +307,29 @@ def _given_map_values(values: dict | None, n: int) -> dict | None:
             "forces": [np.asarray(f, dtype=np.float64) for f in values["forces"]]}
 
 
+def novelty_widening(atom_novelty: list, calibration: dict) -> list | None:
+    """Per-atom factors ``exp(b (nu - nu_0))`` (one (n,) array per structure) of the force spread from
+    each atom's log feature distance ``nu`` and the calibration's ``forces_novelty`` b (fitted by
+    :func:`blip.uq.recalibration.recalibrate`) and ``novelty_centre`` nu_0; None where b is 0 or absent."""
+    b = float(calibration.get("forces_novelty", 0.0))
+    if b == 0.0:
+        return None
+    centre = float(calibration.get("novelty_centre", 0.0))
+    return [np.exp(b * (np.asarray(nu, dtype=np.float64) - centre)) for nu in atom_novelty]
+
+
 def _scatter(batch, chunk, values: dict, out: dict) -> None:
-    """Split a batch's (K, G) energies, (K, N, 3) forces and (K, G, 3, 3) stresses into
-    per-structure numpy arrays in ``out[key][structure]`` (stress as Voigt (K, 6))."""
+    """Split a batch's (K, G) energies, (K, N, 3) forces, (K, G, 3, 3) stresses and (K, N) novelty
+    into per-structure numpy arrays in ``out[key][structure]`` (stress as Voigt (K, 6); novelty
+    only where ``out`` has the key)."""
     values = {key: v.cpu().double().numpy() for key, v in values.items()}
     start = 0
     for pos, i in enumerate(chunk):
         n = int(batch["n_atoms"][pos])
         out["energy"][i] = values["energy"][:, pos]
         out["forces"][i] = values["forces"][:, start:start + n]
+        if "novelty" in values and "novelty" in out:
+            out["novelty"][i] = values["novelty"][:, start:start + n]
         if "stress" in values:
             out["stress"][i] = full_to_voigt(values["stress"][:, pos])
         start += n

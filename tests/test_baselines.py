@@ -88,11 +88,14 @@ def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path,
     calibrated = tmp_path / "cal.pt"
     assert main(["calibrate", trained[method], small, "-o", str(calibrated), "--samples", "3", "--quiet"]) == 0
     model = blip.load(calibrated)
-    assert set(model.calibration) == {"energy", "forces"}
     if method == "deterministic":
         assert model.calibration == {"energy": 1.0, "forces": 1.0}  # nothing to scale
     else:
-        assert all(v > 0 and v != 1.0 for v in model.calibration.values())
+        assert all(model.calibration[q] > 0 and model.calibration[q] != 1.0 for q in ("energy", "forces"))
+        # BLIP with feature-based rates also fits the force spread's widening with the feature distance
+        widening = {"forces_novelty", "novelty_centre"} if method == "blip" else set()
+        assert set(model.calibration) == {"energy", "forces"} | widening
+        assert model.calibration.get("forces_novelty", 0.0) >= 0.0
 
 
 def test_deterministic_ignores_samples_and_matches_map_of_itself(trained, atoms):

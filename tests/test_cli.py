@@ -150,9 +150,13 @@ def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
     assert after.fitted_force_std in ("atom", "component")  # uq.force_std auto: calibrate chose one
     before.fitted_force_std = after.fitted_force_std  # the same spread, not scaled
     atoms = ase.io.read(DATA / "acac_small.xyz", ":2")
-    s0 = before.predict(atoms, samples=4, seed=3)["forces_std"][0]
+    plain = before.predict(atoms, samples=4, seed=3, novelty=True)
+    s0, nu = plain["forces_std"][0], plain["atom_novelty"][0]
     s1 = after.predict(atoms, samples=4, seed=3)["forces_std"][0]
-    np.testing.assert_allclose(s1, factor * s0, rtol=1e-6)
+    # uq.novelty_widening: each atom's spread also x exp(b (nu - nu_0)), b >= 0 fitted by calibrate
+    widening = np.exp(after.calibration["forces_novelty"] * (nu - after.calibration["novelty_centre"]))
+    assert after.calibration["forces_novelty"] >= 0.0
+    np.testing.assert_allclose(s1, factor * s0 * widening[:, None], rtol=1e-6)
 
 
 # -- bad input: one line, non-zero exit, no partial output ------------------------------------

@@ -334,7 +334,7 @@ def test_noise_free_rates_permute_with_the_atoms(potential, acac_small):
     captured = []
     original = inf.rate
 
-    def record(domain, slot, base, features, groups, update=False, training=False, memo=None):
+    def record(domain, slot, base, features, groups, update=False, training=False, memo=None, novelty=None):
         p = original(domain, slot, base, features, groups, update, training, memo)
         if domain == "node":
             captured.append(p.detach())

@@ -83,6 +83,13 @@ def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance:
     return inputs, u
 
 
+def log_feature_distance(z: torch.Tensor, u_max: float = U_MAX) -> torch.Tensor:
+    """``log mean(z^2)`` (rows,) of whitened features ``z`` (rows, d): the log squared Mahalanobis
+    distance over the width (about 0 on training rows); non-finite or huge values read ``u_max``."""
+    m = (z * z).mean(dim=1)
+    return torch.log(m.clamp_min(1e-12)).nan_to_num(nan=u_max, posinf=u_max).clamp(max=u_max)
+
+
 def clamp_rate(logit: torch.Tensor, p_min: float, p_max: float) -> torch.Tensor:
     """``p = clamp(sigmoid(logit), p_min, p_max)``."""
     return torch.sigmoid(logit).clamp(p_min, p_max)
@@ -135,7 +142,7 @@ class InferenceNet(nn.Module):
 
     def rate(self, domain: str, slot: int, base: torch.Tensor, features: torch.Tensor | None,
              groups: GroupSplit | torch.Tensor | None, update: bool = False, training: bool = False,
-             memo: list | None = None) -> torch.Tensor:
+             memo: list | None = None, novelty: list | None = None) -> torch.Tensor:
         """Dropout rate p (rows,) of one layer; ``groups``: its rows' groups, (rows,) long or a
         :class:`~blip.bayes.density.GroupSplit` of them (computed once for all layers of a pass; None: one group);
         ``update`` adds the features to its statistics; ``training``: a training step, where
@@ -143,7 +150,11 @@ class InferenceNet(nn.Module):
 
         ``memo``: a list kept for one pass; layers fed the very same input tensor (the core and the
         gate of a gated MLP) whose densities hold equal statistics then share one whitening (the
-        same values, computed once; forces then differ by float rounding only)."""
+        same values, computed once; forces then differ by float rounding only).
+
+        ``novelty``: a list to which ``(domain, nu)`` is appended, ``nu`` (rows,) the log of the rows'
+        squared Mahalanobis feature distance over the width (:func:`log_feature_distance`; no gradient),
+        for layers that compute their own whitening."""
         head = self.heads[domain][str(slot)]
         with torch.enable_grad():  # the rates train even when the backbone pass does not
             if not self.wants_features:
@@ -161,6 +172,8 @@ class InferenceNet(nn.Module):
                 z = density.standardise_split(source, groups, centred)
                 m = density.distances(source, groups.index, z, self.metric, centred) if self.distance else None
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
+                if novelty is not None:
+                    novelty.append((domain, log_feature_distance(z.detach())))
                 if memo is not None:
                     memo[:] = [(features, base, density, shared)]
             return self._clamp(head(*shared))

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import report
 from .._files import write_text_atomic
+from .runner import recalibrated_std
 
 # (raw key, recalibrated key or None, header) of the per-test-set tables
 TABLE = (
@@ -212,7 +213,7 @@ def write_plots(out: Path, experiments: list, scored: dict, rows: list[dict],
                     continue
                 err = a["ref"] - a["pred"]
                 before[name] = (err, a["std"])
-                after[name] = (err, a["std"] * sc.scales.get(target, 1.0))
+                after[name] = (err, recalibrated_std(a, target, sc.scales))
             if before:
                 written.append(report.calibration_plot(
                     before, None, plots_dir / f"{tag}{test.name}_calibration.png", quantity=target))

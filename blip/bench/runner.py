@@ -117,7 +117,7 @@ def timed_predict(model, structures, samples, seed: int) -> tuple[dict, float]:
     """``model.predict`` on the structures' atoms -> (prediction, wall seconds)."""
     atoms = [s.atoms for s in structures]
     start = time.perf_counter()
-    pred = model.predict(atoms, samples=samples, seed=seed)
+    pred = model.predict(atoms, samples=samples, seed=seed, novelty=True)
     return pred, time.perf_counter() - start
 
 
@@ -125,8 +125,21 @@ def score(structures, pred) -> dict:
     """Flat ``{quantity: {"ref", "pred", "std"}}`` arrays (std = standard deviation, before calibration)."""
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
-    return prediction_arrays(ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"],
-                             pred["forces_std"], n_atoms)
+    arrays = prediction_arrays(ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"],
+                               pred["forces_std"], n_atoms)
+    if "atom_novelty" in pred and "forces" in arrays:  # each component's atom's log feature distance
+        arrays["forces"]["novelty"] = np.repeat(np.concatenate(pred["atom_novelty"]), 3)
+    return arrays
+
+
+def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
+    """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and for
+    forces with a fitted ``forces_novelty`` b also ``exp(b (novelty - novelty_centre))`` per component."""
+    std = a["std"] * scales.get(_SCALE_OF[q], 1.0)
+    b = float(scales.get("forces_novelty", 0.0))
+    if q == "forces" and b > 0.0 and "novelty" in a:
+        std = std * np.exp(b * (a["novelty"] - float(scales.get("novelty_centre", 0.0))))
+    return std
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:
@@ -136,8 +149,7 @@ def row_metrics(arrays: dict, scales: dict) -> dict:
         a = arrays.get(q)
         err = None if a is None else a["ref"] - a["pred"]
         raw = regression_metrics(err, a["std"]) if a is not None else {}
-        scale = scales.get(_SCALE_OF[q], 1.0)
-        recal = regression_metrics(err, a["std"] * scale) if a is not None else {}
+        recal = regression_metrics(err, recalibrated_std(a, q, scales)) if a is not None else {}
         row[f"{q}_rmse"] = raw.get("rmse")
         row[f"{q}_mae"] = raw.get("mae")
         if q == "energy_per_atom":

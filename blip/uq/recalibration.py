@@ -52,6 +52,10 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     ``model`` is a :class:`blip.predictor.BlipModel`; its previous calibration is discarded.
     With ``uq.force_std: auto`` the force spread per atom or per component is chosen here: the one
     whose recalibrated Gaussian NLL on these structures is lower (``model.fitted_force_std``).
+    With ``uq.novelty_widening`` (BLIP whose rate heads see features) each atom's force spread is
+    also widened by ``exp(b (nu - nu_0))``, ``nu`` the atom's log feature distance from the training
+    data (:meth:`blip.model.BayesianPotential.forward`), ``nu_0`` its mean over these structures and
+    ``b >= 0`` fitted here with the force factor (``forces_novelty``, ``novelty_centre``).
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
@@ -68,7 +72,29 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
                          for q in ("energy", "forces", "stress") if q in arrays}
+    forces = arrays.get("forces", {})
+    if model.config["uq"].get("novelty_widening") and "novelty" in forces:
+        err = forces["ref"] - forces["pred"]
+        centre = float(np.mean(forces["novelty"]))
+        scale, b = fit_novelty_widening(err, forces["std"], forces["novelty"] - centre)
+        model.calibration.update(forces=scale, forces_novelty=b, novelty_centre=centre)
     return dict(model.calibration)
+
+
+def fit_novelty_widening(err, sigma, novelty) -> tuple[float, float]:
+    """``(s, b)`` with ``b >= 0`` of the spread ``s sigma exp(b novelty)`` of lowest Gaussian NLL on
+    residuals ``err``; flat arrays, ``novelty`` centred (each atom's log feature distance minus its
+    mean). ``b = 0`` is the plain scale: b grows only where the errors grow with the distance
+    faster than sigma does, and the spread then keeps growing with it out of distribution."""
+    from scipy.optimize import minimize
+
+    from .metrics import nll
+
+    err, sigma, novelty = (np.asarray(a, dtype=np.float64) for a in (err, sigma, novelty))
+    s0 = fit_scale(err, sigma)
+    result = minimize(lambda x: nll(err, s0 * np.exp(x[0] + x[1] * novelty) * sigma), [0.0, 0.0],
+                      method="L-BFGS-B", bounds=[(None, None), (0.0, None)])
+    return float(s0 * np.exp(result.x[0])), float(result.x[1])
 
 
 def per_atom(component_std: np.ndarray) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""Novelty widening: each atom's force spread grows with its log feature distance (``uq.novelty_widening``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.io import read
+from conftest import DATA
+from scipy.spatial.transform import Rotation
+
+import blip
+from blip.bench.runner import recalibrated_std
+from blip.config import resolve
+from blip.predictor import novelty_widening
+from blip.uq.recalibration import fit_novelty_widening, recalibrate
+
+
+def test_fit_recovers_a_planted_widening_and_never_shrinks():
+    """Errors drawn with spread 2 sigma exp(0.6 nu) give back s ~ 2 and b ~ 0.6; errors that do not
+    grow with nu give b = 0 (the bound), not a negative b that would shrink the spread far out."""
+    rng = np.random.default_rng(0)
+    n = 20000
+    sigma = rng.uniform(0.05, 0.2, n)
+    nu = rng.normal(0.0, 1.0, n)
+    err = rng.normal(0.0, 2.0 * sigma * np.exp(0.6 * nu))
+    s, b = fit_novelty_widening(err, sigma, nu)
+    assert s == pytest.approx(2.0, rel=0.05) and b == pytest.approx(0.6, abs=0.03)
+    shrinking = rng.normal(0.0, 2.0 * sigma * np.exp(-0.6 * nu))
+    s, b = fit_novelty_widening(shrinking, sigma, nu)
+    assert b == 0.0
+
+
+def test_novelty_is_invariant_and_grows_on_a_distorted_structure(tiny_model_path):
+    """A fixed-seed sample's per-atom novelty is unchanged by rotating and translating the structure
+    and is larger on a strongly distorted copy than on the structure itself."""
+    model = blip.load(tiny_model_path)
+    atoms = read(DATA / "acac_small.xyz", index=0)
+    base = model.predict([atoms], samples=4, seed=3, novelty=True)["atom_novelty"][0]
+    moved = atoms.copy()
+    moved.positions = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).apply(moved.positions) + [1.5, -2.0, 0.7]
+    np.testing.assert_allclose(model.predict([moved], samples=4, seed=3, novelty=True)["atom_novelty"][0], base, atol=1e-4)
+    distorted = atoms.copy()
+    distorted.rattle(0.4, seed=1)
+    assert model.predict([distorted], samples=4, seed=3, novelty=True)["atom_novelty"][0].mean() > base.mean() + 0.5
+    assert "atom_novelty" not in model.predict([atoms], samples=0, novelty=True)  # the noise-free pass has none
+    assert "atom_novelty" not in model.predict([atoms], samples=4, seed=3)  # only when asked
+
+
+def test_predict_widens_each_atoms_force_spread_by_its_factor(tiny_model_path):
+    """With ``forces_novelty`` b and ``novelty_centre`` nu_0 in the calibration, each atom's force std
+    (and its samples' deviation) is the unwidened one times exp(b (nu - nu_0)); energies are unchanged."""
+    model = blip.load(tiny_model_path)
+    model.config["uq"]["force_std"] = "component"
+    atoms = read(DATA / "acac_small.xyz", index=1)
+    model.calibration = {"energy": 1.3, "forces": 1.7}
+    plain = model.predict([atoms], samples=4, seed=5, novelty=True)
+    model.calibration = {"energy": 1.3, "forces": 1.7, "forces_novelty": 0.4, "novelty_centre": -1.0}
+    wide = model.predict([atoms], samples=4, seed=5)
+    factor = np.exp(0.4 * (plain["atom_novelty"][0] + 1.0))
+    np.testing.assert_allclose(wide["forces_std"][0], plain["forces_std"][0] * factor[:, None], rtol=1e-9)
+    np.testing.assert_allclose(wide["energy_std"], plain["energy_std"], rtol=1e-12)
+    assert novelty_widening(plain["atom_novelty"], {"energy": 1.0, "forces": 1.0}) is None
+
+
+def test_recalibration_fits_the_widening_only_when_asked(tiny_model_path):
+    """``recalibrate`` stores b >= 0 and the centre with the option on; a config without the key (a
+    model file from before it) keeps the plain factors; the bench's recalibrated spread applies both."""
+    from blip.data import read_labelled
+
+    structures = read_labelled(DATA / "acac_small.xyz")
+    model = blip.load(tiny_model_path)
+    model.config["uq"]["novelty_widening"] = True
+    factors = recalibrate(model, structures, samples=4, seed=0)
+    assert factors["forces_novelty"] >= 0.0 and np.isfinite(factors["novelty_centre"])
+    del model.config["uq"]["novelty_widening"]
+    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
+    a = {"std": np.array([1.0, 2.0]), "novelty": np.array([0.0, 1.0])}
+    scales = {"forces": 2.0, "forces_novelty": 0.5, "novelty_centre": 0.5}
+    np.testing.assert_allclose(recalibrated_std(a, "forces", scales), [2.0 * np.exp(-0.25), 4.0 * np.exp(0.25)])
+    np.testing.assert_allclose(recalibrated_std(a, "energy", {"energy": 3.0}), [3.0, 6.0])
+    assert resolve({})["uq"]["novelty_widening"] is True
+    assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] is False
