@@ -1,12 +1,12 @@
 """The same trained BLIP models recalibrated with and without widening by the feature distance (``uq.novelty_widening``).
 
     OMP_NUM_THREADS=1 python benchmarks/novelty_recalibration.py RUNS_DIR --sets ammonia \
-        [--protocol energy-split] [--seeds 0,1,2] [--data ../shared/data]
+        [--protocol energy-split] [--seeds 0,1,2] [--samples K] [--data ../shared/data]
 
 RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` (or, with ``--protocol
 ood-ethanol`` and no ``--sets``, ``blip bench ood-ethanol``) run with BLIP
 (``seedS/SET/blip/model_calibrated.pt``). For every seed the model is recalibrated on its
-validation split (``blip.uq.recalibration.recalibrate``, K = the model's default, the run's seed)
+validation split (``blip.uq.recalibration.recalibrate``, K = ``--samples`` or the model's default, the run's seed)
 with ``uq.novelty_widening`` off (one factor per target) and on (each atom's force spread also
 times ``exp(b (nu - nu_0))``, b >= 0 fitted there), and each test set with forces is scored as
 ``blip evaluate`` would: force NLL per component (nats), 95 % coverage and b; then the means over
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--protocol", default="energy-split")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--samples", type=int, default=None, help="K (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     scores: dict[tuple[str, bool], list[tuple[float, float]]] = {}
@@ -47,9 +48,9 @@ def main() -> None:
         tests = [t for t in exp.tests if all(s.forces is not None for s in t.structures)]
         for widening in (False, True):
             model.config["uq"]["novelty_widening"] = widening
-            factors = recalibrate(model, exp.valid, seed=seed)
+            factors = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
             for test in tests:
-                metrics, _ = evaluate_structures(model, test.structures, seed=seed)
+                metrics, _ = evaluate_structures(model, test.structures, samples=args.samples, seed=seed)
                 row = (metrics["forces"]["nll"], metrics["forces"]["coverage_95"])
                 scores.setdefault((test.name, widening), []).append(row)
                 print(f"seed {seed} {test.name:12s} widening {widening!s:5s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
