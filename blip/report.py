@@ -450,7 +450,8 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
 
     ``arrays`` as for :func:`write_report`, whose ``std`` are the **recalibrated** standard
     deviations (what a calibrated model predicts); ``calibration`` maps "energy"/"forces"
-    to the factor s that multiplied them, so the uncalibrated σ is ``std / s``.
+    to the factor s that multiplied them, so the uncalibrated σ is ``std / s`` (forces with a
+    ``forces_novelty`` b and a ``novelty`` array: ``std / (s exp(b (novelty - novelty_centre)))``).
     Returns (markdown, {quantity: {"before": (err, σ/s), "after": (err, σ)}}).
     """
     head = "| quantity | factor s | " + " | ".join(_RECAL_KEYS) + " |"
@@ -463,10 +464,14 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
         if not np.any(std > 0) or not (s > 0):
             continue
         err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
-        before, after = M.regression_metrics(err, std / s), M.regression_metrics(err, std)
+        factor = s
+        b = float(calibration.get("forces_novelty", 0.0))
+        if q == "forces" and b > 0.0 and "novelty" in a:  # the per-atom widening of recalibration
+            factor = s * np.exp(b * (np.asarray(a["novelty"], dtype=float) - float(calibration["novelty_centre"])))
+        before, after = M.regression_metrics(err, std / factor), M.regression_metrics(err, std)
         cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
         lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")
-        pairs[q] = {"before": (err, std / s), "after": (err, std)}
+        pairs[q] = {"before": (err, std / factor), "after": (err, std)}
     return "\n".join(lines), pairs
 
 

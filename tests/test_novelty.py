@@ -78,5 +78,11 @@ def test_recalibration_fits_the_widening_only_when_asked(tiny_model_path):
     scales = {"forces": 2.0, "forces_novelty": 0.5, "novelty_centre": 0.5}
     np.testing.assert_allclose(recalibrated_std(a, "forces", scales), [2.0 * np.exp(-0.25), 4.0 * np.exp(0.25)])
     np.testing.assert_allclose(recalibrated_std(a, "energy", {"energy": 3.0}), [3.0, 6.0])
+    from blip.report import recalibration_markdown
+
+    forces = {"ref": np.zeros(2), "pred": np.array([0.1, -0.2]), "std": recalibrated_std(a, "forces", scales),
+              "novelty": a["novelty"]}
+    _, pairs = recalibration_markdown({"forces": forces}, scales)
+    np.testing.assert_allclose(pairs["forces"]["before"][1], a["std"])  # the report undoes the widening too
     assert resolve({})["uq"]["novelty_widening"] is True
     assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] is False
