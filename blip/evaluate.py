@@ -40,9 +40,7 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
-    metrics, arrays = evaluate_predictions(*args), prediction_arrays(*args)
-    if "atom_novelty" in pred:  # each atom's log feature distance, for each force component
-        arrays["forces"]["novelty"] = np.repeat(np.concatenate(pred["atom_novelty"]), 3)
+    metrics, arrays = evaluate_predictions(*args), prediction_arrays(*args, pred.get("atom_novelty"))
     if with_stress:
         ref = full_to_voigt(np.stack([s.stress for s in structures])).ravel()
         arrays["stress"] = {"ref": ref, "pred": pred["stress"].ravel(), "std": pred["stress_std"].ravel()}

@@ -11,6 +11,7 @@ from .data import build_graph, check_elements, collate, replicate
 from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
+from .uq.recalibration import novelty_factor
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
 #: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
@@ -86,14 +87,14 @@ class BlipModel:
 
     # -- core: one batch -------------------------------------------------------------
     def sample_batch(self, batch: dict, samples: int, seed: int, stress: bool = False,
-                     noise_free_copy: bool = False) -> dict[str, torch.Tensor]:
+                     noise_free_copy: bool = False, novelty: bool = False) -> dict[str, torch.Tensor]:
         """``energy`` (K, G) eV, ``forces`` (K, N, 3) eV/A (and ``stress`` (K, G, 3, 3) eV/A^3,
         NaN for open structures) of one collated batch.
 
         samples=0 gives the MAP pass only (K = 1). For an ensemble K is the number of
         members. Otherwise the batch is replicated K times and sampled in one pass;
-        BLIP models whose rate heads see features also return ``novelty`` (K, N): each atom's log
-        feature distance in each sample (:meth:`BayesianPotential.forward`).
+        ``novelty``: BLIP models whose rate heads see features also return ``novelty`` (K, N), each
+        atom's log feature distance in each sample (:meth:`BayesianPotential.forward`).
         ``noise_free_copy`` adds the noise-free (MAP) pass as one more replica in the same pass,
         the last entry (K + 1 in all): on a GPU, where small passes cost their kernel launches,
         that is nearly free (``predict`` does it there, see :attr:`folds_map_pass`).
@@ -110,7 +111,7 @@ class BlipModel:
         per_copy = int(batch["n_edges"].sum()) + n
         copies = samples + int(noise_free_copy)
         group = max(1, min(copies, self.max_edges_per_pass // max(per_copy, 1)))
-        novelty = model.wants_novelty
+        novelty = novelty and model.wants_novelty
         parts = {key: [] for key in keys + (("novelty",) if novelty else ())}
         shared = model.backbone.shared_terms(batch) or {}  # noise-free terms, once for all replicas
         for first in range(0, copies, group):  # large structures: replicas in groups
@@ -186,12 +187,13 @@ class BlipModel:
         sampled = {key: [None] * len(graphs) for key in keys + ("novelty",)}
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
+        record = novelty or float(self.calibration.get("forces_novelty", 0.0)) > 0.0  # only when used
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
         if map_mean and not fold:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
         for k, chunk in tqdm(passes, desc="predict", disable=not progress, unit="batch"):
             batch = collate([graphs[i] for i in chunk], dtype=self.dtype, device=self.device)
-            out = self.sample_batch(batch, k, seed, stress, noise_free_copy=fold)
+            out = self.sample_batch(batch, k, seed, stress, noise_free_copy=fold, novelty=record)
             if fold:
                 _scatter(batch, chunk, {key: v[k:] for key, v in out.items()}, noise_free)
                 out = {key: v[:k] for key, v in out.items()}
@@ -311,11 +313,9 @@ def novelty_widening(atom_novelty: list, calibration: dict) -> list | None:
     """Per-atom factors ``exp(b (nu - nu_0))`` (one (n,) array per structure) of the force spread from
     each atom's log feature distance ``nu`` and the calibration's ``forces_novelty`` b (fitted by
     :func:`blip.uq.recalibration.recalibrate`) and ``novelty_centre`` nu_0; None where b is 0 or absent."""
-    b = float(calibration.get("forces_novelty", 0.0))
-    if b == 0.0:
+    if float(calibration.get("forces_novelty", 0.0)) == 0.0:
         return None
-    centre = float(calibration.get("novelty_centre", 0.0))
-    return [np.exp(b * (np.asarray(nu, dtype=np.float64) - centre)) for nu in atom_novelty]
+    return [novelty_factor(nu, calibration) for nu in atom_novelty]
 
 
 def _scatter(batch, chunk, values: dict, out: dict) -> None:

@@ -19,6 +19,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from blip._files import atomic_path, write_text_atomic
 from blip.uq import metrics as M
+from blip.uq.recalibration import novelty_factor
 
 __all__ = [
     "UNITS",
@@ -464,10 +465,7 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
         if not np.any(std > 0) or not (s > 0):
             continue
         err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
-        factor = s
-        b = float(calibration.get("forces_novelty", 0.0))
-        if q == "forces" and b > 0.0 and "novelty" in a:  # the per-atom widening of recalibration
-            factor = s * np.exp(b * (np.asarray(a["novelty"], dtype=float) - float(calibration["novelty_centre"])))
+        factor = s * novelty_factor(a.get("novelty"), calibration) if q == "forces" else s
         before, after = M.regression_metrics(err, std / factor), M.regression_metrics(err, std)
         cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
         lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")

@@ -27,7 +27,7 @@ from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
-from ..uq.recalibration import recalibrate
+from ..uq.recalibration import novelty_factor, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics that change when sigma is multiplied by a factor (reported before and after).
@@ -125,21 +125,15 @@ def score(structures, pred) -> dict:
     """Flat ``{quantity: {"ref", "pred", "std"}}`` arrays (std = standard deviation, before calibration)."""
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
-    arrays = prediction_arrays(ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"],
-                               pred["forces_std"], n_atoms)
-    if "atom_novelty" in pred and "forces" in arrays:  # each component's atom's log feature distance
-        arrays["forces"]["novelty"] = np.repeat(np.concatenate(pred["atom_novelty"]), 3)
-    return arrays
+    return prediction_arrays(ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"],
+                             pred["forces_std"], n_atoms, pred.get("atom_novelty"))
 
 
 def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and for
     forces with a fitted ``forces_novelty`` b also ``exp(b (novelty - novelty_centre))`` per component."""
     std = a["std"] * scales.get(_SCALE_OF[q], 1.0)
-    b = float(scales.get("forces_novelty", 0.0))
-    if q == "forces" and b > 0.0 and "novelty" in a:
-        std = std * np.exp(b * (a["novelty"] - float(scales.get("novelty_centre", 0.0))))
-    return std
+    return std * novelty_factor(a.get("novelty"), scales) if q == "forces" else std
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

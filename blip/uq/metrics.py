@@ -310,7 +310,7 @@ def _flat(x) -> np.ndarray:
 
 
 def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forces,
-                      forces_std, n_atoms) -> dict:
+                      forces_std, n_atoms, atom_novelty=None) -> dict:
     """Flat reference/prediction/std arrays per quantity (input for plots and metrics).
 
     Energies are per structure (eV), shape (N,); forces are lists of (n_i, 3)
@@ -318,7 +318,9 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
     standard deviations (``None`` = no uncertainty, treated as zeros).
     Returns ``{"energy": {"ref", "pred", "std"}, "energy_per_atom": {...}
     (eV/atom), "forces": {...}}``; a quantity without reference labels
-    (``ref_* is None`` or ``pred_* is None``) is omitted.
+    (``ref_* is None`` or ``pred_* is None``) is omitted. ``atom_novelty``: a list of (n_i,)
+    per-atom log feature distances (``predict(..., novelty=True)``); forces then also carry
+    ``novelty``, each component's atom's.
     """
     out = {}
     if ref_energy is not None and pred_energy is not None:
@@ -339,6 +341,8 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
         if not (ref.shape == pred.shape == std.shape):
             raise ValueError("force reference, prediction and std differ in size")
         out["forces"] = {"ref": ref, "pred": pred, "std": std}
+        if atom_novelty is not None:
+            out["forces"]["novelty"] = np.repeat(_flat(atom_novelty), 3)
     return out
 
 

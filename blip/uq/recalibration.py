@@ -1,4 +1,5 @@
-"""Post-hoc recalibration of predicted standard deviations by one scale factor."""
+"""Post-hoc recalibration of predicted standard deviations: one scale factor per target, and for
+forces an optional widening with each atom's feature distance (``uq.novelty_widening``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "apply_scale", "recalibrate"]
+__all__ = ["fit_scale", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor"]
 
 
 def fit_scale(err, sigma) -> float:
@@ -79,6 +80,15 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
         scale, b = fit_novelty_widening(err, forces["std"], forces["novelty"] - centre)
         model.calibration.update(forces=scale, forces_novelty=b, novelty_centre=centre)
     return dict(model.calibration)
+
+
+def novelty_factor(novelty, calibration: dict):
+    """The force spread's widening ``exp(b (novelty - novelty_centre))`` (array of ``novelty``'s shape)
+    with the calibration's ``forces_novelty`` b; 1.0 where b is 0 or absent or ``novelty`` is None."""
+    b = float(calibration.get("forces_novelty", 0.0))
+    if b == 0.0 or novelty is None:
+        return 1.0
+    return np.exp(b * (np.asarray(novelty, dtype=np.float64) - float(calibration.get("novelty_centre", 0.0))))
 
 
 def fit_novelty_widening(err, sigma, novelty) -> tuple[float, float]:
