@@ -2,16 +2,20 @@
 
     OMP_NUM_THREADS=1 python benchmarks/novelty_recalibration.py RUNS_DIR --sets ammonia \
         [--protocol energy-split] [--seeds 0,1,2] [--samples K] [--data ../shared/data]
+    OMP_NUM_THREADS=1 python benchmarks/novelty_recalibration.py RUNS_DIR --protocol finetune-si --method blip-finetune
 
 RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` (or, with ``--protocol
 ood-ethanol`` and no ``--sets``, ``blip bench ood-ethanol``) run with BLIP
 (``seedS/SET/blip/model_calibrated.pt``). For every seed the model is recalibrated on its
 validation split (``blip.uq.recalibration.recalibrate``, K = ``--samples`` or the model's default, the run's seed)
-with ``uq.novelty_widening`` off (one factor per target) and on (each atom's force spread also
+with ``uq.novelty_widening`` false (one factor per target) and true (each atom's force spread also
 times ``exp(b (nu - nu_0))``, b >= 0 fitted there), and each test set with forces is scored as
-``blip evaluate`` would: force NLL per component (nats), 95 % coverage and b; then the means over
-seeds. (The version of this script at commit eb43b8a fitted a per-structure form offline, from one
-sampled pass; its outputs are in docs/results/energy-split/message-noise-off/novelty-recalibration/.)
+the bench does: force NLL per component (nats), 95 % coverage, Spearman(|error|, σ) and the mean σ over
+that of the in-distribution test set (σ ratio), all of the recalibrated spreads, and b; then the means
+over seeds. ``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
+factor refitted on the validation split. (The version of this script at commit eb43b8a fitted a
+per-structure form offline, from one sampled pass; its outputs are in
+docs/results/energy-split/message-noise-off/novelty-recalibration/.)
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
+from blip.bench.runner import recalibrated_std
 from blip.evaluate import evaluate_structures
-from blip.uq.recalibration import recalibrate
+from blip.uq.metrics import regression_metrics
+from blip.uq.recalibration import fit_scale, recalibrate
 
 
 def main() -> None:
@@ -36,28 +42,46 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", default=None)
     parser.add_argument("--samples", type=int, default=None, help="K (default: the model's)")
+    parser.add_argument("--method", default="blip", help="the method's folder (blip-finetune for finetune-si)")
+    parser.add_argument("--fixed-b", default="", help="also score these b (comma-separated), s refitted for each")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    scores: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    scores: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         plan = build_plan(args.protocol, data_dir(args.data),
                           Options(seed=seed, experiments=[args.sets] if args.sets else None))
         exp = plan.experiments[0]
         folder = exp.name.replace("=", "") or "run"  # as blip bench names its runs
-        model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / "blip" / "model_calibrated.pt"))
+        model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / args.method / "model_calibrated.pt"))
         tests = [t for t in exp.tests if all(s.forces is not None for s in t.structures)]
+        factors = {}
         for widening in (False, True):
             model.config["uq"]["novelty_widening"] = widening
-            factors = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
-            for test in tests:
-                metrics, _ = evaluate_structures(model, test.structures, samples=args.samples, seed=seed)
-                row = (metrics["forces"]["nll"], metrics["forces"]["coverage_95"])
-                scores.setdefault((test.name, widening), []).append(row)
-                print(f"seed {seed} {test.name:12s} widening {widening!s:5s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
-                      f"b {factors.get('forces_novelty', 0.0):.2f}", flush=True)
+            factors[widening] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
+        model.calibration = {"energy": 1.0, "forces": 1.0}
+        arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1]["forces"]
+                  for t in tests}  # raw spreads and each component's novelty: one prediction per test set
+        if args.fixed_b:
+            valid = evaluate_structures(model, exp.valid, samples=args.samples, seed=seed)[1]["forces"]
+            centre = float(np.mean(valid["novelty"]))
+            for b in (float(x) for x in args.fixed_b.split(",")):
+                widened = valid["std"] * np.exp(b * (valid["novelty"] - centre))
+                factors[f"b={b:g}"] = {"forces": fit_scale(valid["ref"] - valid["pred"], widened),
+                                       "forces_novelty": b, "novelty_centre": centre}
+        for widening, scales in factors.items():
+            std = {name: recalibrated_std(a, "forces", scales) for name, a in arrays.items()}
+            reference = float(np.mean(std[exp.reference_test])) if exp.reference_test in std else float("nan")
+            for name, a in arrays.items():
+                m = regression_metrics(a["ref"] - a["pred"], std[name])
+                row = (m["nll"], m["coverage_95"], m["spearman"], float(np.mean(std[name])) / reference)
+                scores.setdefault((name, str(widening)), []).append(row)
+                print(f"seed {seed} {name:17s} widening {widening!s:6s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
+                      f"Spearman {row[2]:.2f} sigma ratio {row[3]:6.2f} b {scales.get('forces_novelty', 0.0):.2f}",
+                      flush=True)
     for (name, widening), rows in sorted(scores.items()):
         mean = np.mean(np.array(rows), axis=0)
-        print(f"mean {name:12s} widening {widening!s:5s} NLL {mean[0]:8.3f} cov {mean[1]:.2f}")
+        print(f"mean {name:17s} widening {widening!s:6s} NLL {mean[0]:8.3f} cov {mean[1]:.2f} "
+              f"Spearman {mean[2]:.2f} sigma ratio {mean[3]:6.2f}")
 
 
 if __name__ == "__main__":

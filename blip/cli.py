@@ -155,8 +155,9 @@ def _widening_text(calibration: dict) -> str:
     """How recalibration widens each atom's force spread with its feature distance ("" when it does not)."""
     if "forces_novelty" not in calibration:
         return ""
+    centre = float(calibration["novelty_centre"])
     return (f"; each atom's force spread also x exp({calibration['forces_novelty']:.3g} "
-            f"(novelty - {calibration['novelty_centre']:.3g}))")
+            f"(novelty {'-' if centre >= 0 else '+'} {abs(centre):.3g}))")
 
 
 def cmd_calibrate(args) -> int:

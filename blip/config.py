@@ -62,7 +62,8 @@ DEFAULTS: dict = {
         "dropout_p": 0.1,            # MC dropout baseline
         "ensemble_size": 5,
         "recalibrate": True,
-        "novelty_widening": True,    # recalibration also widens each atom's force spread with its feature distance
+        "novelty_widening": 0.1,     # b: recalibrated force spreads x exp(b (feature distance - its mean));
+                                     # true: b fitted on the validation split; false: off
     },
     "training": {
         "epochs": 100,
@@ -100,7 +101,7 @@ DEFAULTS: dict = {
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "force_std": "component",
-           "dropout_p": 0.05, "novelty_widening": False},
+           "dropout_p": 0.05},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
 
@@ -208,6 +209,10 @@ def backbone_defaults(name: str) -> dict:
     return BACKBONE_DEFAULTS[name]
 
 
+#: Keys that take true, false or a number.
+_BOOL_OR_NUMBER = {"uq.novelty_widening"}
+
+
 def _check_types(defaults: dict, cfg: dict, where: str) -> None:
     """Every value whose default is a bool, an integer or a number must be one (ConfigError)."""
     for key, default in defaults.items():
@@ -220,6 +225,9 @@ def _check_types(defaults: dict, cfg: dict, where: str) -> None:
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
+        elif name in _BOOL_OR_NUMBER:
+            if not isinstance(value, (bool, int, float)):
+                raise ConfigError(f"{name} must be true, false or a number, got {value!r}")
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -256,6 +264,9 @@ def _check_ranges(cfg: dict) -> None:
             bounds = f"{'[' if closed else '('}{low}, {high if high is not None else 'inf'}{']' if closed and high is not None else ')'}"
             raise ConfigError(f"{section}.{key} must be in {bounds}, got {value!r}")
     uq = cfg["uq"]
+    widening = uq.get("novelty_widening")
+    if not isinstance(widening, bool) and widening is not None and not 0.0 <= widening <= 5.0:
+        raise ConfigError(f"uq.novelty_widening must be true, false or a number in [0, 5], got {widening!r}")
     if not uq["p_min"] <= uq["p_init"] <= uq["p_max"]:
         raise ConfigError(f"uq: need p_min <= p_init <= p_max, got {uq['p_min']}, {uq['p_init']}, {uq['p_max']}")
 

@@ -69,9 +69,9 @@ class BayesianPotential(nn.Module):
     @property
     def wants_novelty(self) -> bool:
         """Whether sampled passes can give each atom's feature distance (BLIP with feature-based rates
-        on a "node" domain of atom rows)."""
+        and noise on the backbone's per-atom domain, ``Backbone.atom_domain``)."""
         return (self.method == "blip" and self.inference is not None and self.inference.wants_features
-                and "node" in self.layers)  # atom rows (PaiNN, MACE; CHGNet's domains are its own)
+                and self.backbone.atom_domain in self.layers)
 
     @property
     def stochastic(self) -> bool:
@@ -139,7 +139,7 @@ class BayesianPotential(nn.Module):
         stress: also ``stress`` (G, 3, 3) eV/A^3, the derivative of the energy with respect to a
         symmetric strain of cell and positions over the cell volume (ASE's sign convention);
         rows of graphs without a periodic cell of non-zero volume are NaN.
-        novelty: also ``novelty`` (N,), each atom's mean over the noisy node layers of the log squared
+        novelty: also ``novelty`` (N,), each atom's mean over the noisy per-atom layers of the log squared
         Mahalanobis distance of the layer's input features from the training statistics (a sampled
         BLIP pass whose rate heads see features; no gradient).
         """
@@ -157,7 +157,7 @@ class BayesianPotential(nn.Module):
         with self.noise_state.use(ctx):
             energy = self.backbone.energy(batch)
         out["energy"] = energy
-        node = [nu for domain, nu in distances or [] if domain == "node"]
+        node = [nu for domain, nu in distances or [] if domain == self.backbone.atom_domain]
         if node:
             out["novelty"] = torch.stack(node, dim=1).mean(dim=1)
         if ctx is not None and self.method == "blip":

@@ -150,7 +150,7 @@ class BlipModel:
         ``samples=0`` is the noise-free MAP prediction (std zero; for an ensemble the member mean).
         An ensemble ignores other values of ``samples``: its K is the number of members.
         For BLIP models whose rate heads see features, where the calibration holds a
-        ``forces_novelty`` b > 0 (fitted by recalibration with ``uq.novelty_widening``), each atom's
+        ``forces_novelty`` b > 0 (set by recalibration with ``uq.novelty_widening``), each atom's
         force spread and samples are widened by ``exp(b (nu - novelty_centre))`` on top of the
         calibration factor, ``nu`` the atom's log squared feature distance from the training data
         (mean over the noisy node layers and the K samples); ``novelty=True`` also returns these
@@ -311,7 +311,7 @@ def _given_map_values(values: dict | None, n: int) -> dict | None:
 
 def novelty_widening(atom_novelty: list, calibration: dict) -> list | None:
     """Per-atom factors ``exp(b (nu - nu_0))`` (one (n,) array per structure) of the force spread from
-    each atom's log feature distance ``nu`` and the calibration's ``forces_novelty`` b (fitted by
+    each atom's log feature distance ``nu`` and the calibration's ``forces_novelty`` b (set by
     :func:`blip.uq.recalibration.recalibrate`) and ``novelty_centre`` nu_0; None where b is 0 or absent."""
     if float(calibration.get("forces_novelty", 0.0)) == 0.0:
         return None

@@ -84,6 +84,7 @@ def test_calibrated_models_are_written_and_loadable(data_scarce):
     metrics, _ = evaluate_structures(model, test.structures, seed=0)
     assert row["forces_nll_recal"] == pytest.approx(metrics["forces"]["nll"], rel=1e-4)
     assert row["coverage_95_recal"] == pytest.approx(metrics["forces"]["coverage_95"], abs=1e-9)
+    assert row["spearman_recal"] == pytest.approx(metrics["forces"]["spearman"], abs=1e-9)
 
 
 def test_resume_reuses_finished_runs_and_reports_their_epoch_times(data_scarce, tmp_path):
@@ -289,3 +290,18 @@ def test_learning_curves_of_the_plain_model_only_skip_uncertainty_plots(tmp_path
     written = {p.name for p in _learning_curves(tmp_path, rows)}
     assert written == {"test_MD_forces_rmse_vs_N.png", "test_MD_energy_rmse_vs_N.png"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+
+
+def test_table_shows_before_and_after_only_where_recalibration_changed_the_figure():
+    """'a → b' where recalibration moved a metric (NLL; Spearman and σ ratio under the widening),
+    one figure where it did not."""
+    from blip.bench.results import table
+
+    row = {"method": "blip", "nll": 1.0, "nll_recal": -2.0, "spearman": 0.5, "spearman_recal": 0.5,
+           "sigma_ratio": 30.0, "sigma_ratio_recal": 45.0}
+    cells = table([row]).splitlines()[2].split("|")[1:-1]
+    heads = table([row]).splitlines()[0].split("|")[1:-1]
+    by_head = {h.strip(): c.strip() for h, c in zip(heads, cells)}
+    assert by_head["NLL"] == "1 → -2"
+    assert by_head["Spearman"] == "0.5"
+    assert by_head["σ ratio"] == "30.0 → 45.0"

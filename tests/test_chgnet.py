@@ -318,3 +318,25 @@ def test_gated_mlps_share_one_whitening_and_samples_stay_the_same(pretrained, ra
     assert len(calls) == slots and n_shared == slots - gated
     np.testing.assert_array_equal(shared[0], separate[0])
     np.testing.assert_allclose(shared[1], separate[1], rtol=0, atol=1e-10)
+
+
+def test_each_atom_gets_its_feature_distance(pretrained, rattled):
+    """CHGNet's per-atom domain is "atom": a sampled pass gives every atom a finite log feature
+    distance, the same on a translated copy, and larger on a strongly distorted copy."""
+    model = wrapped(pretrained)
+    model.fit_feature_statistics([batch_of(rattled)])
+    assert model.wants_novelty
+
+    def novelty(atoms_list):
+        return model(batch_of(atoms_list), sample=True, seed=1, novelty=True)["novelty"].detach().numpy()
+
+    nu = novelty(rattled)
+    assert nu.shape == (sum(len(a) for a in rattled),) and np.isfinite(nu).all()
+    moved = [a.copy() for a in rattled]
+    for a in moved:
+        a.positions += [0.3, -0.2, 0.5]
+    np.testing.assert_allclose(novelty(moved), nu, rtol=0, atol=1e-8)
+    squeezed = [a.copy() for a in rattled]
+    for a in squeezed:
+        a.set_cell(a.cell * 0.85, scale_atoms=True)
+    assert novelty(squeezed).mean() > nu.mean() + 0.5

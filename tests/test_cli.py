@@ -153,7 +153,7 @@ def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
     plain = before.predict(atoms, samples=4, seed=3, novelty=True)
     s0, nu = plain["forces_std"][0], plain["atom_novelty"][0]
     s1 = after.predict(atoms, samples=4, seed=3)["forces_std"][0]
-    # uq.novelty_widening: each atom's spread also x exp(b (nu - nu_0)), b >= 0 fitted by calibrate
+    # uq.novelty_widening: each atom's spread also x exp(b (nu - nu_0)), b set (default 0.1) or fitted
     widening = np.exp(after.calibration["forces_novelty"] * (nu - after.calibration["novelty_centre"]))
     assert after.calibration["forces_novelty"] >= 0.0
     np.testing.assert_allclose(s1, factor * s0 * widening[:, None], rtol=1e-6)

@@ -9,8 +9,9 @@ from conftest import DATA
 from scipy.spatial.transform import Rotation
 
 import blip
-from blip.bench.runner import recalibrated_std
+from blip.bench.runner import add_sigma_ratios, recalibrated_std
 from blip.config import resolve
+from blip.errors import ConfigError
 from blip.predictor import novelty_widening
 from blip.uq.recalibration import fit_novelty_widening, recalibrate
 
@@ -62,27 +63,51 @@ def test_predict_widens_each_atoms_force_spread_by_its_factor(tiny_model_path):
     assert novelty_widening(plain["atom_novelty"], {"energy": 1.0, "forces": 1.0}) is None
 
 
-def test_recalibration_fits_the_widening_only_when_asked(tiny_model_path):
-    """``recalibrate`` stores b >= 0 and the centre with the option on; a config without the key (a
-    model file from before it) keeps the plain factors; the bench's recalibrated spread applies both."""
+def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_path):
+    """``recalibrate`` with a number b keeps it and fits the force factor of the widened spreads; with
+    true it fits b >= 0; false, or a config without the key (a model file from before it), keeps the
+    plain factors; the bench's recalibrated spread applies both."""
     from blip.data import read_labelled
+    from blip.evaluate import evaluate_structures
+    from blip.uq.recalibration import fit_scale
 
     structures = read_labelled(DATA / "acac_small.xyz")
     model = blip.load(tiny_model_path)
+    model.config["uq"]["force_std"] = "component"
+    model.calibration = {"energy": 1.0, "forces": 1.0}
+    f = evaluate_structures(model, structures, samples=4, seed=0)[1]["forces"]
+    model.config["uq"]["novelty_widening"] = 0.25
+    factors = recalibrate(model, structures, samples=4, seed=0)
+    centre = float(np.mean(f["novelty"]))
+    assert factors["forces_novelty"] == 0.25 and factors["novelty_centre"] == pytest.approx(centre, rel=1e-9)
+    wide = f["std"] * np.exp(0.25 * (f["novelty"] - centre))
+    assert factors["forces"] == pytest.approx(fit_scale(f["ref"] - f["pred"], wide), rel=1e-9)
+    assert factors["forces"] != pytest.approx(fit_scale(f["ref"] - f["pred"], f["std"]), rel=1e-3)
     model.config["uq"]["novelty_widening"] = True
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["forces_novelty"] >= 0.0 and np.isfinite(factors["novelty_centre"])
+    model.config["uq"]["novelty_widening"] = False
+    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
     del model.config["uq"]["novelty_widening"]
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
     a = {"std": np.array([1.0, 2.0]), "novelty": np.array([0.0, 1.0])}
     scales = {"forces": 2.0, "forces_novelty": 0.5, "novelty_centre": 0.5}
     np.testing.assert_allclose(recalibrated_std(a, "forces", scales), [2.0 * np.exp(-0.25), 4.0 * np.exp(0.25)])
     np.testing.assert_allclose(recalibrated_std(a, "energy", {"energy": 3.0}), [3.0, 6.0])
+    rows = [{"test_set": t, "uq_target": "forces", "forces_mean_std": m, "forces_mean_std_recal": w}
+            for t, m, w in (("low", 1.0, 2.0), ("high", 3.0, 12.0))]
+    add_sigma_ratios(rows, "low")  # the widening changes the ratio the recalibrated spreads give
+    assert (rows[1]["sigma_ratio"], rows[1]["sigma_ratio_recal"]) == (3.0, 6.0)
     from blip.report import recalibration_markdown
 
     forces = {"ref": np.zeros(2), "pred": np.array([0.1, -0.2]), "std": recalibrated_std(a, "forces", scales),
               "novelty": a["novelty"]}
     _, pairs = recalibration_markdown({"forces": forces}, scales)
     np.testing.assert_allclose(pairs["forces"]["before"][1], a["std"])  # the report undoes the widening too
-    assert resolve({})["uq"]["novelty_widening"] is True
-    assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] is False
+    assert resolve({})["uq"]["novelty_widening"] == 0.1  # b set, measured on the benchmarks
+    assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] == 0.1
+    for value in (True, False, 0.3):
+        assert resolve({"uq": {"novelty_widening": value}})["uq"]["novelty_widening"] == value
+    for bad in (-0.1, "yes"):
+        with pytest.raises(ConfigError, match="novelty_widening"):
+            resolve({"uq": {"novelty_widening": bad}})

@@ -45,6 +45,7 @@ class Backbone(nn.Module):
 
     cutoff: float
     elements: list[int]
+    atom_domain: str = "node"  # the domain with one row per atom, in the order of the positions
 
     def noisy_layers(self) -> dict[str, str]:
         """Regex over module names -> domain of the rows that layer acts on."""

@@ -209,6 +209,8 @@ class CHGNetBackbone(Backbone):
     """CHGNet as a BLIP backbone. Energy per structure (eV) = CHGNet's energy per atom x n_atoms,
     including its ``AtomRef`` reference energies; forces by autograd w.r.t. ``batch["positions"]``."""
 
+    atom_domain = "atom"
+
     def __init__(self, chgnet: nn.Module, summary: DatasetSummary, feature_radial: int = 8,
                  model_name: str = "0.3.0", noise_domains=tuple(DEFAULTS["noise_domains"])):
         super().__init__()

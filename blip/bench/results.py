@@ -23,9 +23,9 @@ TABLE = (
     ("nll", "nll_recal", "NLL"),
     ("miscalibration_area", "miscalibration_area_recal", "miscal. area"),
     ("ence", "ence_recal", "ENCE"),
-    ("spearman", None, "Spearman"),
+    ("spearman", "spearman_recal", "Spearman"),
     ("coverage_95", "coverage_95_recal", "cov. 95%"),
-    ("sigma_ratio", None, "σ ratio"),
+    ("sigma_ratio", "sigma_ratio_recal", "σ ratio"),
     ("train_seconds", None, "train [s]"),
     ("predict_cost_ratio", None, "predict cost [×MAP]"),
 )
@@ -85,7 +85,7 @@ def _number(key: str, v: float) -> str:
     v = float(v) * (1000.0 if key in _MILLI else 1.0)
     if key == "train_seconds":
         return f"{v:.0f}"
-    if key in ("predict_cost_ratio", "sigma_ratio"):
+    if key in ("predict_cost_ratio", "sigma_ratio", "sigma_ratio_recal"):
         return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
         cells = []
         for raw, recal, _ in TABLE:
             c = _cell(r, raw)
-            if recal is not None and r.get(raw) is not None:
+            if recal is not None and r.get(raw) is not None and _cell(r, recal) != c:
                 c = f"{c} → {_cell(r, recal)}"
             cells.append(c)
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
@@ -135,9 +135,10 @@ _LEGEND = (
     "energy-only sets), miscalibration area, ENCE, Spearman rank "
     "correlation of |error| with σ and the coverage of the central 95% interval, all on the "
     "target named in each heading. 'a → b': before → after recalibration (one σ factor per "
-    "target fitted on the validation split; Spearman does not change). σ ratio: mean σ on this "
-    "test set over mean σ on the in-distribution reference test set of the experiment (the same "
-    "before and after recalibration). train: wall seconds "
+    "target fitted on the validation split, and where b > 0 each atom's force σ also "
+    "times exp(b (novelty - centre)), uq.novelty_widening; a single figure: the same before and "
+    "after). σ ratio: mean σ on this test set over mean σ on the in-distribution reference test set "
+    "of the experiment. train: wall seconds "
     "of all networks of the method (an ensemble trains all its members). predict cost: wall "
     "time of predict with uncertainty (default samples; all members for the ensemble) over "
     "one network's MAP predict (the deterministic model's; in a run without one, the first "

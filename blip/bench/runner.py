@@ -30,10 +30,10 @@ from ..uq.metrics import prediction_arrays, regression_metrics
 from ..uq.recalibration import novelty_factor, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
-#: Metrics that change when sigma is multiplied by a factor (reported before and after).
-SCALED = ("nll", "miscalibration_area", "ence", "coverage_68", "coverage_95", "sharpness", "crps")
-#: Metrics of each target in a row.
-PROBABILISTIC = SCALED + ("spearman",)
+#: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
+#: (Spearman changes only where the widening is fitted).
+PROBABILISTIC = ("nll", "miscalibration_area", "ence", "coverage_68", "coverage_95", "sharpness", "crps",
+                 "spearman")
 _SCALE_OF = {"energy": "energy", "energy_per_atom": "energy", "forces": "forces"}
 
 
@@ -131,7 +131,7 @@ def score(structures, pred) -> dict:
 
 def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and for
-    forces with a fitted ``forces_novelty`` b also ``exp(b (novelty - novelty_centre))`` per component."""
+    forces with a ``forces_novelty`` b also ``exp(b (novelty - novelty_centre))`` per component."""
     std = a["std"] * scales.get(_SCALE_OF[q], 1.0)
     return std * novelty_factor(a.get("novelty"), scales) if q == "forces" else std
 
@@ -142,22 +142,22 @@ def row_metrics(arrays: dict, scales: dict) -> dict:
     for q in ("energy", "energy_per_atom", "forces"):
         a = arrays.get(q)
         err = None if a is None else a["ref"] - a["pred"]
+        recal_std = recalibrated_std(a, q, scales) if a is not None else None
         raw = regression_metrics(err, a["std"]) if a is not None else {}
-        recal = regression_metrics(err, recalibrated_std(a, q, scales)) if a is not None else {}
+        recal = regression_metrics(err, recal_std) if a is not None else {}
         row[f"{q}_rmse"] = raw.get("rmse")
         row[f"{q}_mae"] = raw.get("mae")
         if q == "energy_per_atom":
             continue
         row[f"{q}_mean_std"] = float(np.mean(a["std"])) if a is not None else None
+        row[f"{q}_mean_std_recal"] = float(np.mean(recal_std)) if a is not None else None
         for m in PROBABILISTIC:
             row[f"{q}_{m}"] = raw.get(m)
-        for m in SCALED:
             row[f"{q}_{m}_recal"] = recal.get(m)
     target = "forces" if "forces" in arrays else "energy"
     row["uq_target"] = target
     for m in PROBABILISTIC:
         row[m] = row[f"{target}_{m}"]
-    for m in SCALED:
         row[f"{m}_recal"] = row[f"{target}_{m}_recal"]
     row["scale_energy"] = float(scales.get("energy", 1.0))
     row["scale_forces"] = float(scales.get("forces", 1.0))
@@ -226,16 +226,21 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
 
 
 def add_sigma_ratios(rows: list[dict], reference_test: str | None) -> None:
-    """``{energy,forces}_sigma_ratio``: mean sigma of each test set over that of ``reference_test``.
+    """``{energy,forces}_sigma_ratio`` (and ``_recal``): mean sigma of each test set over that of
+    ``reference_test``, before (and after) recalibration.
 
-    Rows are one method's; the ratio does not change under recalibration (one factor per target).
+    Rows are one method's; one factor per target leaves the ratio as it is, the per-atom widening of
+    the force spread (``forces_novelty``) does not.
     """
     ref = next((r for r in rows if r["test_set"] == reference_test), None)
     for r in rows:
         for q in ("energy", "forces"):
-            num, den = r.get(f"{q}_mean_std"), None if ref is None else ref.get(f"{q}_mean_std")
-            r[f"{q}_sigma_ratio"] = num / den if num is not None and den else None
+            for tail in ("", "_recal"):
+                num = r.get(f"{q}_mean_std{tail}")
+                den = None if ref is None else ref.get(f"{q}_mean_std{tail}")
+                r[f"{q}_sigma_ratio{tail}"] = num / den if num is not None and den else None
         r["sigma_ratio"] = r[f"{r['uq_target']}_sigma_ratio"]
+        r["sigma_ratio_recal"] = r[f"{r['uq_target']}_sigma_ratio_recal"]
 
 
 def one_network(model):

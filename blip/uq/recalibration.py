@@ -55,8 +55,9 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     whose recalibrated Gaussian NLL on these structures is lower (``model.fitted_force_std``).
     With ``uq.novelty_widening`` (BLIP whose rate heads see features) each atom's force spread is
     also widened by ``exp(b (nu - nu_0))``, ``nu`` the atom's log feature distance from the training
-    data (:meth:`blip.model.BayesianPotential.forward`), ``nu_0`` its mean over these structures and
-    ``b >= 0`` fitted here with the force factor (``forces_novelty``, ``novelty_centre``).
+    data (:meth:`blip.model.BayesianPotential.forward`), ``nu_0`` its mean over these structures
+    (``forces_novelty`` b, ``novelty_centre``): a number is b itself (the force factor fitted with
+    it), ``true`` fits ``b >= 0`` here with the force factor.
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
@@ -74,10 +75,15 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
                          for q in ("energy", "forces", "stress") if q in arrays}
     forces = arrays.get("forces", {})
-    if model.config["uq"].get("novelty_widening") and "novelty" in forces:
+    widening = model.config["uq"].get("novelty_widening")
+    if widening and "novelty" in forces:
         err = forces["ref"] - forces["pred"]
         centre = float(np.mean(forces["novelty"]))
-        scale, b = fit_novelty_widening(err, forces["std"], forces["novelty"] - centre)
+        if widening is True:
+            scale, b = fit_novelty_widening(err, forces["std"], forces["novelty"] - centre)
+        else:
+            b = float(widening)
+            scale = fit_scale(err, forces["std"] * np.exp(b * (forces["novelty"] - centre)))
         model.calibration.update(forces=scale, forces_novelty=b, novelty_centre=centre)
     return dict(model.calibration)
 
