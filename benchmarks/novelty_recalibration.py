@@ -12,7 +12,9 @@ with ``uq.novelty_widening`` false (one factor per target) and true (each atom's
 times ``exp(b (nu - nu_0))``, b >= 0 fitted there), and each test set with forces is scored as
 the bench does: force NLL per component (nats), 95 % coverage, Spearman(|error|, σ) and the mean σ over
 that of the in-distribution test set (σ ratio), all of the recalibrated spreads, and b; then the means
-over seeds. ``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
+over seeds (``--target energy``: the same for energies per structure, widened with each
+structure's largest atom novelty, ``uq.energy_novelty_widening``; energy-only test sets included).
+``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
 factor refitted on the validation split. (The version of this script at commit eb43b8a fitted a
 per-structure form offline, from one sampled pass; its outputs are in
 docs/results/energy-split/message-noise-off/novelty-recalibration/.)
@@ -31,7 +33,7 @@ from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import recalibrated_std
 from blip.evaluate import evaluate_structures
 from blip.uq.metrics import regression_metrics
-from blip.uq.recalibration import fit_scale, recalibrate
+from blip.uq.recalibration import NOVELTY_KEYS, fit_scale, recalibrate
 
 
 def main() -> None:
@@ -44,7 +46,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="K (default: the model's)")
     parser.add_argument("--method", default="blip", help="the method's folder (blip-finetune for finetune-si)")
     parser.add_argument("--fixed-b", default="", help="also score these b (comma-separated), s refitted for each")
+    parser.add_argument("--target", default="forces", choices=("forces", "energy"),
+                        help="the widened spread (energy: each structure's, with its atoms' largest novelty)")
     args = parser.parse_args()
+    target, setting = args.target, {"forces": "novelty_widening", "energy": "energy_novelty_widening"}[args.target]
+    b_key, centre_key = NOVELTY_KEYS[target]
     torch.set_num_threads(1)
     scores: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -53,30 +59,30 @@ def main() -> None:
         exp = plan.experiments[0]
         folder = exp.name.replace("=", "") or "run"  # as blip bench names its runs
         model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / args.method / "model_calibrated.pt"))
-        tests = [t for t in exp.tests if all(s.forces is not None for s in t.structures)]
+        tests = [t for t in exp.tests if all(getattr(s, target) is not None for s in t.structures)]
         factors = {}
         for widening in (False, True):
-            model.config["uq"]["novelty_widening"] = widening
+            model.config["uq"][setting] = widening
             factors[widening] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
         model.calibration = {"energy": 1.0, "forces": 1.0}
-        arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1]["forces"]
-                  for t in tests}  # raw spreads and each component's novelty: one prediction per test set
+        arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1][target]
+                  for t in tests}  # raw spreads and each entry's novelty: one prediction per test set
         if args.fixed_b:
-            valid = evaluate_structures(model, exp.valid, samples=args.samples, seed=seed)[1]["forces"]
+            valid = evaluate_structures(model, exp.valid, samples=args.samples, seed=seed)[1][target]
             centre = float(np.mean(valid["novelty"]))
             for b in (float(x) for x in args.fixed_b.split(",")):
                 widened = valid["std"] * np.exp(b * (valid["novelty"] - centre))
-                factors[f"b={b:g}"] = {"forces": fit_scale(valid["ref"] - valid["pred"], widened),
-                                       "forces_novelty": b, "novelty_centre": centre}
+                factors[f"b={b:g}"] = {target: fit_scale(valid["ref"] - valid["pred"], widened),
+                                       b_key: b, centre_key: centre}
         for widening, scales in factors.items():
-            std = {name: recalibrated_std(a, "forces", scales) for name, a in arrays.items()}
+            std = {name: recalibrated_std(a, target, scales) for name, a in arrays.items()}
             reference = float(np.mean(std[exp.reference_test])) if exp.reference_test in std else float("nan")
             for name, a in arrays.items():
                 m = regression_metrics(a["ref"] - a["pred"], std[name])
                 row = (m["nll"], m["coverage_95"], m["spearman"], float(np.mean(std[name])) / reference)
                 scores.setdefault((name, str(widening)), []).append(row)
                 print(f"seed {seed} {name:17s} widening {widening!s:6s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
-                      f"Spearman {row[2]:.2f} sigma ratio {row[3]:6.2f} b {scales.get('forces_novelty', 0.0):.2f}",
+                      f"Spearman {row[2]:.2f} sigma ratio {row[3]:6.2f} b {scales.get(b_key, 0.0):.2f}",
                       flush=True)
     for (name, widening), rows in sorted(scores.items()):
         mean = np.mean(np.array(rows), axis=0)

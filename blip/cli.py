@@ -152,12 +152,16 @@ def _evaluate(args) -> int:
 
 # -- calibrate -----------------------------------------------------------------------
 def _widening_text(calibration: dict) -> str:
-    """How recalibration widens each atom's force spread with its feature distance ("" when it does not)."""
-    if "forces_novelty" not in calibration:
-        return ""
-    centre = float(calibration["novelty_centre"])
-    return (f"; each atom's force spread also x exp({calibration['forces_novelty']:.3g} "
-            f"(novelty {'-' if centre >= 0 else '+'} {abs(centre):.3g}))")
+    """How recalibration widens the force and energy spreads with the feature distance ("" when it does not)."""
+    text = ""
+    for what, b_key, centre_key, of in (("each atom's force", "forces_novelty", "novelty_centre", "novelty"),
+                                        ("each energy's", "energy_novelty", "energy_novelty_centre",
+                                         "largest novelty")):
+        if b_key in calibration:
+            centre = float(calibration[centre_key])
+            text += (f"; {what} spread also x exp({calibration[b_key]:.3g} "
+                     f"({of} {'-' if centre >= 0 else '+'} {abs(centre):.3g}))")
+    return text
 
 
 def cmd_calibrate(args) -> int:

@@ -64,6 +64,7 @@ DEFAULTS: dict = {
         "recalibrate": True,
         "novelty_widening": 0.1,     # b: recalibrated force spreads x exp(b (feature distance - its mean));
                                      # true: b fitted on the validation split; false: off
+        "energy_novelty_widening": 0.2,  # the same for energy spreads, with each structure's largest distance
     },
     "training": {
         "epochs": 100,
@@ -96,12 +97,12 @@ DEFAULTS: dict = {
 # that starts where the pretrained model is (p_init), small steps for the pretrained weights and
 # larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
 # training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
-# worse on held-out surfaces). Measured with ``blip bench finetune-si`` (docs/results/finetune-si).
-# Keys a user sets win as usual.
+# worse on held-out surfaces), and no widening of the energy spreads (they lost 0.1-0.5 nats with
+# it). Measured with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "force_std": "component",
-           "dropout_p": 0.05},
+           "dropout_p": 0.05, "energy_novelty_widening": False},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
 
@@ -113,12 +114,18 @@ BACKBONE_DEFAULTS: dict[str, dict] = {}
 # Optional per-backbone check of the resolved ``model`` section (raises ConfigError).
 BACKBONE_CHECKS: dict = {}
 
+# Per-backbone defaults of ``uq`` keys that differ from DEFAULTS (measured per backbone).
+BACKBONE_UQ_DEFAULTS: dict[str, dict] = {}
 
-def register_backbone_defaults(name: str, defaults: dict, check=None) -> None:
-    """Let a backbone module declare its ``model`` config keys (and optionally a check of their values)."""
+
+def register_backbone_defaults(name: str, defaults: dict, check=None, uq: dict | None = None) -> None:
+    """Let a backbone module declare its ``model`` config keys (and optionally a check of their values
+    and ``uq`` defaults of its own)."""
     BACKBONE_DEFAULTS[name] = dict(defaults)
     if check is not None:
         BACKBONE_CHECKS[name] = check
+    if uq:
+        BACKBONE_UQ_DEFAULTS[name] = dict(uq)
 
 
 def merge_known(base: dict, update: dict, where: str, whole: tuple = ("test_files",)) -> dict:
@@ -176,6 +183,7 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     backbone = (user.get("model") or {}).get("backbone", DEFAULTS["model"]["backbone"])
     defaults = copy.deepcopy(DEFAULTS)
     defaults["model"].update(backbone_defaults(backbone))
+    defaults["uq"].update(BACKBONE_UQ_DEFAULTS.get(backbone, {}))
     types = copy.deepcopy(defaults)  # inference_lr may be null also when fine-tuning
     if (user.get("model") or {}).get("pretrained", defaults["model"]["pretrained"]) is True:
         deep_update(defaults, copy.deepcopy(FINETUNE_DEFAULTS))
@@ -210,7 +218,7 @@ def backbone_defaults(name: str) -> dict:
 
 
 #: Keys that take true, false or a number.
-_BOOL_OR_NUMBER = {"uq.novelty_widening"}
+_BOOL_OR_NUMBER = {"uq.novelty_widening", "uq.energy_novelty_widening"}
 
 
 def _check_types(defaults: dict, cfg: dict, where: str) -> None:
@@ -219,15 +227,15 @@ def _check_types(defaults: dict, cfg: dict, where: str) -> None:
         value, name = cfg.get(key), f"{where}{key}"
         if isinstance(default, dict) and isinstance(value, dict):
             _check_types(default, value, f"{name}.")
+        elif name in _BOOL_OR_NUMBER:
+            if not isinstance(value, (bool, int, float)):
+                raise ConfigError(f"{name} must be true, false or a number, got {value!r}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
-        elif name in _BOOL_OR_NUMBER:
-            if not isinstance(value, (bool, int, float)):
-                raise ConfigError(f"{name} must be true, false or a number, got {value!r}")
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -264,9 +272,10 @@ def _check_ranges(cfg: dict) -> None:
             bounds = f"{'[' if closed else '('}{low}, {high if high is not None else 'inf'}{']' if closed and high is not None else ')'}"
             raise ConfigError(f"{section}.{key} must be in {bounds}, got {value!r}")
     uq = cfg["uq"]
-    widening = uq.get("novelty_widening")
-    if not isinstance(widening, bool) and widening is not None and not 0.0 <= widening <= 5.0:
-        raise ConfigError(f"uq.novelty_widening must be true, false or a number in [0, 5], got {widening!r}")
+    for key in ("novelty_widening", "energy_novelty_widening"):
+        widening = uq.get(key)
+        if not isinstance(widening, bool) and widening is not None and not 0.0 <= widening <= 5.0:
+            raise ConfigError(f"uq.{key} must be true, false or a number in [0, 5], got {widening!r}")
     if not uq["p_min"] <= uq["p_init"] <= uq["p_max"]:
         raise ConfigError(f"uq: need p_min <= p_init <= p_max, got {uq['p_min']}, {uq['p_init']}, {uq['p_max']}")
 

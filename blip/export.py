@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,6 +109,12 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                    f"{k} noise samples (seed {int(seed)}), calibration factor "
                    f"{float(model.calibration['energy']):.6g}" if spread else
                    f"BLIP {method} model, {backbone} backbone; energy only")
+    if spread and float(model.calibration.get("energy_novelty", 0.0)) > 0.0:
+        note = ("the calibration's widening of the energy spread with the feature distance "
+                "(energy_novelty) is not exported: far from the training data energy_uncertainty "
+                "is smaller than blip.Calculator's energy_std")
+        warnings.warn(note, stacklevel=2)
+        description += f"; {note}"
     metadata = ModelMetadata(name=f"blip-{backbone}-{method}", description=description,
                              references={"implementation": [f"BLIP {__version__}"]})
     return AtomisticModel(module, metadata, capabilities)

@@ -11,6 +11,7 @@ from .data import build_graph, check_elements, collate, replicate
 from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
+from .uq.metrics import structure_novelty
 from .uq.recalibration import novelty_factor
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
@@ -153,7 +154,9 @@ class BlipModel:
         ``forces_novelty`` b > 0 (set by recalibration with ``uq.novelty_widening``), each atom's
         force spread and samples are widened by ``exp(b (nu - novelty_centre))`` on top of the
         calibration factor, ``nu`` the atom's log squared feature distance from the training data
-        (mean over the noisy node layers and the K samples); ``novelty=True`` also returns these
+        (mean over the noisy node layers and the K samples); with an ``energy_novelty`` b_E > 0
+        (``uq.energy_novelty_widening``) each structure's energy spread and samples by
+        ``exp(b_E (max_atoms nu - energy_novelty_centre))``. ``novelty=True`` also returns these
         ``atom_novelty`` (list of (n_i,); other models and ``samples=0``: no such key).
 
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
@@ -187,7 +190,8 @@ class BlipModel:
         sampled = {key: [None] * len(graphs) for key in keys + ("novelty",)}
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
-        record = novelty or float(self.calibration.get("forces_novelty", 0.0)) > 0.0  # only when used
+        record = novelty or any(float(self.calibration.get(key, 0.0)) > 0.0  # only when used
+                                for key in ("forces_novelty", "energy_novelty"))
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
         if map_mean and not fold:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
@@ -224,10 +228,11 @@ class BlipModel:
                    "stress": self.calibration.get("stress", self.calibration["forces"])}
         distances = sampled.pop("novelty", None)
         out = {}
-        widening = None
+        widening, energy_widening = None, 1.0
         if stochastic and distances is not None and all(v is not None for v in distances):
             atom_novelty = [v.mean(axis=0) for v in distances]
             widening = novelty_widening(atom_novelty, self.calibration)
+            energy_widening = novelty_factor(structure_novelty(atom_novelty), self.calibration, "energy")
             if novelty:
                 out["atom_novelty"] = atom_novelty
         for key, per_structure in sampled.items():
@@ -238,6 +243,9 @@ class BlipModel:
                 if key == "forces" and widening is not None:  # per atom: (1, n, 1)
                     samples = [m + factors[key] * w[None, :, None] * (s - m)
                                for m, s, w in zip(mean, per_structure, widening)]
+                elif key == "energy" and not np.isscalar(energy_widening):  # per structure
+                    samples = [m + factors[key] * w * (s - m)
+                               for m, s, w in zip(mean, per_structure, energy_widening)]
                 else:
                     samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
                 std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]

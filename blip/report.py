@@ -451,8 +451,8 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
 
     ``arrays`` as for :func:`write_report`, whose ``std`` are the **recalibrated** standard
     deviations (what a calibrated model predicts); ``calibration`` maps "energy"/"forces"
-    to the factor s that multiplied them, so the uncalibrated σ is ``std / s`` (forces with a
-    ``forces_novelty`` b and a ``novelty`` array: ``std / (s exp(b (novelty - novelty_centre)))``).
+    to the factor s that multiplied them, so the uncalibrated σ is ``std / s`` (a target widened
+    with the feature distance, b and a ``novelty`` array: ``std / (s exp(b (novelty - centre)))``).
     Returns (markdown, {quantity: {"before": (err, σ/s), "after": (err, σ)}}).
     """
     head = "| quantity | factor s | " + " | ".join(_RECAL_KEYS) + " |"
@@ -465,7 +465,7 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
         if not np.any(std > 0) or not (s > 0):
             continue
         err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
-        factor = s * novelty_factor(a.get("novelty"), calibration) if q == "forces" else s
+        factor = s * novelty_factor(a.get("novelty"), calibration, _SCALE_TARGET[q])
         before, after = M.regression_metrics(err, std / factor), M.regression_metrics(err, std)
         cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
         lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")

@@ -92,8 +92,9 @@ def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path,
         assert model.calibration == {"energy": 1.0, "forces": 1.0}  # nothing to scale
     else:
         assert all(model.calibration[q] > 0 and model.calibration[q] != 1.0 for q in ("energy", "forces"))
-        # BLIP with feature-based rates also fits the force spread's widening with the feature distance
-        widening = {"forces_novelty", "novelty_centre"} if method == "blip" else set()
+        # BLIP with feature-based rates also widens the force and energy spreads with the feature distance
+        widening = ({"forces_novelty", "novelty_centre", "energy_novelty", "energy_novelty_centre"}
+                    if method == "blip" else set())
         assert set(model.calibration) == {"energy", "forces"} | widening
         assert model.calibration.get("forces_novelty", 0.0) >= 0.0
 
@@ -204,7 +205,7 @@ def test_calibrate_recovers_a_known_factor_through_the_cli(trained, atoms, tmp_p
     """Reference labels = mean + c * sigma * z: `blip calibrate` must return c * rms(z) exactly
     (the plain factors: the per-atom widening, on by default, has its own tests in test_novelty)."""
     model = blip.load(trained[method])
-    model.config["uq"]["novelty_widening"] = False
+    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
     plain = tmp_path / "plain.pt"
     save_model(model, plain)
     pred = model.predict(atoms, samples=3, seed=0)

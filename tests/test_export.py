@@ -10,6 +10,8 @@ at the end runs the same checks on tiny MACE models, with the same tolerances.
 
 from __future__ import annotations
 
+import copy
+
 import sys
 import types
 
@@ -227,6 +229,21 @@ def test_deterministic_and_zero_samples_export_energy_only(tmp_path):
     atoms.calc = MetatomicCalculator(_scripted(build_exported(model), tmp_path), check_consistency=True)
     ref = blip.Calculator(model)
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(atoms.copy()), abs=TOL)
+
+
+def test_export_says_the_energy_widening_is_left_out(model):
+    """A calibration that widens energy spreads with the feature distance is not exported: a warning
+    and the model's description say so; without it, no warning."""
+    import warnings
+
+    widened = copy.copy(model)
+    widened.calibration = {**model.calibration, "energy_novelty": 0.2, "energy_novelty_centre": -1.0}
+    with pytest.warns(UserWarning, match="energy_novelty"):
+        exported = build_exported(widened)
+    assert "not exported" in exported.metadata().description
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_exported(model)
 
 
 def test_cli_default_samples_are_the_models(tmp_path, model):

@@ -1,4 +1,5 @@
-"""Novelty widening: each atom's force spread grows with its log feature distance (``uq.novelty_widening``)."""
+"""Novelty widening: each atom's force spread grows with its log feature distance (``uq.novelty_widening``),
+each energy's with its atoms' largest (``uq.energy_novelty_widening``)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_novelty_is_invariant_and_grows_on_a_distorted_structure(tiny_model_path
 
 def test_predict_widens_each_atoms_force_spread_by_its_factor(tiny_model_path):
     """With ``forces_novelty`` b and ``novelty_centre`` nu_0 in the calibration, each atom's force std
-    (and its samples' deviation) is the unwidened one times exp(b (nu - nu_0)); energies are unchanged."""
+    (and its samples' deviation) is the unwidened one times exp(b (nu - nu_0)); energies are unchanged.
+    With ``energy_novelty`` the energy spreads are widened by their structure's factor, forces not."""
     model = blip.load(tiny_model_path)
     model.config["uq"]["force_std"] = "component"
     atoms = read(DATA / "acac_small.xyz", index=1)
@@ -61,6 +63,18 @@ def test_predict_widens_each_atoms_force_spread_by_its_factor(tiny_model_path):
     np.testing.assert_allclose(wide["forces_std"][0], plain["forces_std"][0] * factor[:, None], rtol=1e-9)
     np.testing.assert_allclose(wide["energy_std"], plain["energy_std"], rtol=1e-12)
     assert novelty_widening(plain["atom_novelty"], {"energy": 1.0, "forces": 1.0}) is None
+    # energy_novelty b_E: each structure's energy spread and samples x exp(b_E (its atoms' largest nu - c))
+    two = [atoms, read(DATA / "acac_small.xyz", index=2)]
+    model.calibration = {"energy": 1.3, "forces": 1.7}
+    plain = model.predict(two, samples=4, seed=5, novelty=True)
+    model.calibration = {"energy": 1.3, "forces": 1.7, "energy_novelty": 0.3, "energy_novelty_centre": -0.5}
+    wide = model.predict(two, samples=4, seed=5)
+    factor = np.exp(0.3 * (np.array([v.max() for v in plain["atom_novelty"]]) + 0.5))
+    np.testing.assert_allclose(wide["energy_std"], plain["energy_std"] * factor, rtol=1e-9)
+    np.testing.assert_allclose(wide["energy_samples"] - wide["energy"],
+                               (plain["energy_samples"] - plain["energy"]) * factor, rtol=1e-9)
+    np.testing.assert_allclose(wide["energy"], plain["energy"], rtol=0, atol=0)
+    np.testing.assert_allclose(wide["forces_std"][1], plain["forces_std"][1], rtol=1e-12)
 
 
 def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_path):
@@ -76,24 +90,33 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     model.config["uq"]["force_std"] = "component"
     model.calibration = {"energy": 1.0, "forces": 1.0}
     f = evaluate_structures(model, structures, samples=4, seed=0)[1]["forces"]
-    model.config["uq"]["novelty_widening"] = 0.25
+    e = evaluate_structures(model, structures, samples=4, seed=0)[1]["energy"]
+    np.testing.assert_allclose(e["novelty"], [v.max() for v in model.predict(
+        [s.atoms for s in structures], samples=4, seed=0, novelty=True)["atom_novelty"]], rtol=1e-12)
+    model.config["uq"].update(novelty_widening=0.25, energy_novelty_widening=0.4)
     factors = recalibrate(model, structures, samples=4, seed=0)
-    centre = float(np.mean(f["novelty"]))
-    assert factors["forces_novelty"] == 0.25 and factors["novelty_centre"] == pytest.approx(centre, rel=1e-9)
-    wide = f["std"] * np.exp(0.25 * (f["novelty"] - centre))
-    assert factors["forces"] == pytest.approx(fit_scale(f["ref"] - f["pred"], wide), rel=1e-9)
-    assert factors["forces"] != pytest.approx(fit_scale(f["ref"] - f["pred"], f["std"]), rel=1e-3)
-    model.config["uq"]["novelty_widening"] = True
+    for target, a, b, keys in (("forces", f, 0.25, ("forces_novelty", "novelty_centre")),
+                               ("energy", e, 0.4, ("energy_novelty", "energy_novelty_centre"))):
+        centre = float(np.mean(a["novelty"]))
+        assert factors[keys[0]] == b and factors[keys[1]] == pytest.approx(centre, rel=1e-9)
+        wide = a["std"] * np.exp(b * (a["novelty"] - centre))
+        assert factors[target] == pytest.approx(fit_scale(a["ref"] - a["pred"], wide), rel=1e-9)
+        assert factors[target] != pytest.approx(fit_scale(a["ref"] - a["pred"], a["std"]), rel=1e-3)
+    model.config["uq"].update(novelty_widening=True, energy_novelty_widening=True)
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["forces_novelty"] >= 0.0 and np.isfinite(factors["novelty_centre"])
-    model.config["uq"]["novelty_widening"] = False
+    assert factors["energy_novelty"] >= 0.0 and np.isfinite(factors["energy_novelty_centre"])
+    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
-    del model.config["uq"]["novelty_widening"]
+    del model.config["uq"]["novelty_widening"], model.config["uq"]["energy_novelty_widening"]
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
     a = {"std": np.array([1.0, 2.0]), "novelty": np.array([0.0, 1.0])}
     scales = {"forces": 2.0, "forces_novelty": 0.5, "novelty_centre": 0.5}
     np.testing.assert_allclose(recalibrated_std(a, "forces", scales), [2.0 * np.exp(-0.25), 4.0 * np.exp(0.25)])
     np.testing.assert_allclose(recalibrated_std(a, "energy", {"energy": 3.0}), [3.0, 6.0])
+    energy = {"energy": 3.0, "energy_novelty": 0.5, "energy_novelty_centre": 0.5}
+    np.testing.assert_allclose(recalibrated_std(a, "energy_per_atom", energy),
+                               [3.0 * np.exp(-0.25), 6.0 * np.exp(0.25)])
     rows = [{"test_set": t, "uq_target": "forces", "forces_mean_std": m, "forces_mean_std_recal": w}
             for t, m, w in (("low", 1.0, 2.0), ("high", 3.0, 12.0))]
     add_sigma_ratios(rows, "low")  # the widening changes the ratio the recalibrated spreads give
@@ -105,6 +128,13 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     _, pairs = recalibration_markdown({"forces": forces}, scales)
     np.testing.assert_allclose(pairs["forces"]["before"][1], a["std"])  # the report undoes the widening too
     assert resolve({})["uq"]["novelty_widening"] == 0.1  # b set, measured on the benchmarks
+    assert resolve({})["uq"]["energy_novelty_widening"] == 0.2
+    # fine-tuning CHGNet: its energy spreads, already too wide, lost 0.1-0.5 nats with it
+    assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["energy_novelty_widening"] is False
+    # MACE: its energy spreads, already wide where its errors are, lost 0.07-0.7 nats with it
+    assert resolve({"model": {"backbone": "mace"}})["uq"]["energy_novelty_widening"] is False
+    assert resolve({"model": {"backbone": "mace"}, "uq": {"energy_novelty_widening": 0.3}})["uq"][
+        "energy_novelty_widening"] == 0.3
     assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] == 0.1
     for value in (True, False, 0.3):
         assert resolve({"uq": {"novelty_widening": value}})["uq"]["novelty_widening"] == value

@@ -130,10 +130,11 @@ def score(structures, pred) -> dict:
 
 
 def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
-    """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and for
-    forces with a ``forces_novelty`` b also ``exp(b (novelty - novelty_centre))`` per component."""
-    std = a["std"] * scales.get(_SCALE_OF[q], 1.0)
-    return std * novelty_factor(a.get("novelty"), scales) if q == "forces" else std
+    """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and
+    where the calibration widens that target (``forces_novelty``, ``energy_novelty`` b) also
+    ``exp(b (novelty - centre))`` per entry."""
+    target = _SCALE_OF[q]
+    return a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

@@ -309,6 +309,12 @@ def _flat(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).ravel()
 
 
+def structure_novelty(atom_novelty) -> np.ndarray:
+    """Each structure's largest per-atom log feature distance (G,) from a list of (n_i,) arrays:
+    what widens its energy spread (the most unfamiliar atom dominates an energy's error)."""
+    return np.array([float(np.max(v)) for v in atom_novelty])
+
+
 def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forces,
                       forces_std, n_atoms, atom_novelty=None) -> dict:
     """Flat reference/prediction/std arrays per quantity (input for plots and metrics).
@@ -320,7 +326,7 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
     (eV/atom), "forces": {...}}``; a quantity without reference labels
     (``ref_* is None`` or ``pred_* is None``) is omitted. ``atom_novelty``: a list of (n_i,)
     per-atom log feature distances (``predict(..., novelty=True)``); forces then also carry
-    ``novelty``, each component's atom's.
+    ``novelty``, each component's atom's, and energies each structure's largest.
     """
     out = {}
     if ref_energy is not None and pred_energy is not None:
@@ -335,6 +341,8 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
         if np.any(nat <= 0):
             raise ValueError("n_atoms must be positive")
         out["energy_per_atom"] = {"ref": ref / nat, "pred": pred / nat, "std": std / nat}
+        if atom_novelty is not None:
+            out["energy"]["novelty"] = out["energy_per_atom"]["novelty"] = structure_novelty(atom_novelty)
     if ref_forces is not None and pred_forces is not None:
         ref, pred = _flat(ref_forces), _flat(pred_forces)
         std = np.zeros_like(pred) if forces_std is None else _flat(forces_std)

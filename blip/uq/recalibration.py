@@ -57,7 +57,9 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     also widened by ``exp(b (nu - nu_0))``, ``nu`` the atom's log feature distance from the training
     data (:meth:`blip.model.BayesianPotential.forward`), ``nu_0`` its mean over these structures
     (``forces_novelty`` b, ``novelty_centre``): a number is b itself (the force factor fitted with
-    it), ``true`` fits ``b >= 0`` here with the force factor.
+    it), ``true`` fits ``b >= 0`` here with the force factor. ``uq.energy_novelty_widening`` does
+    the same for each structure's energy spread with its atoms' largest ``nu`` (``energy_novelty``,
+    ``energy_novelty_centre``).
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
@@ -74,27 +76,42 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
                          for q in ("energy", "forces", "stress") if q in arrays}
-    forces = arrays.get("forces", {})
-    widening = model.config["uq"].get("novelty_widening")
-    if widening and "novelty" in forces:
-        err = forces["ref"] - forces["pred"]
-        centre = float(np.mean(forces["novelty"]))
-        if widening is True:
-            scale, b = fit_novelty_widening(err, forces["std"], forces["novelty"] - centre)
-        else:
-            b = float(widening)
-            scale = fit_scale(err, forces["std"] * np.exp(b * (forces["novelty"] - centre)))
-        model.calibration.update(forces=scale, forces_novelty=b, novelty_centre=centre)
+    for target, key in (("forces", "novelty_widening"), ("energy", "energy_novelty_widening")):
+        a, widening = arrays.get(target, {}), model.config["uq"].get(key)
+        if widening and "novelty" in a:
+            model.calibration.update(_widening(a, widening, target))
     return dict(model.calibration)
 
 
-def novelty_factor(novelty, calibration: dict):
-    """The force spread's widening ``exp(b (novelty - novelty_centre))`` (array of ``novelty``'s shape)
-    with the calibration's ``forces_novelty`` b; 1.0 where b is 0 or absent or ``novelty`` is None."""
-    b = float(calibration.get("forces_novelty", 0.0))
+#: Target -> calibration keys of its widening: (b, centre).
+NOVELTY_KEYS = {"forces": ("forces_novelty", "novelty_centre"),
+                "energy": ("energy_novelty", "energy_novelty_centre")}
+
+
+def _widening(a: dict, setting, target: str) -> dict:
+    """Calibration entries (factor, b, centre) of ``target``'s widening from its flat
+    ``{"ref", "pred", "std", "novelty"}`` arrays: ``setting`` true fits b >= 0, a number is b (the
+    factor fitted with it)."""
+    err = a["ref"] - a["pred"]
+    centre = float(np.mean(a["novelty"]))
+    if setting is True:
+        scale, b = fit_novelty_widening(err, a["std"], a["novelty"] - centre)
+    else:
+        b = float(setting)
+        scale = fit_scale(err, a["std"] * np.exp(b * (a["novelty"] - centre)))
+    b_key, centre_key = NOVELTY_KEYS[target]
+    return {target: scale, b_key: b, centre_key: centre}
+
+
+def novelty_factor(novelty, calibration: dict, target: str = "forces"):
+    """The spread's widening ``exp(b (novelty - centre))`` (array of ``novelty``'s shape) of ``target``
+    ("forces": ``forces_novelty`` b, ``novelty_centre``; "energy": ``energy_novelty`` b,
+    ``energy_novelty_centre``); 1.0 where b is 0 or absent or ``novelty`` is None."""
+    b_key, centre_key = NOVELTY_KEYS[target]
+    b = float(calibration.get(b_key, 0.0))
     if b == 0.0 or novelty is None:
         return 1.0
-    return np.exp(b * (np.asarray(novelty, dtype=np.float64) - float(calibration.get("novelty_centre", 0.0))))
+    return np.exp(b * (np.asarray(novelty, dtype=np.float64) - float(calibration.get(centre_key, 0.0))))
 
 
 def fit_novelty_widening(err, sigma, novelty) -> tuple[float, float]:
