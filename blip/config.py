@@ -180,13 +180,10 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     user = copy.deepcopy(user or {})
     for text in overrides:
         _deep_update(user, parse_override(text))
-    backbone = (user.get("model") or {}).get("backbone", DEFAULTS["model"]["backbone"])
-    defaults = copy.deepcopy(DEFAULTS)
-    defaults["model"].update(backbone_defaults(backbone))
-    defaults["uq"].update(BACKBONE_UQ_DEFAULTS.get(backbone, {}))
-    types = copy.deepcopy(defaults)  # inference_lr may be null also when fine-tuning
-    if (user.get("model") or {}).get("pretrained", defaults["model"]["pretrained"]) is True:
-        deep_update(defaults, copy.deepcopy(FINETUNE_DEFAULTS))
+    model = user.get("model") or {}
+    backbone = model.get("backbone", DEFAULTS["model"]["backbone"])
+    types = default_config(backbone)  # inference_lr may be null also when fine-tuning
+    defaults = default_config(backbone, pretrained=model.get("pretrained", types["model"]["pretrained"]) is True)
     cfg = _merge(defaults, user, "")
     _check_types(types, cfg, "")
     _validate(cfg)
@@ -195,6 +192,17 @@ def resolve(user: dict, overrides: list[str] = (), base_dir: Path | None = None)
     if base_dir is not None:
         _absolute_paths(cfg, Path(base_dir))
     return cfg
+
+
+def default_config(backbone: str, pretrained: bool = False) -> dict:
+    """The defaults a config of ``backbone`` starts from: DEFAULTS, the backbone's ``model`` keys and
+    ``uq`` defaults, and ``FINETUNE_DEFAULTS`` when ``pretrained``."""
+    defaults = copy.deepcopy(DEFAULTS)
+    defaults["model"].update(backbone_defaults(backbone))
+    defaults["uq"].update(BACKBONE_UQ_DEFAULTS.get(backbone, {}))
+    if pretrained:
+        deep_update(defaults, copy.deepcopy(FINETUNE_DEFAULTS))
+    return defaults
 
 
 def available_backbones() -> list[str]:

@@ -70,13 +70,12 @@ VALUES_BEFORE_KEY = {("uq", "distance_metric"): "mahalanobis"}
 
 def _with_new_keys(cfg: dict) -> dict:
     """An older file's config with the keys added since filled in: the value it was trained with
-    (``VALUES_BEFORE_KEY``), else today's default."""
-    from .config import DEFAULTS, deep_update
+    (``VALUES_BEFORE_KEY``), else today's default for its backbone (fine-tuned: the fine-tuning one)."""
+    from .config import DEFAULTS, deep_update, default_config
 
-    import copy
-
-    merged = copy.deepcopy(DEFAULTS)
-    merged["model"].update(cfg.get("model", {}))
+    model = cfg.get("model", {})
+    merged = default_config(model.get("backbone", DEFAULTS["model"]["backbone"]), model.get("pretrained") is True)
+    merged["model"].update(model)
     for (section, key), value in VALUES_BEFORE_KEY.items():
         if key not in cfg.get(section, {}):
             merged[section][key] = value

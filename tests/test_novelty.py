@@ -136,6 +136,13 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     assert resolve({"model": {"backbone": "mace"}, "uq": {"energy_novelty_widening": 0.3}})["uq"][
         "energy_novelty_widening"] == 0.3
     assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["novelty_widening"] == 0.1
+    # model files written before the energy key get their backbone's (and fine-tuning's) default
+    from blip.io import _with_new_keys
+
+    assert _with_new_keys({"model": {"backbone": "painn"}, "uq": {}})["uq"]["energy_novelty_widening"] == 0.2
+    assert _with_new_keys({"model": {"backbone": "mace"}, "uq": {}})["uq"]["energy_novelty_widening"] is False
+    assert _with_new_keys({"model": {"backbone": "chgnet", "pretrained": True}, "uq": {}})["uq"][
+        "energy_novelty_widening"] is False
     for value in (True, False, 0.3):
         assert resolve({"uq": {"novelty_widening": value}})["uq"]["novelty_widening"] == value
     for bad in (-0.1, "yes"):
