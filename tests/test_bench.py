@@ -270,6 +270,19 @@ def test_cost_quick_reports_every_ratio(tmp_path):
     assert "| blip | 2 |" in md and "| ensemble | 2 |" in md and "Training step" in md and "| blip | 4 |" in md
 
 
+def test_cost_models_record_the_feature_distance_as_recalibrated_blip_models_do():
+    """The cost benchmark's BLIP model carries the default widenings, so its predict records each
+    atom's feature distance (what a recalibrated model pays); the baselines carry unit factors."""
+    from blip.bench.cost import MODELS, build_models, systems
+
+    models = build_models(MODELS["painn"], quick=True)
+    assert models["blip"].calibration["forces_novelty"] == 0.1
+    assert models["blip"].calibration["energy_novelty"] == 0.2
+    assert models["mc_dropout"].calibration == {"energy": 1.0, "forces": 1.0}
+    pred = models["blip"].predict(systems(True)["acac"][:1], samples=2, seed=0, novelty=True)
+    assert np.all(np.isfinite(pred["atom_novelty"][0]))
+
+
 def test_cost_marginal_slope_is_the_least_squares_line():
     from blip.bench.cost import marginal_cost
 

@@ -91,8 +91,21 @@ def build_models(model: dict, quick: bool, seed: int = 0) -> dict[str, BlipModel
         for k in range(n):
             torch.manual_seed(seed + k)
             members.append(build_potential(cfg, summary))
-        out[method] = BlipModel(members, cfg, summary)
+        out[method] = BlipModel(members, cfg, summary, calibration=default_calibration(cfg, members[0]))
     return out
+
+
+def default_calibration(cfg: dict, member) -> dict:
+    """Unit factors, and for BLIP the default widenings' b (so that predict records each atom's
+    feature distance as a recalibrated model does; the centres do not change the cost)."""
+    calibration = {"energy": 1.0, "forces": 1.0}
+    if member.wants_novelty:
+        for key, b_key, centre_key in (("novelty_widening", "forces_novelty", "novelty_centre"),
+                                       ("energy_novelty_widening", "energy_novelty", "energy_novelty_centre")):
+            setting = cfg["uq"][key]
+            if setting:  # a fitted b (true) counts as the default's size
+                calibration.update({b_key: 0.1 if setting is True else float(setting), centre_key: 0.0})
+    return calibration
 
 
 def acac_blip_model(backbone: str) -> tuple[BlipModel, list]:
