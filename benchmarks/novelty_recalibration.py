@@ -33,7 +33,7 @@ from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import recalibrated_std
 from blip.evaluate import evaluate_structures
 from blip.uq.metrics import regression_metrics
-from blip.uq.recalibration import NOVELTY_KEYS, fit_scale, recalibrate
+from blip.uq.recalibration import NOVELTY_KEYS, WIDENING_SETTINGS, fit_scale, recalibrate
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--target", default="forces", choices=("forces", "energy"),
                         help="the widened spread (energy: each structure's, with its atoms' largest novelty)")
     args = parser.parse_args()
-    target, setting = args.target, {"forces": "novelty_widening", "energy": "energy_novelty_widening"}[args.target]
+    target, setting = args.target, WIDENING_SETTINGS[args.target]
     b_key, centre_key = NOVELTY_KEYS[target]
     torch.set_num_threads(1)
     scores: dict[tuple[str, str], list[tuple[float, ...]]] = {}

@@ -153,10 +153,11 @@ def _evaluate(args) -> int:
 # -- calibrate -----------------------------------------------------------------------
 def _widening_text(calibration: dict) -> str:
     """How recalibration widens the force and energy spreads with the feature distance ("" when it does not)."""
+    from .uq.recalibration import NOVELTY_KEYS
+
     text = ""
-    for what, b_key, centre_key, of in (("each atom's force", "forces_novelty", "novelty_centre", "novelty"),
-                                        ("each energy's", "energy_novelty", "energy_novelty_centre",
-                                         "largest novelty")):
+    for target, what, of in (("forces", "each atom's force", "novelty"), ("energy", "each energy's", "largest novelty")):
+        b_key, centre_key = NOVELTY_KEYS[target]
         if b_key in calibration:
             centre = float(calibration[centre_key])
             text += (f"; {what} spread also x exp({calibration[b_key]:.3g} "

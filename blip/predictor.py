@@ -12,7 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
-from .uq.recalibration import novelty_factor
+from .uq.recalibration import NOVELTY_KEYS, novelty_factor
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
 #: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
@@ -190,8 +190,8 @@ class BlipModel:
         sampled = {key: [None] * len(graphs) for key in keys + ("novelty",)}
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
-        record = novelty or any(float(self.calibration.get(key, 0.0)) > 0.0  # only when used
-                                for key in ("forces_novelty", "energy_novelty"))
+        record = novelty or any(float(self.calibration.get(b_key, 0.0)) > 0.0  # only when used
+                                for b_key, _ in NOVELTY_KEYS.values())
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
         if map_mean and not fold:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
@@ -228,11 +228,15 @@ class BlipModel:
                    "stress": self.calibration.get("stress", self.calibration["forces"])}
         distances = sampled.pop("novelty", None)
         out = {}
-        widening, energy_widening = None, 1.0
+        widen = {}  # key -> one factor per structure on its samples' deviations: (1, n, 1) per atom, or a number
         if stochastic and distances is not None and all(v is not None for v in distances):
             atom_novelty = [v.mean(axis=0) for v in distances]
-            widening = novelty_widening(atom_novelty, self.calibration)
-            energy_widening = novelty_factor(structure_novelty(atom_novelty), self.calibration, "energy")
+            force_factors = novelty_widening(atom_novelty, self.calibration)
+            if force_factors is not None:
+                widen["forces"] = [w[None, :, None] for w in force_factors]
+            energy_factors = novelty_factor(structure_novelty(atom_novelty), self.calibration, "energy")
+            if not np.isscalar(energy_factors):
+                widen["energy"] = list(energy_factors)
             if novelty:
                 out["atom_novelty"] = atom_novelty
         for key, per_structure in sampled.items():
@@ -240,14 +244,8 @@ class BlipModel:
             if stochastic:
                 if means is not None and key in means:
                     mean = list(means[key])
-                if key == "forces" and widening is not None:  # per atom: (1, n, 1)
-                    samples = [m + factors[key] * w[None, :, None] * (s - m)
-                               for m, s, w in zip(mean, per_structure, widening)]
-                elif key == "energy" and not np.isscalar(energy_widening):  # per structure
-                    samples = [m + factors[key] * w * (s - m)
-                               for m, s, w in zip(mean, per_structure, energy_widening)]
-                else:
-                    samples = [m + factors[key] * (s - m) for m, s in zip(mean, per_structure)]
+                widening = widen.get(key, [1.0] * len(per_structure))
+                samples = [m + factors[key] * w * (s - m) for m, s, w in zip(mean, per_structure, widening)]
                 std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
                     std = [atom_force_std(s) for s in std]

@@ -34,6 +34,7 @@ from ..backbones.base import DatasetSummary
 from ..build import build_potential
 from ..data import read_structures
 from ..predictor import BlipModel
+from ..uq.recalibration import NOVELTY_KEYS, WIDENING_SETTINGS
 from .results import write_json
 from .runner import log
 
@@ -100,9 +101,8 @@ def default_calibration(cfg: dict, member) -> dict:
     feature distance as a recalibrated model does; the centres do not change the cost)."""
     calibration = {"energy": 1.0, "forces": 1.0}
     if member.wants_novelty:
-        for key, b_key, centre_key in (("novelty_widening", "forces_novelty", "novelty_centre"),
-                                       ("energy_novelty_widening", "energy_novelty", "energy_novelty_centre")):
-            setting = cfg["uq"][key]
+        for target, key in WIDENING_SETTINGS.items():
+            setting, (b_key, centre_key) = cfg["uq"][key], NOVELTY_KEYS[target]
             if setting:  # a fitted b (true) counts as the default's size
                 calibration.update({b_key: 0.1 if setting is True else float(setting), centre_key: 0.0})
     return calibration

@@ -31,7 +31,7 @@ from ..uq.recalibration import novelty_factor, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
-#: (Spearman changes only where the widening is fitted).
+#: (Spearman changes only where a widening with the feature distance applies).
 PROBABILISTIC = ("nll", "miscalibration_area", "ence", "coverage_68", "coverage_95", "sharpness", "crps",
                  "spearman")
 _SCALE_OF = {"energy": "energy", "energy_per_atom": "energy", "forces": "forces"}
@@ -230,8 +230,8 @@ def add_sigma_ratios(rows: list[dict], reference_test: str | None) -> None:
     """``{energy,forces}_sigma_ratio`` (and ``_recal``): mean sigma of each test set over that of
     ``reference_test``, before (and after) recalibration.
 
-    Rows are one method's; one factor per target leaves the ratio as it is, the per-atom widening of
-    the force spread (``forces_novelty``) does not.
+    Rows are one method's; one factor per target leaves the ratio as it is, the widenings with the
+    feature distance (``forces_novelty``, ``energy_novelty``) do not.
     """
     ref = next((r for r in rows if r["test_set"] == reference_test), None)
     for r in rows:

@@ -1,5 +1,6 @@
 """Post-hoc recalibration of predicted standard deviations: one scale factor per target, and for
-forces an optional widening with each atom's feature distance (``uq.novelty_widening``)."""
+forces and energies an optional widening with the feature distance (``uq.novelty_widening``,
+``uq.energy_novelty_widening``)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
                          for q in ("energy", "forces", "stress") if q in arrays}
-    for target, key in (("forces", "novelty_widening"), ("energy", "energy_novelty_widening")):
+    for target, key in WIDENING_SETTINGS.items():
         a, widening = arrays.get(target, {}), model.config["uq"].get(key)
         if widening and "novelty" in a:
             model.calibration.update(_widening(a, widening, target))
     return dict(model.calibration)
 
 
+#: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
+WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
 #: Target -> calibration keys of its widening: (b, centre).
 NOVELTY_KEYS = {"forces": ("forces_novelty", "novelty_centre"),
                 "energy": ("energy_novelty", "energy_novelty_centre")}
