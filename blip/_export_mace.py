@@ -43,16 +43,18 @@ def _compiled(module: nn.Module) -> nn.Module:
 def _rate(potential, layer: nn.Module, in_features: int) -> Tuple[nn.Module, str]:
     """Rate module and noise kind of a noisy layer of ``potential`` (BLIP or MC dropout)."""
     if potential.method == "blip":
-        return LearnedRate(potential.inference, layer.domain, layer.rate_slot, in_features), potential.noise_kind
+        rate = LearnedRate(potential.inference, layer.domain, layer.rate_slot, in_features,
+                           potential.backbone.atom_domain)
+        return rate, potential.noise_kind
     return FixedRate(potential.dropout_p), "bernoulli"
 
 
 class IrrepsLinear(nn.Module):
     """A trained e3nn ``o3.Linear``, with the channel noise of :class:`NoisyIrrepsLinear` if it is one.
 
-    forward(x, keys, base, groups): ``keys`` (rows,) int32 counter keys of the layer's domain,
-    or None for the noise-free pass; ``base``/``groups``: the domain's base features and row
-    groups for the rate.
+    forward(x, keys, base, groups, novelty): ``keys`` (rows,) int32 counter keys of the layer's
+    domain, or None for the noise-free pass; ``base``/``groups``: the domain's base features and
+    row groups for the rate; ``novelty`` collects feature distances (``LearnedRate``).
     """
 
     def __init__(self, layer: nn.Module, potential):
@@ -78,9 +80,9 @@ class IrrepsLinear(nn.Module):
             self.rate, self.kind = FixedRate(0.0), "gaussian"
 
     def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
-                groups: torch.Tensor) -> torch.Tensor:
+                groups: torch.Tensor, novelty: List[torch.Tensor]) -> torch.Tensor:
         if self.noisy and keys is not None:
-            p = self.rate(base, invariant_summary(x, self.channel_of, self.even_scalar), groups)[:, None]
+            p = self.rate(base, invariant_summary(x, self.channel_of, self.even_scalar), groups, novelty)[:, None]
             if self.kind == "bernoulli":
                 draws = counter_uniform(keys, self.stream, self.channels, x.dtype)
             else:
@@ -142,9 +144,9 @@ class RadialMLP(nn.Module):
             self.rate, self.kind = FixedRate(0.0), "gaussian"
 
     def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
-                groups: torch.Tensor) -> torch.Tensor:
+                groups: torch.Tensor, novelty: List[torch.Tensor]) -> torch.Tensor:
         use: Optional[torch.Tensor] = keys if self.noisy else None
-        p = self.rate(base, x, groups)[:, None] if use is not None else x.new_zeros(0)
+        p = self.rate(base, x, groups, novelty)[:, None] if use is not None else x.new_zeros(0)
         for layer in self.layers:
             x = layer(x, use, p, self.kind)
         return x
@@ -171,18 +173,18 @@ class MaceInteraction(nn.Module):
     def forward(self, node_attrs: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
                 edge_feats: torch.Tensor, edge_index: torch.Tensor, cutoff: Optional[torch.Tensor],
                 node_keys: Optional[torch.Tensor], node_base: torch.Tensor, node_groups: torch.Tensor,
-                edge_keys: Optional[torch.Tensor], edge_base: torch.Tensor,
-                edge_groups: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                edge_keys: Optional[torch.Tensor], edge_base: torch.Tensor, edge_groups: torch.Tensor,
+                novelty: List[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sc: Optional[torch.Tensor] = None
         if self.residual:
             sc = self.skip_tp(node_feats, node_attrs)
-        node_feats = self.linear_up(node_feats, node_keys, node_base, node_groups)
-        tp_weights = self.radial(edge_feats, edge_keys, edge_base, edge_groups)
+        node_feats = self.linear_up(node_feats, node_keys, node_base, node_groups, novelty)
+        tp_weights = self.radial(edge_feats, edge_keys, edge_base, edge_groups, novelty)
         if cutoff is not None:
             tp_weights = tp_weights * cutoff
         mji = self.conv_tp(node_feats[edge_index[0]], edge_attrs, tp_weights)
         message = scatter_sum(src=mji, index=edge_index[1], dim=0, dim_size=node_feats.shape[0])
-        message = self.linear(message, node_keys, node_base, node_groups) / self.avg_num_neighbors
+        message = self.linear(message, node_keys, node_base, node_groups, novelty) / self.avg_num_neighbors
         if not self.residual:
             message = self.skip_tp(message, node_attrs)
         return self.reshape(message), sc
@@ -200,11 +202,12 @@ class MaceProduct(nn.Module):
         self.use_sc = bool(block.use_sc)
 
     def forward(self, node_feats: torch.Tensor, sc: Optional[torch.Tensor], node_attrs: torch.Tensor,
-                keys: Optional[torch.Tensor], base: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+                keys: Optional[torch.Tensor], base: torch.Tensor, groups: torch.Tensor,
+                novelty: List[torch.Tensor]) -> torch.Tensor:
         node_feats = self.symmetric_contractions(node_feats, node_attrs)
         if self.use_sc and sc is not None:
-            return self.linear(node_feats, keys, base, groups) + sc
-        return self.linear(node_feats, keys, base, groups)
+            return self.linear(node_feats, keys, base, groups, novelty) + sc
+        return self.linear(node_feats, keys, base, groups, novelty)
 
 
 class MaceEnergy(nn.Module):
@@ -242,12 +245,13 @@ class MaceEnergy(nn.Module):
         self.noisy_edges = "edge" in potential.layers
 
     def forward(self, types: torch.Tensor, vectors: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
-                copies: int, seed: int, sampled: bool) -> torch.Tensor:
+                copies: int, seed: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
         """Atomic energies (copies, N), eV, float64 with the isolated-atom energies.
 
         types (N,) atomic numbers; vectors (E, 3) r_ij = pos[j] - pos[i] + shift (MACE's
         sender i, receiver j); pairs (E, 2) [i, j]; shifts (E, 3) integer cell shifts.
-        ``sampled``: copy k is noise replica k.
+        ``sampled``: copy k is noise replica k. ``novelty``: a sampled BLIP pass appends each
+        per-atom rate's feature distances (copies N,).
         """
         n = types.shape[0]
         dtype, device = vectors.dtype, vectors.device
@@ -275,8 +279,9 @@ class MaceEnergy(nn.Module):
         node_feats_list: List[torch.Tensor] = []
         for interaction, product in zip(self.interactions, self.products):
             node_feats, sc = interaction(node_attrs, node_feats, edge_attrs, edge_feats, edge_index, cutoff,
-                                         node_keys, node_attrs, node_groups, edge_keys, edge_base, edge_groups)
-            node_feats = product(node_feats, sc, node_attrs, node_keys, node_attrs, node_groups)
+                                         node_keys, node_attrs, node_groups, edge_keys, edge_base, edge_groups,
+                                         novelty)
+            node_feats = product(node_feats, sc, node_attrs, node_keys, node_attrs, node_groups, novelty)
             node_feats_list.append(node_feats)
         k = 0
         for readout in self.readouts:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from .backbones.base import isolation_switch
 from .backbones.painn import cosine_cutoff, message_step, sine_rbf, update_inputs, update_step
-from .bayes.inference import clamp_rate, rate_inputs
+from .bayes.inference import clamp_rate, log_feature_distance, rate_inputs
 from .bayes.irreps import channel_factors
 from .bayes.layers import NoisyLinear, NoisyVectorLinear, draw_channels, noisy_linear, vector_channel_norms
 from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
@@ -27,9 +27,13 @@ from .bayes.noise import counter_normal, counter_uniform, row_keys, stream_word
 
 # -- rates -------------------------------------------------------------------------------
 class LearnedRate(nn.Module):
-    """BLIP's rate of one noisy MLP: its trained rate head and feature density (``InferenceNet.rate``)."""
+    """BLIP's rate of one noisy MLP: its trained rate head and feature density (``InferenceNet.rate``).
 
-    def __init__(self, inference, domain: str, slot: int, in_features: int):
+    forward(base, features, groups, novelty): rates (rows,); on the backbone's per-atom domain
+    (``atom_domain``) it also appends the rows' log feature distance (rows,) to ``novelty``, as
+    ``BayesianPotential.forward(novelty=True)`` collects them."""
+
+    def __init__(self, inference, domain: str, slot: int, in_features: int, atom_domain: str):
         super().__init__()
         self.head = inference.heads[domain][str(slot)]
         self.wants_features = bool(inference.wants_features)
@@ -42,11 +46,15 @@ class LearnedRate(nn.Module):
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
         self.metric = str(inference.metric)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
+        self.records_novelty = self.wants_features and domain == atom_domain
 
-    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor,
+                novelty: List[torch.Tensor]) -> torch.Tensor:
         if not self.wants_features:
             return clamp_rate(self.head(base, None), self.p_min, self.p_max)
         z = self.density.standardise(features, groups)
+        if self.records_novelty:
+            novelty.append(log_feature_distance(z.detach()))
         m: Optional[torch.Tensor] = None
         if self.distance:
             m = self.density.distances(features, groups, z, self.metric)
@@ -61,7 +69,8 @@ class FixedRate(nn.Module):
         super().__init__()
         self.p = float(p)
 
-    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, features: torch.Tensor, groups: torch.Tensor,
+                novelty: List[torch.Tensor]) -> torch.Tensor:
         return torch.full((features.shape[0],), self.p, dtype=features.dtype, device=features.device)
 
 
@@ -81,8 +90,9 @@ class NoisyStack(nn.Module):
     """A trained MLP (Linear, SiLU, Linear, ...) or a single linear layer, with BLIP noise on
     every layer when sampled (one rate per row shared by its layers, as in ``NoiseContext``).
 
-    forward(h, keys, base, groups): ``keys`` (rows,) int32 counter keys, or None for the
-    noise-free pass; ``base``/``groups``: the domain's base features and row groups (rates).
+    forward(h, keys, base, groups, novelty): ``keys`` (rows,) int32 counter keys, or None for the
+    noise-free pass; ``base``/``groups``: the domain's base features and row groups (rates);
+    ``novelty``: collects feature distances (:class:`LearnedRate`).
     """
 
     def __init__(self, layers: List[nn.Module], noisy: bool, kind: str, rate: nn.Module):
@@ -93,9 +103,9 @@ class NoisyStack(nn.Module):
         self.rate = rate
 
     def forward(self, h: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
-                groups: torch.Tensor) -> torch.Tensor:
+                groups: torch.Tensor, novelty: List[torch.Tensor]) -> torch.Tensor:
         sampled = self.noisy and keys is not None
-        p = self.rate(base, h, groups) if sampled else h.new_zeros(0)
+        p = self.rate(base, h, groups, novelty) if sampled else h.new_zeros(0)
         k = 0
         for layer in self.layers:
             if k > 0:
@@ -127,7 +137,8 @@ def noisy_stack(module: nn.Module, potential) -> NoisyStack:
         return NoisyStack(linears, False, "gaussian", FixedRate(0.0))
     first = linears[0]
     if potential.method == "blip":
-        rate = LearnedRate(potential.inference, first.domain, first.rate_slot, first.in_features)
+        rate = LearnedRate(potential.inference, first.domain, first.rate_slot, first.in_features,
+                           potential.backbone.atom_domain)
         kind = potential.noise_kind
     else:
         rate, kind = FixedRate(potential.dropout_p), "bernoulli"
@@ -151,7 +162,8 @@ class VectorMixing(nn.Module):
         if not self.noisy:
             self.rate, self.kind = FixedRate(0.0), "gaussian"
         elif potential.method == "blip":
-            self.rate = LearnedRate(potential.inference, u.domain, u.rate_slot, u.in_features)
+            self.rate = LearnedRate(potential.inference, u.domain, u.rate_slot, u.in_features,
+                                    potential.backbone.atom_domain)
             self.kind = potential.noise_kind
         else:
             self.rate, self.kind = FixedRate(potential.dropout_p), "bernoulli"
@@ -164,10 +176,10 @@ class VectorMixing(nn.Module):
         return channel_factors(p, draws, self.kind)[:, None, :]
 
     def forward(self, vec: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
-                groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                groups: torch.Tensor, novelty: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if not self.noisy or keys is None:
             return F.linear(vec, self.weight_u), F.linear(vec, self.weight_v)
-        p = self.rate(base, vector_channel_norms(vec), groups)[:, None]
+        p = self.rate(base, vector_channel_norms(vec), groups, novelty)[:, None]
         return (F.linear(vec * self._factors(keys, self.stream_u, p, vec.dtype), self.weight_u),
                 F.linear(vec * self._factors(keys, self.stream_v, p, vec.dtype), self.weight_v))
 
@@ -233,11 +245,12 @@ class PaiNNEnergy(nn.Module):
         self.noisy_edges = "edge" in potential.layers
 
     def forward(self, types: torch.Tensor, vectors: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
-                copies: int, seed: int, sampled: bool) -> torch.Tensor:
+                copies: int, seed: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
         """Atomic energies (copies, N), eV, float64 with the isolated-atom energies.
 
         types (N,) atomic numbers; vectors (E, 3) r_ij = pos[j] - pos[i] + shift; pairs (E, 2)
         [i, j]; shifts (E, 3) integer cell shifts. ``sampled``: copy k is noise replica k.
+        ``novelty``: a sampled BLIP pass appends each per-atom rate's feature distances (copies N,).
         """
         n = types.shape[0]
         dtype, device = vectors.dtype, vectors.device
@@ -257,10 +270,11 @@ class PaiNNEnergy(nn.Module):
         s = self.embedding(z).repeat(copies, 1)
         v = torch.zeros((s.shape[0], 3, s.shape[1]), dtype=s.dtype, device=s.device)
         for block in self.interactions:
-            w = block.filter(rbf_all, edge_keys, edge_base, edge_groups) * fcut_all[:, None]
-            s, v = message_step(block.phi(s, node_keys, node_base, node_groups), s, v, edge_index, w, unit_all)
-            uv, vv = block.UV(v, node_keys, node_base, node_groups)
-            a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups)
+            w = block.filter(rbf_all, edge_keys, edge_base, edge_groups, novelty) * fcut_all[:, None]
+            phi = block.phi(s, node_keys, node_base, node_groups, novelty)
+            s, v = message_step(phi, s, v, edge_index, w, unit_all)
+            uv, vv = block.UV(v, node_keys, node_base, node_groups, novelty)
+            a = block.mlp(update_inputs(s, uv, vv), node_keys, node_base, node_groups, novelty)
             s, v = update_step(a, s, v, uv, vv)
         atomic = (self.scale * self.readout(s).squeeze(-1) + self.shift).reshape(copies, n)
         if self.isolated_atom_limit:
@@ -276,15 +290,20 @@ class BlipMetatomic(nn.Module):
     ``energy``: the noise-free (MAP) pass when ``predict_map``, else the mean of the samples
     (an ensemble's member mean). ``energy_ensemble`` (K properties) and ``energy_uncertainty``:
     the samples scaled about the prediction by ``calibration`` and their root mean square deviation
-    from it, as ``BlipModel.predict`` gives them. Every system is its own structure (structure index 0).
+    from it, as ``BlipModel.predict`` gives them; with ``energy_novelty`` b_E > 0 further widened by
+    ``exp(b_E (nu_max - novelty_centre))``, nu_max the largest over the (selected) atoms of each atom's
+    feature distance averaged over the noisy per-atom layers and the K samples (the recalibration's
+    energy widening, as in ``BlipModel.predict``). Every system is its own structure (structure index 0).
     """
 
     def __init__(self, members: List[nn.Module], cutoff: float, samples: int, seed: int,
-                 calibration: float, predict_map: bool, ensemble: bool, dtype: torch.dtype):
+                 calibration: float, predict_map: bool, ensemble: bool, dtype: torch.dtype,
+                 energy_novelty: float = 0.0, novelty_centre: float = 0.0):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.samples, self.seed = int(samples), int(seed)
         self.calibration = float(calibration)
+        self.energy_novelty, self.novelty_centre = float(energy_novelty), float(novelty_centre)
         self.predict_map, self.ensemble = bool(predict_map), bool(ensemble)
         self.dtype = dtype
         self.nl = NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
@@ -293,8 +312,9 @@ class BlipMetatomic(nn.Module):
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.nl]
 
-    def _atomic(self, system: System, copies: int, sampled: bool) -> torch.Tensor:
-        """Atomic energies (K, N) float64: K noise samples, or the MAP pass (K = 1), or the members."""
+    def _atomic(self, system: System, copies: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
+        """Atomic energies (K, N) float64: K noise samples, or the MAP pass (K = 1), or the members;
+        a sampled BLIP pass appends its per-atom feature distances (K N,) to ``novelty``."""
         nl = system.get_neighbor_list(self.nl)
         vectors = nl.values.reshape(-1, 3)
         idx = nl.samples.values
@@ -302,12 +322,22 @@ class BlipMetatomic(nn.Module):
         if self.ensemble:
             out: List[torch.Tensor] = []
             for member in self.members:
-                out.append(member(system.types, vectors, pairs, shifts, 1, self.seed, False))
+                out.append(member(system.types, vectors, pairs, shifts, 1, self.seed, False, novelty))
             return torch.cat(out, dim=0)
         result = torch.zeros(0)
         for member in self.members:  # one member
-            result = member(system.types, vectors, pairs, shifts, copies, self.seed, sampled)
+            result = member(system.types, vectors, pairs, shifts, copies, self.seed, sampled, novelty)
         return result
+
+    def _widening(self, novelty: List[torch.Tensor], copies: int, mask: torch.Tensor) -> torch.Tensor:
+        """``exp(b_E (nu_max - centre))`` (float64 scalar) from the distances of a sampled pass;
+        1 without ``energy_novelty`` or distances."""
+        one = torch.ones((), dtype=torch.float64, device=mask.device)
+        if self.energy_novelty == 0.0 or len(novelty) == 0 or not bool(mask.any()):
+            return one
+        per_atom = torch.stack(novelty, dim=1).mean(dim=1).reshape(copies, -1).mean(dim=0)  # (N,)
+        nu_max = per_atom[mask].max().double()
+        return torch.exp(self.energy_novelty * (nu_max - self.novelty_centre))
 
     def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
                 selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:
@@ -333,11 +363,14 @@ class BlipMetatomic(nn.Module):
                 mask[chosen[chosen[:, 0] == s][:, 1].to(torch.long)] = True
             samples: Optional[torch.Tensor] = None
             atomic_samples: Optional[torch.Tensor] = None
+            widening = torch.ones((), dtype=torch.float64, device=device)
             if want_spread or not self.predict_map:
-                atomic_samples = self._atomic(system, self.samples, True)  # (K, N)
+                novelty: List[torch.Tensor] = []
+                atomic_samples = self._atomic(system, self.samples, True, novelty)  # (K, N)
                 samples = atomic_samples[:, mask].sum(dim=1)  # (K,)
+                widening = self._widening(novelty, self.samples, mask)
             if self.predict_map:
-                atomic_map = self._atomic(system, 1, False)[0]
+                atomic_map = self._atomic(system, 1, False, [])[0]
             else:
                 assert atomic_samples is not None
                 atomic_map = atomic_samples.mean(dim=0)
@@ -348,7 +381,7 @@ class BlipMetatomic(nn.Module):
                 atom_samples.append(torch.stack([torch.full_like(index, s), index], dim=1))
             if samples is not None:  # about the prediction: the MAP energy, else the sample mean
                 centre = atomic_map[mask].sum() if self.predict_map else samples.mean()
-                scaled = centre + self.calibration * (samples - centre)
+                scaled = centre + self.calibration * widening * (samples - centre)
                 spreads.append(torch.sqrt(((scaled - centre) ** 2).mean()))
                 ensembles.append(scaled)
 

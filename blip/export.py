@@ -9,8 +9,10 @@ Outputs of the exported model (eV; per system unless stated):
   member mean; also per atom. Forces and stress come from the engine's autograd.
 * ``energy_ensemble`` (K properties) and ``energy_uncertainty``: K fixed-seed noise samples
   (an ensemble: its members), scaled about the prediction (``energy``) by the calibration factor,
-  and their root mean square deviation from it: exactly ``blip.Calculator(model, samples=K, seed=S)``'s
-  ``energy_samples`` and ``energy_std`` for one structure. Deterministic models (and
+  and their root mean square deviation from it (widened with the structure's largest feature
+  distance where the calibration does, ``energy_novelty``): exactly
+  ``blip.Calculator(model, samples=K, seed=S)``'s ``energy_samples`` and ``energy_std`` for one
+  structure. Deterministic models (and
   ``--samples 0``) export ``energy`` only.
 
 See docs/export.md. Backbones: PaiNN and MACE (CHGNet is refused with the reason).
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from . import __version__
     from ._export_torchscript import BlipMetatomic, PaiNNEnergy
     from .calculator import _with_dtype
+    from .uq.recalibration import NOVELTY_KEYS
 
     backbone = model.config["model"]["backbone"]
     if backbone not in SUPPORTED_BACKBONES:
@@ -88,9 +90,12 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         energy_of = PaiNNEnergy
     with torch.no_grad():
         energies = [energy_of(m) for m in members]
+    b_key, centre_key = NOVELTY_KEYS["energy"]
+    widening = float(model.calibration.get(b_key, 0.0)) if spread and not ensemble else 0.0
     module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
-                           ensemble=ensemble, dtype=model_dtype).eval()
+                           ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,
+                           novelty_centre=float(model.calibration.get(centre_key, 0.0))).eval()
     outputs = {"energy": ModelOutput(unit="eV", sample_kind="atom", explicit_gradients=[])}  # or per system
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
@@ -109,12 +114,9 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                    f"{k} noise samples (seed {int(seed)}), calibration factor "
                    f"{float(model.calibration['energy']):.6g}" if spread else
                    f"BLIP {method} model, {backbone} backbone; energy only")
-    if spread and float(model.calibration.get("energy_novelty", 0.0)) > 0.0:
-        note = ("the calibration's widening of the energy spread with the feature distance "
-                "(energy_novelty) is not exported: far from the training data energy_uncertainty "
-                "is smaller than blip.Calculator's energy_std")
-        warnings.warn(note, stacklevel=2)
-        description += f"; {note}"
+    if widening > 0.0:
+        description += (f", widened by exp({widening:.6g} (nu_max - {module.novelty_centre:.6g})) with the "
+                        "largest per-atom feature distance nu_max")
     metadata = ModelMetadata(name=f"blip-{backbone}-{method}", description=description,
                              references={"implementation": [f"BLIP {__version__}"]})
     return AtomisticModel(module, metadata, capabilities)

@@ -231,19 +231,34 @@ def test_deterministic_and_zero_samples_export_energy_only(tmp_path):
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(atoms.copy()), abs=TOL)
 
 
-def test_export_says_the_energy_widening_is_left_out(model):
-    """A calibration that widens energy spreads with the feature distance is not exported: a warning
-    and the model's description say so; without it, no warning."""
-    import warnings
-
+def _widened(model):
+    """A copy of ``model`` whose calibration widens force and energy spreads with the feature distance."""
     widened = copy.copy(model)
-    widened.calibration = {**model.calibration, "energy_novelty": 0.2, "energy_novelty_centre": -1.0}
-    with pytest.warns(UserWarning, match="energy_novelty"):
-        exported = build_exported(widened)
-    assert "not exported" in exported.metadata().description
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        build_exported(model)
+    widened.calibration = {**model.calibration, "forces_novelty": 0.1, "novelty_centre": -1.0,
+                           "energy_novelty": 0.7, "energy_novelty_centre": -1.0}
+    return widened
+
+
+@pytest.mark.parametrize("backbone", ["painn", "mace"])
+def test_exported_energy_spread_carries_the_novelty_widening(backbone, tmp_path):
+    """With the recalibration's energy widening (energy_novelty b_E) the exported spread and samples
+    equal blip.Calculator's widened ones, and differ from the unwidened export by the structure's
+    factor exp(b_E (nu_max - centre)) of BlipModel.predict."""
+    if backbone == "mace":
+        pytest.importorskip("mace")
+    model = tiny_model(backbone=backbone)
+    widened = _widened(model)
+    exported = build_exported(widened, samples=3, seed=1)
+    assert "widened by exp(0.7 (nu_max - -1))" in exported.metadata().description
+    calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
+    plain = MetatomicCalculator(build_exported(model, samples=3, seed=1), check_consistency=True)
+    for atoms in _structures():
+        r = _compare(atoms, calc, widened, samples=3, seed=1)
+        nu = widened.predict([atoms], samples=3, seed=1, novelty=True)["atom_novelty"][0]
+        factor = np.exp(0.7 * (nu.max() + 1.0))
+        assert abs(factor - 1.0) > 0.05  # the widening is not trivially one here
+        unwidened = plain.run_model(atoms, SPREAD)["energy_uncertainty"].block().values.item()
+        assert r["energy_std"] == pytest.approx(factor * unwidened, rel=1e-9)
 
 
 def test_cli_default_samples_are_the_models(tmp_path, model):
