@@ -153,15 +153,14 @@ def _evaluate(args) -> int:
 # -- calibrate -----------------------------------------------------------------------
 def _widening_text(calibration: dict) -> str:
     """How recalibration widens the force and energy spreads with the feature distance ("" when it does not)."""
-    from .uq.recalibration import NOVELTY_KEYS
+    from .uq.recalibration import NOVELTY_KEYS, widening_formula
 
     text = ""
     for target, what, of in (("forces", "each atom's force", "novelty"), ("energy", "each energy's", "largest novelty")):
         b_key, centre_key = NOVELTY_KEYS[target]
         if b_key in calibration:
-            centre = float(calibration[centre_key])
-            text += (f"; {what} spread also x exp({calibration[b_key]:.3g} "
-                     f"({of} {'-' if centre >= 0 else '+'} {abs(centre):.3g}))")
+            formula = widening_formula(float(calibration[b_key]), float(calibration[centre_key]), of)
+            text += f"; {what} spread also x {formula}"
     return text
 
 

@@ -61,7 +61,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from . import __version__
     from ._export_torchscript import BlipMetatomic, PaiNNEnergy
     from .calculator import _with_dtype
-    from .uq.recalibration import NOVELTY_KEYS
+    from .uq.recalibration import NOVELTY_KEYS, widening_formula
 
     backbone = model.config["model"]["backbone"]
     if backbone not in SUPPORTED_BACKBONES:
@@ -115,8 +115,8 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                    f"{float(model.calibration['energy']):.6g}" if spread else
                    f"BLIP {method} model, {backbone} backbone; energy only")
     if widening > 0.0:
-        description += (f", widened by exp({widening:.6g} (nu_max - {module.novelty_centre:.6g})) with the "
-                        "largest per-atom feature distance nu_max")
+        formula = widening_formula(widening, module.novelty_centre, "nu_max")
+        description += f", widened by {formula} with the largest per-atom feature distance nu_max"
     metadata = ModelMetadata(name=f"blip-{backbone}-{method}", description=description,
                              references={"implementation": [f"BLIP {__version__}"]})
     return AtomisticModel(module, metadata, capabilities)

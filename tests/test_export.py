@@ -249,7 +249,7 @@ def test_exported_energy_spread_carries_the_novelty_widening(backbone, tmp_path)
     model = tiny_model(backbone=backbone)
     widened = _widened(model)
     exported = build_exported(widened, samples=3, seed=1)
-    assert "widened by exp(0.7 (nu_max - -1))" in exported.metadata().description
+    assert "widened by exp(0.7 (nu_max + 1))" in exported.metadata().description
     calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
     plain = MetatomicCalculator(build_exported(model, samples=3, seed=1), check_consistency=True)
     for atoms in _structures():

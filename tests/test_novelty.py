@@ -14,7 +14,7 @@ from blip.bench.runner import add_sigma_ratios, recalibrated_std
 from blip.config import resolve
 from blip.errors import ConfigError
 from blip.predictor import novelty_widening
-from blip.uq.recalibration import fit_novelty_widening, recalibrate
+from blip.uq.recalibration import fit_novelty_widening, recalibrate, widening_formula
 
 
 def test_fit_recovers_a_planted_widening_and_never_shrinks():
@@ -148,3 +148,8 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     for bad in (-0.1, "yes"):
         with pytest.raises(ConfigError, match="novelty_widening"):
             resolve({"uq": {"novelty_widening": bad}})
+
+
+def test_widening_formula_reads_without_double_signs():
+    assert widening_formula(0.1, -1.12) == "exp(0.1 (novelty + 1.12))"
+    assert widening_formula(0.2, 0.5, "nu_max") == "exp(0.2 (nu_max - 0.5))"

@@ -106,6 +106,11 @@ def _widening(a: dict, setting, target: str) -> dict:
     return {target: scale, b_key: b, centre_key: centre}
 
 
+def widening_formula(b: float, centre: float, variable: str = "novelty") -> str:
+    """The widening ``exp(b (variable - centre))`` as text, e.g. ``exp(0.1 (novelty + 1.12))``."""
+    return f"exp({b:.3g} ({variable} {'-' if centre >= 0 else '+'} {abs(centre):.3g}))"
+
+
 def novelty_factor(novelty, calibration: dict, target: str = "forces"):
     """The spread's widening ``exp(b (novelty - centre))`` (array of ``novelty``'s shape) of ``target``
     ("forces": ``forces_novelty`` b, ``novelty_centre``; "energy": ``energy_novelty`` b,
