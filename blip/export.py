@@ -12,8 +12,7 @@ Outputs of the exported model (eV; per system unless stated):
   and their root mean square deviation from it (widened with the structure's largest feature
   distance where the calibration does, ``energy_novelty``): exactly
   ``blip.Calculator(model, samples=K, seed=S)``'s ``energy_samples`` and ``energy_std`` for one
-  structure. Deterministic models (and
-  ``--samples 0``) export ``energy`` only.
+  structure. Deterministic models (and ``--samples 0``) export ``energy`` only.
 
 See docs/export.md. Backbones: PaiNN and MACE (CHGNet is refused with the reason).
 """
@@ -91,7 +90,8 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     with torch.no_grad():
         energies = [energy_of(m) for m in members]
     b_key, centre_key = NOVELTY_KEYS["energy"]
-    widening = float(model.calibration.get(b_key, 0.0)) if spread and not ensemble else 0.0
+    widens = spread and not ensemble and members[0].wants_novelty  # as BlipModel.predict: only with nu
+    widening = float(model.calibration.get(b_key, 0.0)) if widens else 0.0
     module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,

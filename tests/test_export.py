@@ -259,6 +259,17 @@ def test_exported_energy_spread_carries_the_novelty_widening(backbone, tmp_path)
         assert abs(factor - 1.0) > 0.05  # the widening is not trivially one here
         unwidened = plain.run_model(atoms, SPREAD)["energy_uncertainty"].block().values.item()
         assert r["energy_std"] == pytest.approx(factor * unwidened, rel=1e-9)
+    # selected atoms: the energy of the selection, widened with the selection's largest distance
+    from metatensor.torch import Labels
+
+    atoms = _structures()[0]
+    nu = widened.predict([atoms], samples=3, seed=1, novelty=True)["atom_novelty"][0]
+    chosen = [int(np.argmin(nu)), int(np.argsort(nu)[1])]  # the two most familiar atoms
+    labels = Labels(["system", "atom"], torch.tensor([[0, i] for i in chosen], dtype=torch.int32))
+    spread = [c.run_model(atoms, SPREAD, selected_atoms=labels)["energy_uncertainty"].block().values.item()
+              for c in (calc, plain)]
+    assert np.exp(0.7 * (nu[chosen].max() + 1.0)) < 0.95 * np.exp(0.7 * (nu.max() + 1.0))
+    assert spread[0] == pytest.approx(np.exp(0.7 * (nu[chosen].max() + 1.0)) * spread[1], rel=1e-9)
 
 
 def test_cli_default_samples_are_the_models(tmp_path, model):
