@@ -15,7 +15,9 @@ that of the in-distribution test set (σ ratio), all of the recalibrated spreads
 over seeds (``--target energy``: the same for energies per structure, widened with each
 structure's largest atom novelty, ``uq.energy_novelty_widening``; energy-only test sets included).
 ``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
-factor refitted on the validation split. (The version of this script at commit eb43b8a fitted a
+factor refitted on the validation split. ``--beyond B2`` adds to every row the extra widening
+``exp(B2 (nu - limit))`` beyond the validation split's largest distance (``uq.novelty_beyond``;
+default 0: none, whatever the model's config says). (The version of this script at commit eb43b8a fitted a
 per-structure form offline, from one sampled pass; its outputs are in
 docs/results/energy-split/message-noise-off/novelty-recalibration/.)
 """
@@ -33,7 +35,8 @@ from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import recalibrated_std
 from blip.evaluate import evaluate_structures
 from blip.uq.metrics import regression_metrics
-from blip.uq.recalibration import NOVELTY_KEYS, WIDENING_SETTINGS, fit_scale, recalibrate
+from blip.uq.recalibration import (BEYOND_KEYS, BEYOND_SETTINGS, NOVELTY_KEYS, WIDENING_SETTINGS, fit_scale,
+                                   recalibrate)
 
 
 def main() -> None:
@@ -46,11 +49,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="K (default: the model's)")
     parser.add_argument("--method", default="blip", help="the method's folder (blip-finetune for finetune-si)")
     parser.add_argument("--fixed-b", default="", help="also score these b (comma-separated), s refitted for each")
+    parser.add_argument("--beyond", type=float, default=0.0,
+                        help="b2 of the extra widening beyond the validation range, on every row (0: none)")
     parser.add_argument("--target", default="forces", choices=("forces", "energy"),
                         help="the widened spread (energy: each structure's, with its atoms' largest novelty)")
     args = parser.parse_args()
     target, setting = args.target, WIDENING_SETTINGS[args.target]
     b_key, centre_key = NOVELTY_KEYS[target]
+    b2_key, limit_key = BEYOND_KEYS[target]
     torch.set_num_threads(1)
     scores: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -61,6 +67,7 @@ def main() -> None:
         model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / args.method / "model_calibrated.pt"))
         tests = [t for t in exp.tests if all(getattr(s, target) is not None for s in t.structures)]
         factors = {}
+        model.config["uq"][BEYOND_SETTINGS[target]] = args.beyond or False
         for widening in (False, True):
             model.config["uq"][setting] = widening
             factors[widening] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
@@ -74,6 +81,8 @@ def main() -> None:
                 widened = valid["std"] * np.exp(b * (valid["novelty"] - centre))
                 factors[f"b={b:g}"] = {target: fit_scale(valid["ref"] - valid["pred"], widened),
                                        b_key: b, centre_key: centre}
+                if args.beyond:  # nothing lies beyond the limit on validation: the factor stands
+                    factors[f"b={b:g}"].update({b2_key: args.beyond, limit_key: float(np.max(valid["novelty"]))})
         for widening, scales in factors.items():
             std = {name: recalibrated_std(a, target, scales) for name, a in arrays.items()}
             reference = float(np.mean(std[exp.reference_test])) if exp.reference_test in std else float("nan")

@@ -290,20 +290,23 @@ class BlipMetatomic(nn.Module):
     ``energy``: the noise-free (MAP) pass when ``predict_map``, else the mean of the samples
     (an ensemble's member mean). ``energy_ensemble`` (K properties) and ``energy_uncertainty``:
     the samples scaled about the prediction by ``calibration`` and their root mean square deviation
-    from it, as ``BlipModel.predict`` gives them; with ``energy_novelty`` b_E > 0 further widened by
-    ``exp(b_E (nu_max - novelty_centre))``, nu_max the largest over the (selected) atoms of each atom's
-    feature distance averaged over the noisy per-atom layers and the K samples (the recalibration's
-    energy widening, as in ``BlipModel.predict``). Every system is its own structure (structure index 0).
+    from it, as ``BlipModel.predict`` gives them; with ``energy_novelty`` b_E or ``energy_beyond`` b2
+    > 0 further widened by ``exp(b_E (nu_max - novelty_centre) + b2 max(0, nu_max - novelty_limit))``,
+    nu_max the largest over the (selected) atoms of each atom's feature distance averaged over the
+    noisy per-atom layers and the K samples (the recalibration's energy widening, as in
+    ``BlipModel.predict``). Every system is its own structure (structure index 0).
     """
 
     def __init__(self, members: List[nn.Module], cutoff: float, samples: int, seed: int,
                  calibration: float, predict_map: bool, ensemble: bool, dtype: torch.dtype,
-                 energy_novelty: float = 0.0, novelty_centre: float = 0.0):
+                 energy_novelty: float = 0.0, novelty_centre: float = 0.0,
+                 energy_beyond: float = 0.0, novelty_limit: float = 0.0):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.samples, self.seed = int(samples), int(seed)
         self.calibration = float(calibration)
         self.energy_novelty, self.novelty_centre = float(energy_novelty), float(novelty_centre)
+        self.energy_beyond, self.novelty_limit = float(energy_beyond), float(novelty_limit)
         self.predict_map, self.ensemble = bool(predict_map), bool(ensemble)
         self.dtype = dtype
         self.nl = NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
@@ -330,14 +333,15 @@ class BlipMetatomic(nn.Module):
         return result
 
     def _widening(self, novelty: List[torch.Tensor], copies: int, mask: torch.Tensor) -> torch.Tensor:
-        """``exp(b_E (nu_max - centre))`` (float64 scalar) from the distances of a sampled pass;
-        1 without ``energy_novelty`` or distances."""
+        """``exp(b_E (nu_max - centre) + b2 max(0, nu_max - limit))`` (float64 scalar) from the
+        distances of a sampled pass; 1 without a widening or distances."""
         one = torch.ones((), dtype=torch.float64, device=mask.device)
-        if self.energy_novelty == 0.0 or len(novelty) == 0 or not bool(mask.any()):
+        if (self.energy_novelty == 0.0 and self.energy_beyond == 0.0) or len(novelty) == 0 or not bool(mask.any()):
             return one
         per_atom = torch.stack(novelty, dim=1).mean(dim=1).reshape(copies, -1).mean(dim=0)  # (N,)
         nu_max = per_atom[mask].max().double()
-        return torch.exp(self.energy_novelty * (nu_max - self.novelty_centre))
+        beyond = torch.clamp(nu_max - self.novelty_limit, min=0.0)
+        return torch.exp(self.energy_novelty * (nu_max - self.novelty_centre) + self.energy_beyond * beyond)
 
     def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
                 selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:

@@ -153,14 +153,17 @@ def _evaluate(args) -> int:
 # -- calibrate -----------------------------------------------------------------------
 def _widening_text(calibration: dict) -> str:
     """How recalibration widens the force and energy spreads with the feature distance ("" when it does not)."""
-    from .uq.recalibration import NOVELTY_KEYS, widening_formula
+    from .uq.recalibration import BEYOND_KEYS, NOVELTY_KEYS, widening_formula
 
     text = ""
     for target, what, of in (("forces", "each atom's force", "novelty"), ("energy", "each energy's", "largest novelty")):
-        b_key, centre_key = NOVELTY_KEYS[target]
+        (b_key, centre_key), (b2_key, limit_key) = NOVELTY_KEYS[target], BEYOND_KEYS[target]
         if b_key in calibration:
             formula = widening_formula(float(calibration[b_key]), float(calibration[centre_key]), of)
             text += f"; {what} spread also x {formula}"
+            if float(calibration.get(b2_key, 0.0)) > 0.0:
+                limit = float(calibration[limit_key])
+                text += f", and x {widening_formula(float(calibration[b2_key]), limit, of)} above {limit:.3g}"
     return text
 
 

@@ -65,6 +65,9 @@ DEFAULTS: dict = {
         "novelty_widening": 0.1,     # b: recalibrated force spreads x exp(b (feature distance - its mean));
                                      # true: b fitted on the validation split; false: off
         "energy_novelty_widening": 0.2,  # the same for energy spreads, with each structure's largest distance
+        "novelty_beyond": 0.2,       # b2: force spreads also x exp(b2 (distance - the largest on the validation
+                                     # split)) beyond it, where no data set the widening; false: off
+        "energy_novelty_beyond": 0.2,  # the same for energy spreads (largest distance per structure)
     },
     "training": {
         "epochs": 100,
@@ -226,7 +229,8 @@ def backbone_defaults(name: str) -> dict:
 
 
 #: Keys that take true, false or a number.
-_BOOL_OR_NUMBER = {"uq.novelty_widening", "uq.energy_novelty_widening"}
+_BOOL_OR_NUMBER = {"uq.novelty_widening", "uq.energy_novelty_widening", "uq.novelty_beyond",
+                   "uq.energy_novelty_beyond"}
 
 
 def _check_types(defaults: dict, cfg: dict, where: str) -> None:
@@ -284,6 +288,10 @@ def _check_ranges(cfg: dict) -> None:
         widening = uq.get(key)
         if not isinstance(widening, bool) and widening is not None and not 0.0 <= widening <= 5.0:
             raise ConfigError(f"uq.{key} must be true, false or a number in [0, 5], got {widening!r}")
+    for key in ("novelty_beyond", "energy_novelty_beyond"):
+        beyond = uq.get(key)
+        if beyond is True or (beyond is not None and beyond is not False and not 0.0 <= beyond <= 5.0):
+            raise ConfigError(f"uq.{key} must be false or a number in [0, 5], got {beyond!r}")
     if not uq["p_min"] <= uq["p_init"] <= uq["p_max"]:
         raise ConfigError(f"uq: need p_min <= p_init <= p_max, got {uq['p_min']}, {uq['p_init']}, {uq['p_max']}")
 

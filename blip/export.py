@@ -60,7 +60,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from . import __version__
     from ._export_torchscript import BlipMetatomic, PaiNNEnergy
     from .calculator import _with_dtype
-    from .uq.recalibration import NOVELTY_KEYS, widening_formula
+    from .uq.recalibration import BEYOND_KEYS, NOVELTY_KEYS, widening_formula
 
     backbone = model.config["model"]["backbone"]
     if backbone not in SUPPORTED_BACKBONES:
@@ -89,13 +89,15 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         energy_of = PaiNNEnergy
     with torch.no_grad():
         energies = [energy_of(m) for m in members]
-    b_key, centre_key = NOVELTY_KEYS["energy"]
-    widens = spread and not ensemble and members[0].wants_novelty  # as BlipModel.predict: only with nu
-    widening = float(model.calibration.get(b_key, 0.0)) if widens else 0.0
+    (b_key, centre_key), (b2_key, limit_key) = NOVELTY_KEYS["energy"], BEYOND_KEYS["energy"]
+    widened = spread and not ensemble and members[0].wants_novelty  # as BlipModel.predict: only with nu
+    cal = model.calibration if widened else {}
+    widening, beyond = float(cal.get(b_key, 0.0)), float(cal.get(b2_key, 0.0))
     module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,
-                           novelty_centre=float(model.calibration.get(centre_key, 0.0))).eval()
+                           novelty_centre=float(cal.get(centre_key, 0.0)), energy_beyond=beyond,
+                           novelty_limit=float(cal.get(limit_key, 0.0))).eval()
     outputs = {"energy": ModelOutput(unit="eV", sample_kind="atom", explicit_gradients=[])}  # or per system
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
@@ -114,9 +116,12 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                    f"{k} noise samples (seed {int(seed)}), calibration factor "
                    f"{float(model.calibration['energy']):.6g}" if spread else
                    f"BLIP {method} model, {backbone} backbone; energy only")
-    if widening > 0.0:
+    if widening > 0.0 or beyond > 0.0:
         formula = widening_formula(widening, module.novelty_centre, "nu_max")
         description += f", widened by {formula} with the largest per-atom feature distance nu_max"
+        if beyond > 0.0:
+            limit = module.novelty_limit
+            description += f" and by {widening_formula(beyond, limit, 'nu_max')} above {limit:.6g}"
     metadata = ModelMetadata(name=f"blip-{backbone}-{method}", description=description,
                              references={"implementation": [f"BLIP {__version__}"]})
     return AtomisticModel(module, metadata, capabilities)

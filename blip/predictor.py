@@ -12,7 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
-from .uq.recalibration import NOVELTY_KEYS, novelty_factor
+from .uq.recalibration import NOVELTY_KEYS, novelty_factor, widens
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
 #: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
@@ -156,7 +156,10 @@ class BlipModel:
         calibration factor, ``nu`` the atom's log squared feature distance from the training data
         (mean over the noisy node layers and the K samples); with an ``energy_novelty`` b_E > 0
         (``uq.energy_novelty_widening``) each structure's energy spread and samples by
-        ``exp(b_E (max_atoms nu - energy_novelty_centre))``. ``novelty=True`` also returns these
+        ``exp(b_E (max_atoms nu - energy_novelty_centre))``; beyond the largest distance of the
+        validation split (``novelty_limit``, ``energy_novelty_limit``) both grow further by
+        ``exp(b2 (nu - limit))`` (``uq.novelty_beyond``, ``uq.energy_novelty_beyond``).
+        ``novelty=True`` also returns these
         ``atom_novelty`` (list of (n_i,); other models and ``samples=0``: no such key).
 
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
@@ -190,8 +193,7 @@ class BlipModel:
         sampled = {key: [None] * len(graphs) for key in keys + ("novelty",)}
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
-        record = novelty or any(float(self.calibration.get(b_key, 0.0)) > 0.0  # only when used
-                                for b_key, _ in NOVELTY_KEYS.values())
+        record = novelty or any(widens(self.calibration, target) for target in NOVELTY_KEYS)  # only when used
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
         if map_mean and not fold:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
@@ -316,10 +318,11 @@ def _given_map_values(values: dict | None, n: int) -> dict | None:
 
 
 def novelty_widening(atom_novelty: list, calibration: dict) -> list | None:
-    """Per-atom factors ``exp(b (nu - nu_0))`` (one (n,) array per structure) of the force spread from
-    each atom's log feature distance ``nu`` and the calibration's ``forces_novelty`` b (set by
-    :func:`blip.uq.recalibration.recalibrate`) and ``novelty_centre`` nu_0; None where b is 0 or absent."""
-    if float(calibration.get("forces_novelty", 0.0)) == 0.0:
+    """Per-atom factors ``exp(b (nu - nu_0) + b2 max(0, nu - limit))`` (one (n,) array per structure)
+    of the force spread from each atom's log feature distance ``nu`` and the calibration's widening
+    (set by :func:`blip.uq.recalibration.recalibrate`, :func:`~blip.uq.recalibration.novelty_factor`);
+    None where it does not widen forces."""
+    if not widens(calibration, "forces"):
         return None
     return [novelty_factor(nu, calibration) for nu in atom_novelty]
 

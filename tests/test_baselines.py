@@ -92,8 +92,10 @@ def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path,
         assert model.calibration == {"energy": 1.0, "forces": 1.0}  # nothing to scale
     else:
         assert all(model.calibration[q] > 0 and model.calibration[q] != 1.0 for q in ("energy", "forces"))
-        # BLIP with feature-based rates also widens the force and energy spreads with the feature distance
-        widening = ({"forces_novelty", "novelty_centre", "energy_novelty", "energy_novelty_centre"}
+        # BLIP with feature-based rates also widens the force and energy spreads with the feature distance,
+        # faster beyond the validation split's largest
+        widening = ({"forces_novelty", "novelty_centre", "energy_novelty", "energy_novelty_centre",
+                     "forces_novelty_beyond", "novelty_limit", "energy_novelty_beyond", "energy_novelty_limit"}
                     if method == "blip" else set())
         assert set(model.calibration) == {"energy", "forces"} | widening
         assert model.calibration.get("forces_novelty", 0.0) >= 0.0

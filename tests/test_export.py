@@ -231,45 +231,47 @@ def test_deterministic_and_zero_samples_export_energy_only(tmp_path):
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(atoms.copy()), abs=TOL)
 
 
-def _widened(model):
-    """A copy of ``model`` whose calibration widens force and energy spreads with the feature distance."""
-    widened = copy.copy(model)
-    widened.calibration = {**model.calibration, "forces_novelty": 0.1, "novelty_centre": -1.0,
-                           "energy_novelty": 0.7, "energy_novelty_centre": -1.0}
-    return widened
+def _energy_factor(nu_max, limit):
+    """The energy widening of the calibration below: exp(0.7 (nu_max + 1) + 0.5 max(0, nu_max - limit))."""
+    return np.exp(0.7 * (nu_max + 1.0) + 0.5 * np.maximum(0.0, nu_max - limit))
 
 
 @pytest.mark.parametrize("backbone", ["painn", "mace"])
 def test_exported_energy_spread_carries_the_novelty_widening(backbone, tmp_path):
-    """With the recalibration's energy widening (energy_novelty b_E) the exported spread and samples
-    equal blip.Calculator's widened ones, and differ from the unwidened export by the structure's
-    factor exp(b_E (nu_max - centre)) of BlipModel.predict."""
+    """With the recalibration's energy widening (energy_novelty b_E, and b2 beyond the limit) the
+    exported spread and samples equal blip.Calculator's widened ones, and differ from the unwidened
+    export by the structure's factor of BlipModel.predict; a selection of atoms is widened with its
+    own largest distance."""
     if backbone == "mace":
         pytest.importorskip("mace")
+    from metatensor.torch import Labels
+
     model = tiny_model(backbone=backbone)
-    widened = _widened(model)
+    nus = [model.predict([a], samples=3, seed=1, novelty=True)["atom_novelty"][0] for a in _structures()]
+    limit = min(float(nu.max()) for nu in nus) - 0.05  # every structure's largest distance lies beyond it
+    widened = copy.copy(model)
+    widened.calibration = {**model.calibration, "forces_novelty": 0.1, "novelty_centre": -1.0,
+                           "energy_novelty": 0.7, "energy_novelty_centre": -1.0,
+                           "energy_novelty_beyond": 0.5, "energy_novelty_limit": limit}
     exported = build_exported(widened, samples=3, seed=1)
     assert "widened by exp(0.7 (nu_max + 1))" in exported.metadata().description
+    assert "and by exp(0.5 (nu_max" in exported.metadata().description
     calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
     plain = MetatomicCalculator(build_exported(model, samples=3, seed=1), check_consistency=True)
-    for atoms in _structures():
+    for atoms, nu in zip(_structures(), nus):
         r = _compare(atoms, calc, widened, samples=3, seed=1)
-        nu = widened.predict([atoms], samples=3, seed=1, novelty=True)["atom_novelty"][0]
-        factor = np.exp(0.7 * (nu.max() + 1.0))
+        factor = _energy_factor(nu.max(), limit)
         assert abs(factor - 1.0) > 0.05  # the widening is not trivially one here
         unwidened = plain.run_model(atoms, SPREAD)["energy_uncertainty"].block().values.item()
         assert r["energy_std"] == pytest.approx(factor * unwidened, rel=1e-9)
     # selected atoms: the energy of the selection, widened with the selection's largest distance
-    from metatensor.torch import Labels
-
-    atoms = _structures()[0]
-    nu = widened.predict([atoms], samples=3, seed=1, novelty=True)["atom_novelty"][0]
+    atoms, nu = _structures()[0], nus[0]
     chosen = [int(np.argmin(nu)), int(np.argsort(nu)[1])]  # the two most familiar atoms
     labels = Labels(["system", "atom"], torch.tensor([[0, i] for i in chosen], dtype=torch.int32))
     spread = [c.run_model(atoms, SPREAD, selected_atoms=labels)["energy_uncertainty"].block().values.item()
               for c in (calc, plain)]
-    assert np.exp(0.7 * (nu[chosen].max() + 1.0)) < 0.95 * np.exp(0.7 * (nu.max() + 1.0))
-    assert spread[0] == pytest.approx(np.exp(0.7 * (nu[chosen].max() + 1.0)) * spread[1], rel=1e-9)
+    assert _energy_factor(nu[chosen].max(), limit) < 0.95 * _energy_factor(nu.max(), limit)
+    assert spread[0] == pytest.approx(_energy_factor(nu[chosen].max(), limit) * spread[1], rel=1e-9)
 
 
 def test_cli_default_samples_are_the_models(tmp_path, model):

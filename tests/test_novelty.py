@@ -153,3 +153,47 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
 def test_widening_formula_reads_without_double_signs():
     assert widening_formula(0.1, -1.12) == "exp(0.1 (novelty + 1.12))"
     assert widening_formula(0.2, 0.5, "nu_max") == "exp(0.2 (nu_max - 0.5))"
+
+
+def test_spreads_grow_faster_beyond_the_validation_range(tiny_model_path):
+    """``uq.novelty_beyond`` b2: recalibration stores the validation split's largest distance as the
+    limit and leaves the factor's fit unchanged (nothing lies beyond it there); predict multiplies the
+    force spread of atoms beyond the limit by exp(b2 (nu - limit)) on top of exp(b (nu - nu_0)), and
+    leaves atoms within it alone; the energy's works the same with each structure's largest nu."""
+    from blip.data import read_labelled
+    from blip.evaluate import evaluate_structures
+
+    structures = read_labelled(DATA / "acac_small.xyz")
+    model = blip.load(tiny_model_path)
+    model.config["uq"].update(force_std="component", novelty_widening=0.1, energy_novelty_widening=0.2,
+                              novelty_beyond=0.3, energy_novelty_beyond=0.5)
+    factors = recalibrate(model, structures, samples=4, seed=0)
+    model.calibration = {"energy": 1.0, "forces": 1.0}
+    arrays = evaluate_structures(model, structures, samples=4, seed=0)[1]
+    assert factors["forces_novelty_beyond"] == 0.3 and factors["energy_novelty_beyond"] == 0.5
+    assert factors["novelty_limit"] == pytest.approx(arrays["forces"]["novelty"].max(), rel=1e-12)
+    assert factors["energy_novelty_limit"] == pytest.approx(arrays["energy"]["novelty"].max(), rel=1e-12)
+    model.config["uq"].update(novelty_beyond=False, energy_novelty_beyond=False)
+    without = recalibrate(model, structures, samples=4, seed=0)
+    assert "novelty_limit" not in without and "energy_novelty_limit" not in without
+    assert (factors["forces"], factors["energy"]) == (without["forces"], without["energy"])
+    # predict: the hinge acts beyond the limit only (a limit inside this structure's range)
+    atoms = read(DATA / "acac_small.xyz", index=1)
+    model.calibration = dict(without)
+    plain = model.predict([atoms], samples=4, seed=5, novelty=True)
+    nu = plain["atom_novelty"][0]
+    limit = float(np.median(nu))
+    model.calibration = {**without, "forces_novelty_beyond": 0.3, "novelty_limit": limit,
+                         "energy_novelty_beyond": 0.5, "energy_novelty_limit": float(nu.max()) - 0.2}
+    wide = model.predict([atoms], samples=4, seed=5)
+    extra = np.exp(0.3 * np.maximum(0.0, nu - limit))
+    assert np.sum(extra > 1.0) >= 2 and np.sum(extra == 1.0) >= 2
+    np.testing.assert_allclose(wide["forces_std"][0], plain["forces_std"][0] * extra[:, None], rtol=1e-9)
+    np.testing.assert_allclose(wide["energy_std"], plain["energy_std"] * np.exp(0.5 * 0.2), rtol=1e-9)
+    assert novelty_widening([nu], {"energy": 1.0, "forces": 1.0, "forces_novelty_beyond": 0.3,
+                                   "novelty_limit": limit})[0] == pytest.approx(extra, rel=1e-12)
+    assert resolve({})["uq"]["novelty_beyond"] == 0.2 and resolve({})["uq"]["energy_novelty_beyond"] == 0.2
+    assert resolve({"uq": {"novelty_beyond": False}})["uq"]["novelty_beyond"] is False
+    for bad in (True, -0.1, "yes"):
+        with pytest.raises(ConfigError, match="novelty_beyond"):
+            resolve({"uq": {"novelty_beyond": bad}})

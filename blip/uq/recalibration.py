@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor"]
+__all__ = ["fit_scale", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
 
 
 def fit_scale(err, sigma) -> float:
@@ -80,7 +80,8 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     for target, key in WIDENING_SETTINGS.items():
         a, widening = arrays.get(target, {}), model.config["uq"].get(key)
         if widening and "novelty" in a:
-            model.calibration.update(_widening(a, widening, target))
+            beyond = model.config["uq"].get(BEYOND_SETTINGS[target]) or 0.0
+            model.calibration.update(_widening(a, widening, target, float(beyond)))
     return dict(model.calibration)
 
 
@@ -89,12 +90,18 @@ WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_wid
 #: Target -> calibration keys of its widening: (b, centre).
 NOVELTY_KEYS = {"forces": ("forces_novelty", "novelty_centre"),
                 "energy": ("energy_novelty", "energy_novelty_centre")}
+#: Target -> the ``uq`` setting of the extra widening beyond the validation range (b2; false: none).
+BEYOND_SETTINGS = {"forces": "novelty_beyond", "energy": "energy_novelty_beyond"}
+#: Target -> calibration keys of that extra widening: (b2, limit: the largest distance on validation).
+BEYOND_KEYS = {"forces": ("forces_novelty_beyond", "novelty_limit"),
+               "energy": ("energy_novelty_beyond", "energy_novelty_limit")}
 
 
-def _widening(a: dict, setting, target: str) -> dict:
-    """Calibration entries (factor, b, centre) of ``target``'s widening from its flat
-    ``{"ref", "pred", "std", "novelty"}`` arrays: ``setting`` true fits b >= 0, a number is b (the
-    factor fitted with it)."""
+def _widening(a: dict, setting, target: str, beyond: float = 0.0) -> dict:
+    """Calibration entries (factor, b, centre; with ``beyond`` > 0 also b2 and the limit) of
+    ``target``'s widening from its flat ``{"ref", "pred", "std", "novelty"}`` arrays: ``setting``
+    true fits b >= 0, a number is b (the factor fitted with it). The limit is the largest
+    distance of these entries, so the extra widening beyond it leaves the factor's fit unchanged."""
     err = a["ref"] - a["pred"]
     centre = float(np.mean(a["novelty"]))
     if setting is True:
@@ -103,7 +110,16 @@ def _widening(a: dict, setting, target: str) -> dict:
         b = float(setting)
         scale = fit_scale(err, a["std"] * np.exp(b * (a["novelty"] - centre)))
     b_key, centre_key = NOVELTY_KEYS[target]
-    return {target: scale, b_key: b, centre_key: centre}
+    out = {target: scale, b_key: b, centre_key: centre}
+    if beyond > 0.0:
+        b2_key, limit_key = BEYOND_KEYS[target]
+        out.update({b2_key: beyond, limit_key: float(np.max(a["novelty"]))})
+    return out
+
+
+def widens(calibration: dict, target: str) -> bool:
+    """Whether ``calibration`` widens ``target``'s spread with the feature distance."""
+    return any(float(calibration.get(keys[0], 0.0)) > 0.0 for keys in (NOVELTY_KEYS[target], BEYOND_KEYS[target]))
 
 
 def widening_formula(b: float, centre: float, variable: str = "novelty") -> str:
@@ -112,14 +128,19 @@ def widening_formula(b: float, centre: float, variable: str = "novelty") -> str:
 
 
 def novelty_factor(novelty, calibration: dict, target: str = "forces"):
-    """The spread's widening ``exp(b (novelty - centre))`` (array of ``novelty``'s shape) of ``target``
-    ("forces": ``forces_novelty`` b, ``novelty_centre``; "energy": ``energy_novelty`` b,
-    ``energy_novelty_centre``); 1.0 where b is 0 or absent or ``novelty`` is None."""
-    b_key, centre_key = NOVELTY_KEYS[target]
-    b = float(calibration.get(b_key, 0.0))
-    if b == 0.0 or novelty is None:
+    """The spread's widening ``exp(b (novelty - centre) + b2 max(0, novelty - limit))`` (array of
+    ``novelty``'s shape) of ``target`` (keys :data:`NOVELTY_KEYS` and :data:`BEYOND_KEYS`, e.g.
+    ``forces_novelty`` b, ``novelty_centre``, ``forces_novelty_beyond`` b2, ``novelty_limit``); 1.0
+    where b and b2 are 0 or absent or ``novelty`` is None."""
+    if not widens(calibration, target) or novelty is None:
         return 1.0
-    return np.exp(b * (np.asarray(novelty, dtype=np.float64) - float(calibration.get(centre_key, 0.0))))
+    (b_key, centre_key), (b2_key, limit_key) = NOVELTY_KEYS[target], BEYOND_KEYS[target]
+    nu = np.asarray(novelty, dtype=np.float64)
+    exponent = float(calibration.get(b_key, 0.0)) * (nu - float(calibration.get(centre_key, 0.0)))
+    b2 = float(calibration.get(b2_key, 0.0))
+    if b2 > 0.0:
+        exponent = exponent + b2 * np.maximum(0.0, nu - float(calibration[limit_key]))
+    return np.exp(exponent)
 
 
 def fit_novelty_widening(err, sigma, novelty) -> tuple[float, float]:
