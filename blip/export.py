@@ -97,7 +97,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,
                            novelty_centre=float(cal.get(centre_key, 0.0)), energy_beyond=beyond,
-                           novelty_limit=float(cal.get(limit_key, 0.0))).eval()
+                           novelty_limit=float(cal.get(limit_key, float("inf")))).eval()
     outputs = {"energy": ModelOutput(unit="eV", sample_kind="atom", explicit_gradients=[])}  # or per system
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])

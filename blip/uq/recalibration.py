@@ -139,7 +139,7 @@ def novelty_factor(novelty, calibration: dict, target: str = "forces"):
     exponent = float(calibration.get(b_key, 0.0)) * (nu - float(calibration.get(centre_key, 0.0)))
     b2 = float(calibration.get(b2_key, 0.0))
     if b2 > 0.0:
-        exponent = exponent + b2 * np.maximum(0.0, nu - float(calibration[limit_key]))
+        exponent = exponent + b2 * np.maximum(0.0, nu - float(calibration.get(limit_key, np.inf)))
     return np.exp(exponent)
 
 
