@@ -1,6 +1,7 @@
 """Post-hoc recalibration of predicted standard deviations: one scale factor per target, and for
 forces and energies an optional widening with the feature distance (``uq.novelty_widening``,
-``uq.energy_novelty_widening``)."""
+``uq.energy_novelty_widening``), faster beyond the validation range (``uq.novelty_beyond``,
+``uq.energy_novelty_beyond``)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     (``forces_novelty`` b, ``novelty_centre``): a number is b itself (the force factor fitted with
     it), ``true`` fits ``b >= 0`` here with the force factor. ``uq.energy_novelty_widening`` does
     the same for each structure's energy spread with its atoms' largest ``nu`` (``energy_novelty``,
-    ``energy_novelty_centre``).
+    ``energy_novelty_centre``). With the widening, ``uq.novelty_beyond`` / ``uq.energy_novelty_beyond``
+    b2 > 0 add ``exp(b2 (nu - limit))`` beyond ``limit``, the largest ``nu`` of these structures
+    (``forces_novelty_beyond``, ``novelty_limit``; ``energy_novelty_beyond``, ``energy_novelty_limit``).
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
