@@ -139,7 +139,9 @@ def test_counter_noise_of_a_structure_does_not_depend_on_batch_neighbours():
         both = noisy(h)
     with state.use(NoiseContext.fixed({"node": rates[2:]}, {"node": alone_keys})):
         second = noisy(h[2:])
-    assert torch.equal(both[2:], second)
+    # equal up to the matmul's rounding, which may depend on the number of rows (BLAS blocking);
+    # another structure's keys would change the noise by O(1)
+    torch.testing.assert_close(both[2:], second, rtol=1e-13, atol=1e-13)
     assert not torch.allclose(both, lin(h))
 
 
