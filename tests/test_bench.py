@@ -237,6 +237,26 @@ def test_energy_split_takes_a_labelled_file_of_ones_own(tmp_path):
         build_plan("energy-split", EXAMPLES, Options(quick=True, experiments=[str(tmp_path / "missing.xyz")]))
 
 
+def test_si_defects_trains_from_scratch_on_bulk_and_tests_held_out_groups():
+    from blip.bench.protocols import SI_TEST_GROUPS, SI_TRAIN_GROUPS, Options, build_plan
+
+    plan = build_plan("si-defects", EXAMPLES, Options(quick=True))
+    (exp,) = plan.experiments
+    assert exp.config["model"]["backbone"] == "painn" and "pretrained" not in exp.config["model"]
+    assert [m.name for m in exp.methods] == ["deterministic", "blip", "mc_dropout", "ensemble"]
+    groups = {s.atoms.info["config_type"] for s in exp.train + exp.valid}
+    assert groups and groups <= set(SI_TRAIN_GROUPS)
+    held_out = {t.name: t.structures for t in exp.tests if t.name in SI_TEST_GROUPS}
+    assert set(held_out) == set(SI_TEST_GROUPS) and all(held_out.values())
+    for name, structures in held_out.items():
+        assert {s.atoms.info["config_type"] for s in structures} == {name}
+    assert exp.reference_test == "test_AIMD_Elastic"
+    mace = build_plan("si-defects", EXAMPLES, Options(quick=True, backbone="mace"))
+    assert mace.experiments[0].config["model"]["backbone"] == "mace"
+    with pytest.raises(ConfigError, match="finetune-si"):
+        build_plan("si-defects", EXAMPLES, Options(quick=True, backbone="chgnet"))
+
+
 def test_bundled_ammonia_labels_are_gfn2_xtb():
     """The shipped xTB data set (benchmarks/make_xtb_dataset.py): labels are raw GFN2-xTB results."""
     pytest.importorskip("tblite")

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                    help="wall-time cap per network in minutes (each ensemble member gets it)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs per network (protocol defaults: ood-ethanol 25 epochs, data-scarce 400 "
-                        "steps, finetune-si 10 epochs)")
+                        "steps, energy-split and si-defects 1500 steps, finetune-si 10 epochs)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per network; epochs = ceil(steps / batches per epoch)")
     p.add_argument("--budget-scale", default=None, metavar="METHOD=FACTOR[,...]",
@@ -57,7 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-test", type=int, default=None, help="score at most this many structures per test set")
     p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods")
     p.add_argument("--backbone", default=None,
-                   help="backbone for ood-ethanol / data-scarce (default painn); comma-separated for cost "
+                   help="backbone for ood-ethanol / data-scarce / energy-split / si-defects (default painn); "
+                        "comma-separated for cost "
                         "(default painn,mace)")
     p.add_argument("--repeats", type=int, default=None, help="cost: interleaved timing repeats (default 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the splits, training and sampling (default 0)")

@@ -331,13 +331,10 @@ SI_TEST_GROUPS = ("Vacancy", "Surface")
 # (blip.config.FINETUNE_DEFAULTS): this protocol measures them.
 
 
-def finetune_si(root: Path, opts: Options) -> Plan:
-    try:
-        import blip.backbones.chgnet  # noqa: F401
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"finetune-si needs the CHGNet backbone (blip/backbones/chgnet.py): {exc}") from None
-    if opts.backbone not in (None, "chgnet"):
-        raise ConfigError("finetune-si always uses the pretrained CHGNet backbone; drop --backbone")
+def _si_groups(root: Path, opts: Options) -> tuple[list, list, list, Path]:
+    """Training, validation and test sets of the silicon protocols: train on the bulk groups
+    (``SI_TRAIN_GROUPS`` of train.xyz, 10 % held out for validation), test on the bulk structures
+    of test.xyz (in distribution) and on every structure of the held-out ``SI_TEST_GROUPS``."""
     folder = root / "si"
     train_f, test_f = _need(folder, "train.xyz", "test.xyz")
     quick = opts.quick
@@ -357,6 +354,26 @@ def finetune_si(root: Path, opts: Options) -> Plan:
     for name in SI_TEST_GROUPS:
         tests.append(TestSet(name, _subset(group(train_all + test_all, (name,)), max_test, opts.seed),
                              f"all {name} structures of train.xyz and test.xyz (out of distribution)"))
+    return train, valid, tests, train_f
+
+
+def _si_settings(train: list, valid: list, tests: list) -> dict:
+    return {"n_train": len(train), "n_valid": len(valid),
+            "split": f"train: {'+'.join(SI_TRAIN_GROUPS)} of train.xyz ({len(valid)} of them held out "
+                     f"for validation); test: held-out groups {', '.join(SI_TEST_GROUPS)}",
+            "test_sets": {t.name: {"n": len(t.structures), "description": t.description} for t in tests}}
+
+
+def finetune_si(root: Path, opts: Options) -> Plan:
+    try:
+        import blip.backbones.chgnet  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"finetune-si needs the CHGNet backbone (blip/backbones/chgnet.py): {exc}") from None
+    if opts.backbone not in (None, "chgnet"):
+        raise ConfigError("finetune-si always uses the pretrained CHGNet backbone; drop --backbone "
+                          "(si-defects trains PaiNN or MACE from scratch on the same split)")
+    quick = opts.quick
+    train, valid, tests, train_f = _si_groups(root, opts)
     methods = [
         MethodSpec("chgnet-as-is", {"method": "deterministic"}, {"epochs": 0}),
         MethodSpec("finetune", {"method": "deterministic"}),
@@ -378,12 +395,22 @@ def finetune_si(root: Path, opts: Options) -> Plan:
         cfg["uq"]["samples"] = 2
     exp = Experiment("", train, valid, tests, "average", methods, cfg, str(train_f), **_timing(quick),
                      reference_test="test_AIMD_Elastic")
-    settings = {"n_train": len(train), "n_valid": len(valid),
-                "split": f"train: {'+'.join(SI_TRAIN_GROUPS)} of train.xyz ({len(valid)} of them held out "
-                         f"for validation); test: held-out groups {', '.join(SI_TEST_GROUPS)}",
-                "finetune_defaults": config_mod.FINETUNE_DEFAULTS,
-                "test_sets": {t.name: {"n": len(t.structures), "description": t.description} for t in tests}}
+    settings = {**_si_settings(train, valid, tests), "finetune_defaults": config_mod.FINETUNE_DEFAULTS}
     return Plan([exp], budget, settings)
+
+
+def si_defects(root: Path, opts: Options) -> Plan:
+    """PaiNN (or ``--backbone mace``) trained from scratch on bulk silicon (the split of finetune-si),
+    tested on bulk structures and on the held-out vacancy and surface groups."""
+    if opts.backbone not in (None, "painn", "mace"):
+        raise ConfigError("si-defects trains painn or mace from scratch; for CHGNet use finetune-si")
+    train, valid, tests, train_f = _si_groups(root, opts)
+    budget = _budget(opts, Budget(steps=1500), Budget(epochs=1, minutes=0.5))
+    cfg = _common_sections(opts, _painn_model(opts.quick, opts.backbone))
+    cfg["training"]["batch_size"] = 4  # 4 cells of 63-64 atoms a step
+    exp = Experiment("", train, valid, tests, "average", _methods(opts), cfg, str(train_f), **_timing(opts.quick),
+                     reference_test="test_AIMD_Elastic")
+    return Plan([exp], budget, _si_settings(train, valid, tests))
 
 
 # -- energy-split ---------------------------------------------------------------------
@@ -473,6 +500,8 @@ PROTOCOLS = {
     "data-scarce": (data_scarce, "acetylacetone learning curve, N = 25 ... 450 training structures"),
     "finetune-si": (finetune_si, "pretrained CHGNet as is / fine-tuned / BLIP fine-tuned on silicon, "
                                  "tested on held-out defect and surface groups"),
+    "si-defects": (si_defects, "PaiNN (or MACE) trained from scratch on bulk silicon (AIMD-NVT, Elastic); "
+                               "tested on bulk structures and on the held-out vacancy and surface groups"),
     "energy-split": (energy_split, "train on the lowest-energy half of a data set (ethanol, acetylacetone, a "
                                    "GFN2-xTB ammonia set, or a labelled extxyz file of one's own); test on "
                                    "held-out low-energy and on high-energy structures"),
