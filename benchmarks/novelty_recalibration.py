@@ -15,7 +15,8 @@ that of the in-distribution test set (σ ratio), all of the recalibrated spreads
 over seeds (``--target energy``: the same for energies per structure, widened with each
 structure's largest atom novelty, ``uq.energy_novelty_widening``; energy-only test sets included).
 ``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
-factor refitted on the validation split. ``--beyond B2`` adds to every row the extra widening
+factor refitted on the validation split; ``--fit-above 0.1`` b fitted there with 0.1 as its floor
+(``uq.novelty_widening_fit: true``, the default since 2026-12-05; forces only). ``--beyond B2`` adds to every row the extra widening
 ``exp(B2 (nu - limit))`` beyond the validation split's largest distance (``uq.novelty_beyond``;
 default 0: none, whatever the model's config says). (The version of this script at commit eb43b8a fitted a
 per-structure form offline, from one sampled pass; its outputs are in
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--fixed-b", default="", help="also score these b (comma-separated), s refitted for each")
     parser.add_argument("--beyond", type=float, default=0.0,
                         help="b2 of the extra widening beyond the validation range, on every row (0: none)")
+    parser.add_argument("--fit-above", type=float, default=None,
+                        help="also score b fitted on validation with this floor (uq.novelty_widening_fit)")
     parser.add_argument("--target", default="forces", choices=("forces", "energy"),
                         help="the widened spread (energy: each structure's, with its atoms' largest novelty)")
     args = parser.parse_args()
@@ -68,9 +71,13 @@ def main() -> None:
         tests = [t for t in exp.tests if all(getattr(s, target) is not None for s in t.structures)]
         factors = {}
         model.config["uq"][BEYOND_SETTINGS[target]] = args.beyond or False
+        model.config["uq"]["novelty_widening_fit"] = False
         for widening in (False, True):
             model.config["uq"][setting] = widening
             factors[widening] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
+        if args.fit_above is not None:  # b fitted on validation with the set b as its floor (forces)
+            model.config["uq"].update({setting: args.fit_above, "novelty_widening_fit": True})
+            factors[f"b>={args.fit_above:g}"] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
         model.calibration = {"energy": 1.0, "forces": 1.0}
         arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1][target]
                   for t in tests}  # raw spreads and each entry's novelty: one prediction per test set
@@ -90,12 +97,12 @@ def main() -> None:
                 m = regression_metrics(a["ref"] - a["pred"], std[name])
                 row = (m["nll"], m["coverage_95"], m["spearman"], float(np.mean(std[name])) / reference)
                 scores.setdefault((name, str(widening)), []).append(row)
-                print(f"seed {seed} {name:17s} widening {widening!s:6s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
+                print(f"seed {seed} {name:17s} widening {widening!s:7s} NLL {row[0]:8.3f} cov {row[1]:.2f} "
                       f"Spearman {row[2]:.2f} sigma ratio {row[3]:6.2f} b {scales.get(b_key, 0.0):.2f}",
                       flush=True)
     for (name, widening), rows in sorted(scores.items()):
         mean = np.mean(np.array(rows), axis=0)
-        print(f"mean {name:17s} widening {widening!s:6s} NLL {mean[0]:8.3f} cov {mean[1]:.2f} "
+        print(f"mean {name:17s} widening {widening!s:7s} NLL {mean[0]:8.3f} cov {mean[1]:.2f} "
               f"Spearman {mean[2]:.2f} sigma ratio {mean[3]:6.2f}")
 
 

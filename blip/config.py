@@ -64,6 +64,7 @@ DEFAULTS: dict = {
         "recalibrate": True,
         "novelty_widening": 0.1,     # b: recalibrated force spreads x exp(b (feature distance - its mean));
                                      # true: b fitted on the validation split; false: off
+        "novelty_widening_fit": True,  # with a number b: fit b on the validation split too, b the floor
         "energy_novelty_widening": 0.2,  # the same for energy spreads, with each structure's largest distance
         "novelty_beyond": 0.2,       # b2: force spreads also x exp(b2 (distance - the largest on the validation
                                      # split)) beyond it, where no data set the widening; false: off

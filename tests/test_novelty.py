@@ -30,6 +30,24 @@ def test_fit_recovers_a_planted_widening_and_never_shrinks():
     shrinking = rng.normal(0.0, 2.0 * sigma * np.exp(-0.6 * nu))
     s, b = fit_novelty_widening(shrinking, sigma, nu)
     assert b == 0.0
+    # with a floor (uq.novelty_widening_fit): the planted slope where it is steeper, else the floor
+    assert fit_novelty_widening(err, sigma, nu, b_min=0.1)[1] == pytest.approx(0.6, abs=0.03)
+    assert fit_novelty_widening(shrinking, sigma, nu, b_min=0.1)[1] == 0.1
+
+
+def test_a_set_b_is_the_floor_of_a_fitted_one_with_novelty_widening_fit():
+    """uq.novelty_widening_fit: errors that grow with nu faster than the set b give the fitted slope,
+    with the factor fitted together with it; without the flag the set b stays."""
+    from blip.uq.recalibration import _widening
+
+    rng = np.random.default_rng(1)
+    n = 20000
+    sigma, nu = rng.uniform(0.05, 0.2, n), rng.normal(0.0, 1.0, n)
+    a = {"ref": rng.normal(0.0, 2.0 * sigma * np.exp(0.6 * nu)), "pred": np.zeros(n), "std": sigma, "novelty": nu}
+    fitted = _widening(a, 0.1, "forces", fit_above=True)
+    assert fitted["forces_novelty"] == pytest.approx(0.6, abs=0.03)
+    assert fitted["forces"] * np.exp(-0.6 * np.mean(nu)) == pytest.approx(2.0, rel=0.05)
+    assert _widening(a, 0.1, "forces")["forces_novelty"] == 0.1
 
 
 def test_novelty_is_invariant_and_grows_on_a_distorted_structure(tiny_model_path):
@@ -93,7 +111,7 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     e = evaluate_structures(model, structures, samples=4, seed=0)[1]["energy"]
     np.testing.assert_allclose(e["novelty"], [v.max() for v in model.predict(
         [s.atoms for s in structures], samples=4, seed=0, novelty=True)["atom_novelty"]], rtol=1e-12)
-    model.config["uq"].update(novelty_widening=0.25, energy_novelty_widening=0.4)
+    model.config["uq"].update(novelty_widening=0.25, energy_novelty_widening=0.4, novelty_widening_fit=False)
     factors = recalibrate(model, structures, samples=4, seed=0)
     for target, a, b, keys in (("forces", f, 0.25, ("forces_novelty", "novelty_centre")),
                                ("energy", e, 0.4, ("energy_novelty", "energy_novelty_centre"))):
@@ -106,6 +124,11 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["forces_novelty"] >= 0.0 and np.isfinite(factors["novelty_centre"])
     assert factors["energy_novelty"] >= 0.0 and np.isfinite(factors["energy_novelty_centre"])
+    fitted = factors["forces_novelty"]  # a set b with novelty_widening_fit is the floor of the fit
+    model.config["uq"].update(novelty_widening=fitted + 0.2, energy_novelty_widening=0.4, novelty_widening_fit=True)
+    factors = recalibrate(model, structures, samples=4, seed=0)
+    assert factors["forces_novelty"] == pytest.approx(fitted + 0.2, abs=1e-6)
+    assert factors["energy_novelty"] == 0.4  # energies keep their set b
     model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
     del model.config["uq"]["novelty_widening"], model.config["uq"]["energy_novelty_widening"]
@@ -127,7 +150,8 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
               "novelty": a["novelty"]}
     _, pairs = recalibration_markdown({"forces": forces}, scales)
     np.testing.assert_allclose(pairs["forces"]["before"][1], a["std"])  # the report undoes the widening too
-    assert resolve({})["uq"]["novelty_widening"] == 0.1  # b set, measured on the benchmarks
+    assert resolve({})["uq"]["novelty_widening"] == 0.1  # b's floor, measured on the benchmarks
+    assert resolve({})["uq"]["novelty_widening_fit"] is True
     assert resolve({})["uq"]["energy_novelty_widening"] == 0.2
     # fine-tuning CHGNet: its energy spreads, already too wide, lost 0.1-0.5 nats with it
     assert resolve({"model": {"backbone": "chgnet", "pretrained": True}})["uq"]["energy_novelty_widening"] is False

@@ -59,7 +59,9 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     also widened by ``exp(b (nu - nu_0))``, ``nu`` the atom's log feature distance from the training
     data (:meth:`blip.model.BayesianPotential.forward`), ``nu_0`` its mean over these structures
     (``forces_novelty`` b, ``novelty_centre``): a number is b itself (the force factor fitted with
-    it), ``true`` fits ``b >= 0`` here with the force factor. ``uq.energy_novelty_widening`` does
+    it), ``true`` fits ``b >= 0`` here with the force factor; with ``uq.novelty_widening_fit`` a
+    number is the floor of b fitted here (b steeper where these structures show it, never flatter).
+    ``uq.energy_novelty_widening`` does
     the same for each structure's energy spread with its atoms' largest ``nu`` (``energy_novelty``,
     ``energy_novelty_centre``). With the widening, ``uq.novelty_beyond`` / ``uq.energy_novelty_beyond``
     b2 > 0 add ``exp(b2 (nu - limit))`` beyond ``limit``, the largest ``nu`` of these structures
@@ -84,12 +86,15 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
         a, widening = arrays.get(target, {}), model.config["uq"].get(key)
         if widening and "novelty" in a:
             beyond = model.config["uq"].get(BEYOND_SETTINGS[target]) or 0.0
-            model.calibration.update(_widening(a, widening, target, float(beyond)))
+            fit_above = target in FIT_ABOVE_SETTINGS and bool(model.config["uq"].get(FIT_ABOVE_SETTINGS[target]))
+            model.calibration.update(_widening(a, widening, target, float(beyond), fit_above))
     return dict(model.calibration)
 
 
 #: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
 WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
+#: Target -> the ``uq`` setting that fits b on the validation split above a set b (which is then its floor).
+FIT_ABOVE_SETTINGS = {"forces": "novelty_widening_fit"}
 #: Target -> calibration keys of its widening: (b, centre).
 NOVELTY_KEYS = {"forces": ("forces_novelty", "novelty_centre"),
                 "energy": ("energy_novelty", "energy_novelty_centre")}
@@ -100,15 +105,17 @@ BEYOND_KEYS = {"forces": ("forces_novelty_beyond", "novelty_limit"),
                "energy": ("energy_novelty_beyond", "energy_novelty_limit")}
 
 
-def _widening(a: dict, setting, target: str, beyond: float = 0.0) -> dict:
+def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: bool = False) -> dict:
     """Calibration entries (factor, b, centre; with ``beyond`` > 0 also b2 and the limit) of
     ``target``'s widening from its flat ``{"ref", "pred", "std", "novelty"}`` arrays: ``setting``
-    true fits b >= 0, a number is b (the factor fitted with it). The limit is the largest
-    distance of these entries, so the extra widening beyond it leaves the factor's fit unchanged."""
+    true fits b >= 0, a number is b (the factor fitted with it); with ``fit_above`` a number is
+    the floor of a fitted b. The limit is the largest distance of these entries, so the extra
+    widening beyond it leaves the factor's fit unchanged."""
     err = a["ref"] - a["pred"]
     centre = float(np.mean(a["novelty"]))
-    if setting is True:
-        scale, b = fit_novelty_widening(err, a["std"], a["novelty"] - centre)
+    if setting is True or fit_above:
+        floor = 0.0 if setting is True else float(setting)
+        scale, b = fit_novelty_widening(err, a["std"], a["novelty"] - centre, b_min=floor)
     else:
         b = float(setting)
         scale = fit_scale(err, a["std"] * np.exp(b * (a["novelty"] - centre)))
@@ -146,19 +153,19 @@ def novelty_factor(novelty, calibration: dict, target: str = "forces"):
     return np.exp(exponent)
 
 
-def fit_novelty_widening(err, sigma, novelty) -> tuple[float, float]:
-    """``(s, b)`` with ``b >= 0`` of the spread ``s sigma exp(b novelty)`` of lowest Gaussian NLL on
-    residuals ``err``; flat arrays, ``novelty`` centred (each atom's log feature distance minus its
-    mean). ``b = 0`` is the plain scale: b grows only where the errors grow with the distance
-    faster than sigma does, and the spread then keeps growing with it out of distribution."""
+def fit_novelty_widening(err, sigma, novelty, b_min: float = 0.0) -> tuple[float, float]:
+    """``(s, b)`` with ``b >= b_min`` of the spread ``s sigma exp(b novelty)`` of lowest Gaussian NLL
+    on residuals ``err``; flat arrays, ``novelty`` centred (each atom's log feature distance minus
+    its mean). ``b = b_min = 0`` is the plain scale: b grows only where the errors grow with the
+    distance faster than sigma does, and the spread then keeps growing with it out of distribution."""
     from scipy.optimize import minimize
 
     from .metrics import nll
 
     err, sigma, novelty = (np.asarray(a, dtype=np.float64) for a in (err, sigma, novelty))
     s0 = fit_scale(err, sigma)
-    result = minimize(lambda x: nll(err, s0 * np.exp(x[0] + x[1] * novelty) * sigma), [0.0, 0.0],
-                      method="L-BFGS-B", bounds=[(None, None), (0.0, None)])
+    result = minimize(lambda x: nll(err, s0 * np.exp(x[0] + x[1] * novelty) * sigma), [0.0, float(b_min)],
+                      method="L-BFGS-B", bounds=[(None, None), (float(b_min), None)])
     return float(s0 * np.exp(result.x[0])), float(result.x[1])
 
 
