@@ -48,7 +48,7 @@ for seed in (int(s) for s in args.seeds.split(",")):
             m = regression_metrics(arr["ref"] - arr["pred"], std)
             above = float(np.mean(arr["novelty"] > q)) if np.isfinite(q) else 0.0
             scores.setdefault((tname, name), []).append((m["nll"], m["coverage_95"], float(np.mean(std)) / ref, above))
-            print(f"seed {seed} {tname:14s} {name:14s} NLL {m['nll']:8.3f} cov {m['coverage_95']:.2f} "
+            print(f"seed {seed} {tname:14s} {name:14s} SP {m['spearman']:.3f} NLL {m['nll']:8.3f} cov {m['coverage_95']:.2f} "
                   f"sigma ratio {float(np.mean(std)) / ref:7.2f} above q {above:.3f}", flush=True)
 for (tname, name), rows in sorted(scores.items()):
     mean = np.mean(np.array(rows), axis=0)

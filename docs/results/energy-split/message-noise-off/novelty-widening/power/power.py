@@ -1,6 +1,7 @@
 """Rescoring probe: a power of the spread fitted at recalibration, sigma' = s * (sigma_w / g)^a,
 sigma_w the default-widened spread (b = 0.1), g its validation geometric mean; (s, a) fitted on the
-validation split by Gaussian NLL; against b = 0.1 alone (the default)."""
+validation split by Gaussian NLL; against b = 0.1 alone (the default). "rawpow": the power on the
+noise's spread alone, the widening exp(0.1 (nu - c)) kept outside it."""
 import argparse, sys
 from pathlib import Path
 import numpy as np, torch
@@ -36,9 +37,15 @@ for seed in (int(s) for s in args.seeds.split(",")):
     res = minimize(lambda x: nll(verr, np.exp(x[0]) * s0 * g * (vw / g) ** x[1]), [0.0, 1.0], method="Nelder-Mead")
     ls, a_pow = res.x
     print(f"seed {seed} fitted power a = {a_pow:.3f}", flush=True)
+    vraw = valid["std"]; gr = float(np.exp(np.mean(np.log(vraw))))
+    nov = lambda arr: np.exp(0.1 * (arr["novelty"] - c))
+    res2 = minimize(lambda x: nll(verr, np.exp(x[0]) * s0 * gr * (vraw / gr) ** x[1] * nov(valid)), [0.0, 1.0], method="Nelder-Mead")
+    ls2, a2 = res2.x
+    print(f"seed {seed} fitted raw power a = {a2:.3f}", flush=True)
     for name, arr in arrays.items():
         err = arr["ref"] - arr["pred"]; w = widened(arr)
-        for variant, std in (("b0.1", s0 * w), ("power", np.exp(ls) * s0 * g * (w / g) ** a_pow)):
+        raw_pow = np.exp(ls2) * s0 * gr * (arr["std"] / gr) ** a2 * nov(arr)
+        for variant, std in (("b0.1", s0 * w), ("power", np.exp(ls) * s0 * g * (w / g) ** a_pow), ("rawpow", raw_pow)):
             m = regression_metrics(err, std)
             scores.setdefault((name, variant), []).append((m["nll"], m["coverage_95"], a_pow))
             print(f"seed {seed} {name:14s} {variant:6s} NLL {m['nll']:8.3f} cov {m['coverage_95']:.2f}", flush=True)
