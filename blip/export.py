@@ -58,7 +58,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
 
     from . import __version__
-    from ._export_torchscript import BlipMetatomic, PaiNNEnergy
+    from ._export_torchscript import BlipMetatomic, LearnedRate, PaiNNEnergy
     from .calculator import _with_dtype
     from .uq.recalibration import BEYOND_KEYS, NOVELTY_KEYS, widening_formula
 
@@ -93,6 +93,9 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     widened = spread and not ensemble and members[0].wants_novelty  # as BlipModel.predict: only with nu
     cal = model.calibration if widened else {}
     widening, beyond = float(cal.get(b_key, 0.0)), float(cal.get(b2_key, 0.0))
+    if widening == 0.0 and beyond == 0.0:  # nothing reads the distances: the sampled passes skip them
+        for rate in (m for energy in energies for m in energy.modules() if isinstance(m, LearnedRate)):
+            rate.records_novelty = False
     module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
                            calibration=float(model.calibration["energy"]), predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,
