@@ -44,7 +44,7 @@ class LearnedRate(nn.Module):
 
             self.density = FeatureDensity(1, in_features)
         self.use_hidden, self.distance = bool(inference.use_hidden), bool(inference.distance)
-        self.metric = str(inference.metric)
+        self.metric, self.offset = str(inference.metric), float(inference.offset)
         self.p_min, self.p_max = float(inference.p_min), float(inference.p_max)
         self.records_novelty = self.wants_features and domain == atom_domain
 
@@ -58,7 +58,7 @@ class LearnedRate(nn.Module):
         m: Optional[torch.Tensor] = None
         if self.distance:
             m = self.density.distances(features, groups, z, self.metric)
-        inputs, u = rate_inputs(z, base, self.use_hidden, self.distance, m)
+        inputs, u = rate_inputs(z, base, self.use_hidden, self.distance, m, self.offset)
         return clamp_rate(self.head(inputs, u), self.p_min, self.p_max)
 
 

@@ -47,6 +47,8 @@ DEFAULTS: dict = {
                                          # stored training rows per species)
         "distance_mean_one": False,  # mahalanobis: divide it by its mean over the training rows (fine-tuning)
         "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance
+        "distance_offset": 0.05,     # c > 0: rates grow like (c + distance)^slope, so a small c lets them
+                                     # respond to distances below 1 (crystal defects); 1 before 2026-12-05
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "per_input",  # per_input: Gaussian dropout of layer inputs; independent: local reparam.
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
@@ -101,11 +103,13 @@ DEFAULTS: dict = {
 # that starts where the pretrained model is (p_init), small steps for the pretrained weights and
 # larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
 # training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
-# worse on held-out surfaces), and no widening of the energy spreads (they lost 0.1-0.5 nats with
-# it). Measured with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
+# worse on held-out surfaces; the distance offset stays 1, its smaller default was measured from
+# scratch only), and no widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured
+# with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
-           "distance_mean_one": True, "distance_metric": "mahalanobis", "force_std": "component",
+           "distance_mean_one": True, "distance_metric": "mahalanobis", "distance_offset": 1.0,
+           "force_std": "component",
            "dropout_p": 0.05, "energy_novelty_widening": False},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
@@ -269,6 +273,7 @@ _RANGES = {
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
+    ("uq", "distance_offset"): (0.0, None, False),
     ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
 }

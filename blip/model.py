@@ -28,7 +28,8 @@ class BayesianPotential(nn.Module):
 
     #: uq config keys this class reads (see blip/config.py for what they mean)
     SETTINGS = ("prior_p", "p_min", "p_max", "p_init", "inference_hidden", "dropout_p", "rate_inputs", "distance",
-                "distance_mean_one", "distance_shrinkage", "distance_metric", "detach_rate_inputs", "weight_noise")
+                "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "detach_rate_inputs",
+                "weight_noise")
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
         """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults."""
@@ -64,7 +65,8 @@ class BayesianPotential(nn.Module):
                 int(u["inference_hidden"]), float(u["p_min"]), float(u["p_max"]), float(u["p_init"]),
                 use_hidden=u["rate_inputs"] == "hidden", distance=bool(u["distance"]),
                 detach=bool(u["detach_rate_inputs"]), distance_mean_one=bool(u["distance_mean_one"]),
-                shrinkage=float(u["distance_shrinkage"]), metric=u["distance_metric"])
+                shrinkage=float(u["distance_shrinkage"]), metric=u["distance_metric"],
+                offset=float(u["distance_offset"]))
 
     @property
     def wants_novelty(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import ase.io
 import numpy as np
@@ -296,6 +297,19 @@ def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance
     older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
     assert older.config["uq"]["distance_metric"] == "mahalanobis"
     assert older.members[0].inference.metric != "euclidean" and current.members[0].inference.metric == "euclidean"
+
+
+def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_path):
+    """The rates' distance term changed with the key (log(1 + m) before): older files keep it."""
+    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
+    assert payload["config"]["uq"]["distance_offset"] == 0.05
+    del payload["config"]["uq"]["distance_offset"]
+    torch.save(payload, tmp_path / "older.pt")
+    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    assert older.config["uq"]["distance_offset"] == 1.0 and older.members[0].inference.offset == 1.0
+    assert current.members[0].inference.offset == 0.05
+    head = older.members[0].inference.heads_list()[0]
+    assert head.u0 == pytest.approx(math.log(2.0))
 
 
 def test_bench_cost_unit_is_one_network_even_for_an_ensemble(trained, atoms):

@@ -253,6 +253,7 @@ def test_pretrained_models_get_the_finetuning_defaults_and_user_keys_win():
             assert finetune[section][key] == value, (section, key)
             assert scratch[section][key] == config.DEFAULTS[section][key], (section, key)
     assert scratch["uq"]["distance_metric"] == "euclidean" and finetune["uq"]["distance_metric"] == "mahalanobis"
+    assert scratch["uq"]["distance_offset"] == 0.05 and finetune["uq"]["distance_offset"] == 1.0
     mine = config.resolve({"model": {"backbone": "chgnet"}, "uq": {"p_max": 0.2}, "training": {"inference_lr": None}},
                           ["training.lr=0.001"])
     assert mine["uq"]["p_max"] == 0.2 and mine["training"]["lr"] == 0.001 and mine["training"]["inference_lr"] is None

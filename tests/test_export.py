@@ -190,12 +190,14 @@ def test_per_atom_energies_and_selected_atoms(exported_path, model):
 
 @pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "vector_noise", "message_noise", "mc_dropout_vector_noise",
                                      "predict_mean_samples", "independent", "mahalanobis", "both_distances",
-                                     "nearest"])
+                                     "nearest", "distance_offset"])
 def test_variants_equal_blip_calculator(variant, tmp_path):
     if variant == "mc_dropout":
         model = tiny_model("mc_dropout")
     elif variant in ("mahalanobis", "both_distances", "nearest"):
         model = tiny_model(distance_metric={"both_distances": "both"}.get(variant, variant))
+    elif variant == "distance_offset":
+        model = tiny_model(distance_offset=0.05)
     elif variant == "edge_noise":
         model = tiny_model(edge_noise=True)
     elif variant == "vector_noise":

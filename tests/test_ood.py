@@ -129,8 +129,9 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
         base = torch.zeros(50, head.net[0].in_features - density.dim, dtype=torch.float64)
         p = model.inference.rate(domain, slot, base, features, groups[:50])
         slopes = torch.nn.functional.softplus(head.slope)
-        u_euclidean = torch.log1p(density.euclidean(features, groups[:50])) - head.u0
-        u_mahalanobis = torch.log1p(density.distance(features, groups[:50])) - head.u0
+        c = model.inference.offset
+        u_euclidean = torch.log(c + density.euclidean(features, groups[:50])) - head.u0
+        u_mahalanobis = torch.log(c + density.distance(features, groups[:50])) - head.u0
         if metric == "both":
             term = slopes[0] * u_euclidean + slopes[1] * u_mahalanobis
         else:
@@ -139,6 +140,37 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
         torch.testing.assert_close(p, torch.sigmoid(logit).clamp(model.inference.p_min, model.inference.p_max))
         rates[metric] = p.detach()
     assert float((rates["mahalanobis"] / rates["euclidean"]).median()) > 10.0
+
+
+def test_distance_offset_sets_how_rates_respond_to_small_distances(acac_summary):
+    """``uq.distance_offset`` c: with the bounded head silenced the rate is exactly
+    sigmoid(logit0 + slope (log(c + m) - log(c + 1))), equal for every c at m = 1; for features
+    closer to the training data than m = 1 a small c spreads the rates over a much wider range."""
+    spans = {}
+    for offset in (1.0, 0.05):
+        torch.manual_seed(0)
+        model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
+                                  distance_offset=offset).double()
+        domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
+        head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
+        torch.nn.init.zeros_(head.net[2].weight)
+        groups = torch.zeros(2000, dtype=torch.long)
+        density.begin_fit()
+        density.update(torch.randn(2000, density.dim, dtype=torch.float64), groups)
+        density.end_fit()
+        rows = torch.linspace(0.05, 0.7, 40, dtype=torch.float64)[:, None]  # distances from the data
+        x = torch.randn(40, density.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * rows
+        base = torch.zeros(len(x), head.net[0].in_features - density.dim, dtype=torch.float64)
+        p = model.inference.rate(domain, slot, base, x, groups[:len(x)])
+        m = density.euclidean(x, groups[:len(x)])
+        assert float(m.max()) < 1.0  # every row closer than the training rows' mean distance
+        term = torch.nn.functional.softplus(head.slope) * (torch.log(offset + m) - math.log(offset + 1.0))
+        torch.testing.assert_close(p, torch.sigmoid(head.logit0 + term).clamp(model.inference.p_min,
+                                                                             model.inference.p_max))
+        spans[offset] = float(p.detach().max() / p.detach().min())
+    assert spans[0.05] > 3.0 * spans[1.0]
+    with pytest.raises(ValueError, match="offset"):
+        BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4), distance_offset=0.0)
 
 
 def _nearest_by_hand(x, bank, variance, temperature):

@@ -5,7 +5,7 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
 * the domain's base features from the backbone (one-hot species; radial basis of edges), always;
 * ``hidden``: the layer's own invariant input features, whitened by the training statistics
   of :class:`blip.bayes.density.FeatureDensity` (so the rate sees the chemical environment);
-* ``distance``: ``u = log(1 + m)`` with ``m`` the squared distance of those features from the
+* ``distance``: ``u = log(c + m)`` with ``m`` the squared distance of those features from the
   training data over their width: ``euclidean``, in units of the mean feature variance (1 on
   average over training rows), or ``mahalanobis`` (below 1 on training rows where the
   features vary in few directions; exactly 1 on average with ``distance_mean_one``), see
@@ -13,9 +13,12 @@ Each noisy layer (domain, slot) has a small head. Its inputs, per row (atom, edg
   ``nearest``: the Euclidean distance to the nearest stored training rows (a bank per group).
 
 ``logit = logit(p_init) + head(inputs)``; with ``distance`` the head is bounded,
-``bound * tanh(head / bound)``, and ``softplus(slope) * (u - log 2)`` is added (summed over the
+``bound * tanh(head / bound)``, and ``softplus(slope) * (u - u0)`` is added (summed over the
 distances with ``both``), so far
-from the training data the distance term dominates and rates grow monotonically with it.
+from the training data the distance term dominates and rates grow monotonically with it. With the
+offset c (``uq.distance_offset``), ``u = log(c + m)`` and ``u0 = log(c + 1)``: the term is zero at
+m = 1 and the rate grows like ``(c + m)^softplus(slope)``; c = 1 (the default before 2026-12-05)
+barely moves for m below 1, where the atoms of crystal defects lie, a small c resolves them.
 ``p = clamp(sigmoid(logit), p_min, p_max)``.
 """
 
@@ -31,7 +34,6 @@ from torch.nn import functional as F
 from .density import BANK_ROWS, SHRINKAGE, FeatureDensity, GroupSplit
 
 HEAD_BOUND = 3.0  # |bounded head| <= 3 logits: the distance term decides far from the data
-_U0 = math.log(2.0)  # u = log(1 + m) at m = 1: the distance term is zero there
 METRICS = ("euclidean", "mahalanobis", "both", "nearest")  # of the feature distance
 U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (a sample blown up far
 # from the data) count as far away
@@ -39,15 +41,17 @@ U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (
 
 class RateHead(nn.Module):
     """Logit of one noisy layer's rate from (rows, d_in) inputs and optionally a distance u: (rows,),
-    or (rows, distances) with one slope per distance when ``distances`` > 1."""
+    or (rows, distances) with one slope per distance when ``distances`` > 1; ``offset``: the c of
+    ``u = log(c + m)`` (:func:`rate_inputs`)."""
 
-    def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool, distances: int = 1):
+    def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool, distances: int = 1,
+                 offset: float = 1.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.normal_(self.net[2].weight, std=1e-3)
         nn.init.zeros_(self.net[2].bias)
         self.logit0 = float(logit0)
-        self.bound, self.u0 = HEAD_BOUND, _U0
+        self.bound, self.u0 = HEAD_BOUND, math.log(1.0 + offset)  # u at m = 1: the distance term is 0 there
         self.distance = distance
         if distance:
             if distances == 1:
@@ -68,17 +72,17 @@ class RateHead(nn.Module):
 
 # TorchScript-compatible (blip.export compiles them): constants come in as default arguments.
 def rate_inputs(z: torch.Tensor, base: torch.Tensor, use_hidden: bool, distance: bool,
-                m: Optional[torch.Tensor] = None,
+                m: Optional[torch.Tensor] = None, offset: float = 1.0,
                 u_max: float = U_MAX) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Inputs of a rate head and the distance ``u`` (or None) from whitened features ``z`` (rows, d)
-    and the base features (rows, b); ``m`` (rows,) or (rows, k): the squared distance(s) over the
-    width, by default the Mahalanobis one of ``z``. Non-finite features count as far away."""
+    """Inputs of a rate head and the distance ``u = log(offset + m)`` (or None) from whitened features
+    ``z`` (rows, d) and the base features (rows, b); ``m`` (rows,) or (rows, k): the squared distance(s)
+    over the width, by default the Mahalanobis one of ``z``. Non-finite features count as far away."""
     z = torch.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6)
     u: Optional[torch.Tensor] = None
     if distance:
         if m is None:
             m = (z * z).mean(dim=1)
-        u = torch.log1p(m).nan_to_num(nan=u_max).clamp(max=u_max)
+        u = torch.log(m + offset).nan_to_num(nan=u_max).clamp(max=u_max)
     inputs = torch.cat([base, z], dim=1) if use_hidden else base
     return inputs, u
 
@@ -106,29 +110,32 @@ class InferenceNet(nn.Module):
     prediction keeps the full derivative, so each sample's forces are exact);
     ``distance_mean_one``: the densities' Mahalanobis distance has mean 1 on their own rows;
     ``shrinkage``: of the densities' covariance (:class:`~blip.bayes.density.FeatureDensity`);
-    ``metric``: one of ``METRICS``, the feature distance(s) of the rate heads (module docstring).
+    ``metric``: one of ``METRICS``, the feature distance(s) of the rate heads (module docstring);
+    ``offset``: c > 0 of their distance term's ``log(c + m)``.
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
                  use_hidden: bool = True, distance: bool = True, detach: bool = False,
                  distance_mean_one: bool = False, shrinkage: float = SHRINKAGE,
-                 metric: str = "mahalanobis"):
+                 metric: str = "mahalanobis", offset: float = 1.0):
         super().__init__()
         if metric not in METRICS:
             raise ValueError(f"unknown distance metric {metric!r}; choose from {', '.join(METRICS)}")
+        if not offset > 0.0:
+            raise ValueError(f"the distance offset must be > 0, got {offset}")
         if not 0.0 < p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 < p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.p_min, self.p_max = p_min, p_max
         self.use_hidden, self.distance, self.detach = use_hidden, distance, detach
-        self.metric = metric
+        self.metric, self.offset = metric, float(offset)
         logit0 = math.log(p_init / (1.0 - p_init))
         self.heads = nn.ModuleDict()
         self.densities = nn.ModuleDict()
         for domain, dims in layer_dims.items():
             self.heads[domain] = nn.ModuleDict({
                 str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance,
-                                    2 if metric == "both" else 1)
+                                    2 if metric == "both" else 1, self.offset)
                 for slot, d in dims.items()})
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
@@ -171,7 +178,7 @@ class InferenceNet(nn.Module):
                 centred = density.centred(source, groups.index)
                 z = density.standardise_split(source, groups, centred)
                 m = density.distances(source, groups.index, z, self.metric, centred) if self.distance else None
-                shared = rate_inputs(z, base, self.use_hidden, self.distance, m)
+                shared = rate_inputs(z, base, self.use_hidden, self.distance, m, self.offset)
                 if novelty is not None:
                     novelty.append((domain, log_feature_distance(z.detach())))
                 if memo is not None:
