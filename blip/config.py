@@ -103,8 +103,8 @@ DEFAULTS: dict = {
 # that starts where the pretrained model is (p_init), small steps for the pretrained weights and
 # larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
 # training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
-# worse on held-out surfaces; the distance offset stays 1, its smaller default was measured from
-# scratch only), and no widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured
+# worse on held-out surfaces; the distance offset stays 1: 0.05 lost 0.03-0.05 nats on every
+# silicon set there), and no widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured
 # with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
