@@ -243,6 +243,7 @@ class MaceEnergy(nn.Module):
         self.stochastic = bool(potential.stochastic)
         self.noisy_nodes = "node" in potential.layers
         self.noisy_edges = "edge" in potential.layers
+        self.shared_draws = bool(potential.shared_draws)
 
     def forward(self, types: torch.Tensor, vectors: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
                 copies: int, seed: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
@@ -262,7 +263,7 @@ class MaceEnergy(nn.Module):
         edge_attrs = self.spherical_harmonics(vectors)
         edge_feats, cutoff = self.radial_embedding(lengths, onehot, pairs.t(), self.atomic_numbers)
         edge_index, node_keys, edge_keys = replica_graph(pairs, shifts, n, copies, seed, sampled and self.stochastic,
-                                                         self.noisy_nodes, self.noisy_edges)
+                                                         self.noisy_nodes, self.noisy_edges, self.shared_draws)
         node_attrs = onehot.repeat(copies, 1)
         node_groups = z.repeat(copies)
         edge_base = torch.cat([edge_feats, onehot[i], onehot[j]], dim=1).repeat(copies, 1)

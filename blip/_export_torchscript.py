@@ -186,10 +186,12 @@ class VectorMixing(nn.Module):
 
 # -- K noise replicas of one system -------------------------------------------------------
 def replica_graph(pairs: torch.Tensor, shifts: torch.Tensor, n: int, copies: int, seed: int, sampled: bool,
-                  noisy_nodes: bool, noisy_edges: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                  noisy_nodes: bool, noisy_edges: bool,
+                  shared: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Edge index (2, K E) of K replica-major copies of one system (as :func:`blip.data.replicate`
     lays them out) and the counter keys of their node (K N,) and edge (K E,) rows: replica k,
-    structure 0, rows keyed by atom index and (i, j, cell shift) as in ``BayesianPotential``;
+    structure 0, rows keyed by atom index and (i, j, cell shift) as in ``BayesianPotential``, or
+    all by identity 0 with ``shared`` (draws shared per structure, ``uq.noise_draws: structure``);
     None where that domain is noise-free or ``sampled`` is False."""
     device = pairs.device
     i, j = pairs[:, 0], pairs[:, 1]
@@ -202,9 +204,13 @@ def replica_graph(pairs: torch.Tensor, shifts: torch.Tensor, n: int, copies: int
         structure = torch.zeros_like(offsets)
         if noisy_nodes:
             local = torch.arange(n, device=device).repeat(copies)[:, None]
+            if shared:
+                local = torch.zeros_like(local)
             node_keys = row_keys(seed, offsets, structure, torch.full_like(offsets, n), local)
         if noisy_edges:
             ids = torch.cat([pairs.to(torch.long), shifts.to(torch.long)], dim=1).repeat(copies, 1)
+            if shared:
+                ids = torch.zeros_like(ids[:, :1])
             edge_keys = row_keys(seed, offsets, structure, torch.full_like(offsets, pairs.shape[0]), ids)
     return edge_index, node_keys, edge_keys
 
@@ -243,6 +249,7 @@ class PaiNNEnergy(nn.Module):
         self.stochastic = bool(potential.stochastic)
         self.noisy_nodes = "node" in potential.layers
         self.noisy_edges = "edge" in potential.layers
+        self.shared_draws = bool(potential.shared_draws)
 
     def forward(self, types: torch.Tensor, vectors: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
                 copies: int, seed: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
@@ -261,7 +268,7 @@ class PaiNNEnergy(nn.Module):
         rbf, fcut = sine_rbf(d, self.radial, self.cutoff), cosine_cutoff(d, self.cutoff)
         onehot = F.one_hot(z, self.n_species).to(dtype)
         edge_index, node_keys, edge_keys = replica_graph(pairs, shifts, n, copies, seed, sampled and self.stochastic,
-                                                         self.noisy_nodes, self.noisy_edges)
+                                                         self.noisy_nodes, self.noisy_edges, self.shared_draws)
         node_base = onehot.repeat(copies, 1)
         node_groups = z.repeat(copies)
         edge_base = torch.cat([rbf * fcut[:, None], onehot[i], onehot[j]], dim=1).repeat(copies, 1)

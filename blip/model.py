@@ -16,6 +16,9 @@ RATE_INPUTS = ("hidden", "species")  # what the inference net sees beside the ba
 #: uq.weight_noise -> noise kind: independent weight noise (local reparameterisation), or noise
 #: shared by the outputs of each input channel (Gaussian dropout of the layer's input)
 WEIGHT_NOISE = {"independent": "gaussian", "per_input": "gaussian_inputs"}
+#: uq.noise_draws: a fixed-seed sample's random numbers shared by all rows of a structure (one perturbed
+#: network per sample) or drawn for every row (node, edge) independently
+NOISE_DRAWS = ("structure", "row")
 
 
 class BayesianPotential(nn.Module):
@@ -29,7 +32,7 @@ class BayesianPotential(nn.Module):
     #: uq config keys this class reads (see blip/config.py for what they mean)
     SETTINGS = ("prior_p", "p_min", "p_max", "p_init", "inference_hidden", "dropout_p", "rate_inputs", "distance",
                 "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "detach_rate_inputs",
-                "weight_noise")
+                "weight_noise", "noise_draws")
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
         """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults."""
@@ -46,8 +49,11 @@ class BayesianPotential(nn.Module):
             raise ValueError(f"unknown uq.rate_inputs {u['rate_inputs']!r}; choose from {', '.join(RATE_INPUTS)}")
         if u["weight_noise"] not in WEIGHT_NOISE:
             raise ValueError(f"unknown uq.weight_noise {u['weight_noise']!r}; choose from {', '.join(WEIGHT_NOISE)}")
+        if u["noise_draws"] not in NOISE_DRAWS:
+            raise ValueError(f"unknown uq.noise_draws {u['noise_draws']!r}; choose from {', '.join(NOISE_DRAWS)}")
         self.backbone, self.method = backbone, method
         self.noise_kind = WEIGHT_NOISE[u["weight_noise"]]
+        self.shared_draws = method == "blip" and u["noise_draws"] == "structure"
         self.prior_p, self.dropout_p = float(u["prior_p"]), float(u["dropout_p"])
         self.noise_state = NoiseState()
         self.layers: dict[str, list[str]] = {}
@@ -86,8 +92,7 @@ class BayesianPotential(nn.Module):
         inputs may enter detached, ``uq.detach_rate_inputs``); ``novelty``: a list that collects the
         rows' log feature distances (:meth:`InferenceNet.rate`)."""
         feats = self.backbone.domain_features(batch)
-        counts = {d: c for d, (_, c) in feats.items()}
-        keys = None if seed is None else self._noise_keys(batch, counts, seed)
+        keys, row_structure = (None, None) if seed is None else self._noise_keys(batch, feats, seed, training)
         active = None
         if "noise_free" in batch:  # graphs of the noise-free pass sharing this one: no noise on their rows
             takes_noise = (~batch["noise_free"]).to(batch["positions"].dtype)
@@ -108,7 +113,8 @@ class BayesianPotential(nn.Module):
                 return inference.rate(domain, slot, base[domain], features, groups.get(domain), update, training,
                                       memo=memo, novelty=novelty)
 
-            return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features, active=active)
+            return NoiseContext(provider, keys, self.noise_kind, wants_features=inference.wants_features, active=active,
+                                row_structure=row_structure)
         p = self.dropout_p
         dtype = batch["positions"].dtype
 
@@ -117,13 +123,29 @@ class BayesianPotential(nn.Module):
 
         return NoiseContext(fixed, keys, "bernoulli", active=active)
 
-    def _noise_keys(self, batch: dict, counts: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-        """Domain -> counter key of every row (rows,), from (seed, replica, structure, row identity)."""
+    def _noise_keys(self, batch: dict, feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    seed: int, training: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(domain -> counter keys, domain -> structure of every row or None).
+
+        ``feats``: domain -> (features (rows, d), rows per graph (G,)) (``Backbone.domain_features``).
+        Keys from (seed, replica, structure, row identity): one per row (rows,); with shared draws
+        (``uq.noise_draws: structure``, sampling outside training steps) one per structure (G,),
+        that of row identity 0, with each row's structure (rows,) so that its rows take the same
+        numbers (:class:`NoiseContext`). Training steps draw per row: the local reparameterisation's
+        gradients vary less, and trained so, the models' defects and far-out molecules scored better."""
         replica = batch.get("replica", torch.zeros_like(batch["structure_index"]))
+        counts = {d: c for d, (_, c) in feats.items()}
+        if self.shared_draws and not training:
+            one = torch.ones_like(batch["structure_index"])
+            keys = row_keys(seed, replica, batch["structure_index"], one, torch.zeros_like(one)[:, None])
+            graph = torch.arange(one.shape[0], device=one.device)
+            return ({d: keys for d in self.layers},
+                    {d: torch.repeat_interleave(graph, counts[d], output_size=feats[d][0].shape[0])
+                     for d in self.layers})
         ids = self.backbone.domain_row_ids(batch, self.layers)
         return {d: row_keys(seed, replica, batch["structure_index"], counts[d],
                             ids[d] if d in ids else positions_in_graph(counts[d])[:, None])
-                for d in self.layers}
+                for d in self.layers}, None
 
     def forward(self, batch: dict, sample: bool = False, seed: int | None = None,
                 forces: bool = True, training: bool = False, stress: bool = False,

@@ -312,6 +312,20 @@ def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_
     assert head.u0 == pytest.approx(math.log(2.0))
 
 
+def test_a_model_file_from_before_noise_draws_keeps_draws_per_row(trained, atoms, tmp_path):
+    """Its calibration was fitted on samples with independent draws per row: it keeps them."""
+    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
+    assert payload["config"]["uq"]["noise_draws"] == "structure"
+    del payload["config"]["uq"]["noise_draws"]
+    torch.save(payload, tmp_path / "older.pt")
+    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    assert older.config["uq"]["noise_draws"] == "row"
+    assert not older.members[0].shared_draws and current.members[0].shared_draws
+    old_pred, new_pred = (m.predict(atoms[:2], samples=4, seed=3) for m in (older, current))
+    np.testing.assert_allclose(old_pred["energy"], new_pred["energy"], rtol=0, atol=1e-9)  # the same MAP pass
+    assert not np.allclose(old_pred["energy_std"], new_pred["energy_std"], rtol=1e-3)  # other samples
+
+
 def test_bench_cost_unit_is_one_network_even_for_an_ensemble(trained, atoms):
     """``blip bench`` divides predict times by one network's MAP pass: for a run without a
     deterministic model whose first method is the ensemble, that is its first member alone (the

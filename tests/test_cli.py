@@ -254,6 +254,7 @@ def test_pretrained_models_get_the_finetuning_defaults_and_user_keys_win():
             assert scratch[section][key] == config.DEFAULTS[section][key], (section, key)
     assert scratch["uq"]["distance_metric"] == "euclidean" and finetune["uq"]["distance_metric"] == "mahalanobis"
     assert scratch["uq"]["distance_offset"] == 0.05 and finetune["uq"]["distance_offset"] == 1.0
+    assert scratch["uq"]["noise_draws"] == "structure" and finetune["uq"]["noise_draws"] == "row"
     mine = config.resolve({"model": {"backbone": "chgnet"}, "uq": {"p_max": 0.2}, "training": {"inference_lr": None}},
                           ["training.lr=0.001"])
     assert mine["uq"]["p_max"] == 0.2 and mine["training"]["lr"] == 0.001 and mine["training"]["inference_lr"] is None
@@ -289,6 +290,7 @@ def test_evaluate_without_labels_is_an_error(tiny_model_path, tmp_path, capsys):
     (["--set", "uq.distance_shrinkage=1.5"], "uq.distance_shrinkage must be in [0.0, 1.0], got 1.5"),
     (["--set", "uq.distance_metric=cosine"], "uq.distance_metric must be one of euclidean, mahalanobis"),
     (["--set", "training.resume=yes please"], "training.resume must be true or false"),
+    (["--set", "uq.noise_draws=atom"], "uq.noise_draws 'atom' is not one of structure, row"),
 ])
 def test_bad_config_values_are_one_error_before_training(tmp_path, capsys, args, message):
     config = _write_config(tmp_path)

@@ -190,7 +190,7 @@ def test_per_atom_energies_and_selected_atoms(exported_path, model):
 
 @pytest.mark.parametrize("variant", ["mc_dropout", "edge_noise", "vector_noise", "message_noise", "mc_dropout_vector_noise",
                                      "predict_mean_samples", "independent", "mahalanobis", "both_distances",
-                                     "nearest", "distance_offset"])
+                                     "nearest", "distance_offset", "row_draws"])
 def test_variants_equal_blip_calculator(variant, tmp_path):
     if variant == "mc_dropout":
         model = tiny_model("mc_dropout")
@@ -198,6 +198,8 @@ def test_variants_equal_blip_calculator(variant, tmp_path):
         model = tiny_model(distance_metric={"both_distances": "both"}.get(variant, variant))
     elif variant == "distance_offset":
         model = tiny_model(distance_offset=0.05)
+    elif variant == "row_draws":  # independent draws per atom and per edge (the default shares them per structure)
+        model = tiny_model(noise_draws="row", edge_noise=True)
     elif variant == "edge_noise":
         model = tiny_model(edge_noise=True)
     elif variant == "vector_noise":

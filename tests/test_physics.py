@@ -218,14 +218,41 @@ def test_rotation_and_translation(backbone, system, dtype, sample, device, metho
 
 @case_params
 @dtype_params
+@mode_params
 @device_params
-def test_permuting_atoms_permutes_the_forces(backbone, system, dtype, device):
-    """Noise-free pass only: a sample's noise is keyed by each atom's index."""
+def test_permuting_atoms_permutes_the_forces(backbone, system, dtype, sample, device):
+    """Also for a fixed-seed sample: its draws are shared by the atoms and edges of a structure
+    (``uq.noise_draws: structure``), so the sample is one potential, blind to the atoms' order."""
     model = model_for(backbone, dtype, device)
     atoms = structures(system)[0]
-    energy, forces = run(model, [atoms], False)
+    energy, forces = run(model, [atoms], sample)
     perm = np.random.default_rng(0).permutation(len(atoms))
-    assert_same(run(model, [atoms[perm]], False), (energy, forces[perm]), dtype, "permuted")
+    assert_same(run(model, [atoms[perm]], sample), (energy, forces[perm]), dtype, "permuted")
+
+
+@params("backbone", list(BUILDERS))
+def test_a_sample_keeps_the_zero_forces_of_a_perfect_crystal_unless_rows_draw_alone(backbone):
+    """Every atom of a perfect diamond cell is equivalent: the forces are zero by symmetry, in
+    every sample with draws shared per structure; with independent draws per row (``noise_draws:
+    row``) equivalent atoms take different noise and the sampled forces are not zero."""
+    from ase.build import bulk
+
+    model = model_for(backbone, torch.float64, "cpu")
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 1, 1))
+    energy, forces = run(model, [crystal], True, replicas=3)
+    assert np.abs(energy[0] - energy[1]) > 1e-6  # noisy samples
+    assert np.abs(forces).max() < 1e-9
+    model.shared_draws = False
+    try:
+        _, row_forces = run(model, [crystal], True, replicas=3)
+    finally:
+        model.shared_draws = True
+    assert np.abs(row_forces).max() > 1e-4
+    # training steps draw per row whatever the setting (the local reparameterisation's gradients)
+    trained = copy.deepcopy(model)
+    batch = collate([build_graph(crystal, trained.backbone.cutoff)], dtype=torch.float64)
+    step_forces = trained(batch, sample=True, seed=7, training=True)["forces"].detach().numpy()
+    assert np.abs(step_forces).max() > 1e-4
 
 
 @case_params

@@ -11,8 +11,11 @@ A row's identity is the backbone's (``Backbone.domain_row_ids``): the atom's ind
 structure for atoms, ``(i, j, cell shift)`` for edges. So a sample does not depend on which
 other structures or replicas share the batch, is the same on CPU and CUDA (up to float
 rounding of log / cos), and stays a smooth potential when an edge enters or leaves the
-neighbour list: the other rows keep their draws. Training passes (no seed) draw from
-torch's global generator instead.
+neighbour list: the other rows keep their draws. With draws shared per structure
+(``NoiseContext.row_structure``; BLIP's ``uq.noise_draws: structure`` outside training
+steps) every row of a structure takes the same numbers, those of identity 0: a sample is
+then one perturbed network, scaled per row by the row's own rate. Passes without a seed
+draw from torch's global generator instead, independently per row.
 """
 
 from __future__ import annotations
@@ -272,6 +275,8 @@ class NoiseContext:
     requested: (domain, slot, channels) of every normal draw asked for, in order (passes without a plan).
     active: domain -> (rows, 1), 1 for rows that take noise and 0 for those of noise-free graphs
     (``batch["noise_free"]``: a noise-free copy sharing the sampled pass); None: every row takes noise.
+    row_structure: domain -> (rows,) long, the structure (graph) of every row when ``keys`` hold one
+    key per structure (G,): every row takes its structure's draws (shared draws); None: one key per row.
     """
 
     provider: RateProvider
@@ -282,6 +287,7 @@ class NoiseContext:
     plan: dict[str, list[tuple[int, int]]] | None = None
     requested: list[tuple[str, int, int]] = field(default_factory=list)
     active: dict[str, torch.Tensor] | None = None
+    row_structure: dict[str, torch.Tensor] | None = None
     _drawn: dict[tuple[str, torch.dtype], dict[tuple[int, int], torch.Tensor]] = field(default_factory=dict)
     _scales: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
@@ -318,8 +324,15 @@ class NoiseContext:
     def standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
         """N(0, 1) draws (rows, channels) for noisy layer ``slot`` of ``domain``, dtype and device of ``like``;
         zero on the rows of noise-free graphs (``active``): every Gaussian kind is then exactly noise-free there."""
-        draws = self._standard_normal(domain, slot, rows, channels, like)
+        draws = self._per_row(domain, self._standard_normal(domain, slot, rows, channels, like))
         return draws if self.active is None else draws * self.active[domain].to(draws.dtype)
+
+    def _per_row(self, domain: str, draws: torch.Tensor) -> torch.Tensor:
+        """Draws (keys, channels) -> (rows, channels): each row takes its structure's when the keys are
+        one per structure (``row_structure``), else they already are per row."""
+        if self.keys is None or self.row_structure is None:
+            return draws
+        return draws.index_select(0, self.row_structure[domain])
 
     def _standard_normal(self, domain: str, slot: int, rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
         keys = self._keys(domain, rows)
@@ -346,13 +359,14 @@ class NoiseContext:
         if keys is None:
             return torch.rand((rows, channels), dtype=like.dtype, device=like.device)
         stream = stream_word(domain, slot)
-        return counter_uniform(keys, stream, channels, like.dtype, _cached_columns(stream, channels, like))
+        return self._per_row(domain, counter_uniform(keys, stream, channels, like.dtype,
+                                                     _cached_columns(stream, channels, like)))
 
     def _keys(self, domain: str, rows: int) -> torch.Tensor | None:
         if self.keys is None:
             return None
         keys = self.keys[domain]
-        if keys.shape[0] != rows:
+        if (keys if self.row_structure is None else self.row_structure[domain]).shape[0] != rows:
             raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {keys.shape[0]}")
         return keys
 
