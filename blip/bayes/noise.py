@@ -366,8 +366,9 @@ class NoiseContext:
         if self.keys is None:
             return None
         keys = self.keys[domain]
-        if (keys if self.row_structure is None else self.row_structure[domain]).shape[0] != rows:
-            raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {keys.shape[0]}")
+        graph_rows = (keys if self.row_structure is None else self.row_structure[domain]).shape[0]
+        if graph_rows != rows:
+            raise RuntimeError(f"noise domain '{domain}': layer has {rows} rows but the graphs have {graph_rows}")
         return keys
 
 
