@@ -277,12 +277,20 @@ def test_evaluate_report_of_a_calibrated_model_shows_before_and_after(trained, t
     assert "Recalibration" not in (tmp_path / "plain" / "report.md").read_text()
 
 
+def _older_and_current(path, tmp_path, key: str, written=None):
+    """(the BLIP model file at ``path`` loaded as if written before ``uq.key`` existed, the file as it
+    is); ``written``: the value the file holds, checked first when given."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if written is not None:
+        assert payload["config"]["uq"][key] == written
+    del payload["config"]["uq"][key]
+    torch.save(payload, tmp_path / "older.pt")
+    return blip.load(tmp_path / "older.pt"), blip.load(path)
+
+
 def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, atoms, tmp_path):
     """Files written before a uq key existed (here ``distance_mean_one``) load with its default."""
-    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
-    del payload["config"]["uq"]["distance_mean_one"]
-    torch.save(payload, tmp_path / "older.pt")
-    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_mean_one")
     assert older.config["uq"]["distance_mean_one"] is False
     np.testing.assert_array_equal(older.predict(atoms[:2], samples=2, seed=0)["forces_std"][0],
                                   current.predict(atoms[:2], samples=2, seed=0)["forces_std"][0])
@@ -290,22 +298,14 @@ def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, ato
 
 def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance(trained, tmp_path):
     """The distance changed when the key came: older files keep the one they were trained with."""
-    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
-    assert payload["config"]["uq"]["distance_metric"] == "euclidean"
-    del payload["config"]["uq"]["distance_metric"]
-    torch.save(payload, tmp_path / "older.pt")
-    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_metric", "euclidean")
     assert older.config["uq"]["distance_metric"] == "mahalanobis"
     assert older.members[0].inference.metric != "euclidean" and current.members[0].inference.metric == "euclidean"
 
 
 def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_path):
     """The rates' distance term changed with the key (log(1 + m) before): older files keep it."""
-    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
-    assert payload["config"]["uq"]["distance_offset"] == 0.05
-    del payload["config"]["uq"]["distance_offset"]
-    torch.save(payload, tmp_path / "older.pt")
-    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_offset", 0.05)
     assert older.config["uq"]["distance_offset"] == 1.0 and older.members[0].inference.offset == 1.0
     assert current.members[0].inference.offset == 0.05
     head = older.members[0].inference.heads_list()[0]
@@ -314,11 +314,7 @@ def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_
 
 def test_a_model_file_from_before_noise_draws_keeps_draws_per_row(trained, atoms, tmp_path):
     """Its calibration was fitted on samples with independent draws per row: it keeps them."""
-    payload = torch.load(trained["blip"], map_location="cpu", weights_only=True)
-    assert payload["config"]["uq"]["noise_draws"] == "structure"
-    del payload["config"]["uq"]["noise_draws"]
-    torch.save(payload, tmp_path / "older.pt")
-    older, current = blip.load(tmp_path / "older.pt"), blip.load(trained["blip"])
+    older, current = _older_and_current(trained["blip"], tmp_path, "noise_draws", "structure")
     assert older.config["uq"]["noise_draws"] == "row"
     assert not older.members[0].shared_draws and current.members[0].shared_draws
     old_pred, new_pred = (m.predict(atoms[:2], samples=4, seed=3) for m in (older, current))

@@ -330,7 +330,7 @@ class NoiseContext:
     def _per_row(self, domain: str, draws: torch.Tensor) -> torch.Tensor:
         """Draws (keys, channels) -> (rows, channels): each row takes its structure's when the keys are
         one per structure (``row_structure``), else they already are per row."""
-        if self.keys is None or self.row_structure is None:
+        if self.row_structure is None:
             return draws
         return draws.index_select(0, self.row_structure[domain])
 
