@@ -16,6 +16,8 @@ Result keys (units eV, eV/Angstrom; energies per structure):
   samples' mean offset from it; for a sample mean it is the population std, ddof=0), times the
   model's calibration factor; where the model's force spread is per atom (``uq.force_std``) a
   row's three entries are equal, the root mean square of the atom's component spreads.
+  ``forces_std`` also holds the calibration's floor in quadrature (1 % of the validation force
+  RMSE by default, ``uq.force_std_floor``), which the samples do not carry.
 * ``energy_var`` (float), ``forces_var`` (n, 3): the variances, exactly ``std**2``
   (the names MACE's committee calculator uses).
 * ``energy_samples`` (K,), ``forces_samples`` (K, n, 3): the samples, scaled about the

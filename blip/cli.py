@@ -176,8 +176,10 @@ def cmd_calibrate(args) -> int:
     structures = read_labelled(args.valid, model.config["data"]["energy_key"], model.config["data"]["forces_key"])
     recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
+    floor = model.calibration.get("forces_floor")
+    floor_text = f", {floor:g} eV/Å added in quadrature" if floor else ""
     print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
-          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std})"
+          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std}{floor_text})"
           f"{_widening_text(model.calibration)}; wrote {args.output}")
     return 0
 

@@ -76,6 +76,10 @@ DEFAULTS: dict = {
         "novelty_beyond": 0.2,       # b2: force spreads also x exp(b2 (distance - the largest on the validation
                                      # split)) beyond it, where no data set the widening; false: off
         "energy_novelty_beyond": 0.2,  # the same for energy spreads (largest distance per structure)
+        "force_std_floor": 0.01,     # force spreads are sqrt((s sigma)^2 + f^2), f this fraction of the
+                                     # validation split's force RMSE, in the recalibration's fit and after it:
+                                     # components zero by symmetry (spread and error rounding noise) no longer
+                                     # steer s and b; 0: none (before 2026-12-06)
     },
     "training": {
         "epochs": 100,
@@ -244,10 +248,21 @@ _BOOL_OR_NUMBER = {"uq.novelty_widening", "uq.energy_novelty_widening", "uq.nove
                    "uq.energy_novelty_beyond"}
 
 
+def _number_in_words(text: str, name: str) -> float:
+    """A number YAML 1.1 reads as a string (``1e-4``, without a dot) -> float; else ConfigError."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {text!r}") from None
+
+
 def _check_types(defaults: dict, cfg: dict, where: str) -> None:
-    """Every value whose default is a bool, an integer or a number must be one (ConfigError)."""
+    """Every value whose default is a bool, an integer or a number must be one (ConfigError); a number
+    YAML 1.1 reads as a string (``1e-4``) becomes a float."""
     for key, default in defaults.items():
         value, name = cfg.get(key), f"{where}{key}"
+        if isinstance(value, str) and (isinstance(default, float) or name in _BOOL_OR_NUMBER):
+            value = cfg[key] = _number_in_words(value, name)
         if isinstance(default, dict) and isinstance(value, dict):
             _check_types(default, value, f"{name}.")
         elif name in _BOOL_OR_NUMBER:
@@ -279,7 +294,7 @@ _RANGES = {
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
-    ("uq", "distance_offset"): (0.0, None, False),
+    ("uq", "distance_offset"): (0.0, None, False), ("uq", "force_std_floor"): (0.0, None, True),
     ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
 }

@@ -63,10 +63,10 @@ def read_payload(path: str | Path) -> dict:
     return payload
 
 
-#: (section, key) -> the value files written before the key existed were trained with, where that
+#: (section, key) -> the value files written before the key existed were trained (and recalibrated) with, where that
 #: differs from today's default
 VALUES_BEFORE_KEY = {("uq", "distance_metric"): "mahalanobis", ("uq", "distance_offset"): 1.0,
-                     ("uq", "noise_draws"): "row"}
+                     ("uq", "noise_draws"): "row", ("uq", "force_std_floor"): 0.0}
 
 
 def _with_new_keys(cfg: dict) -> dict:

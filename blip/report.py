@@ -19,7 +19,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from blip._files import atomic_path, write_text_atomic
 from blip.uq import metrics as M
-from blip.uq.recalibration import novelty_factor
+from blip.uq.recalibration import FORCE_FLOOR_KEY, novelty_factor
 
 __all__ = [
     "UNITS",
@@ -452,7 +452,8 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
     ``arrays`` as for :func:`write_report`, whose ``std`` are the **recalibrated** standard
     deviations (what a calibrated model predicts); ``calibration`` maps "energy"/"forces"
     to the factor s that multiplied them, so the uncalibrated σ is ``std / s`` (a target widened
-    with the feature distance, b and a ``novelty`` array: ``std / (s exp(b (novelty - centre)))``).
+    with the feature distance, b and a ``novelty`` array: ``std / (s exp(b (novelty - centre)))``;
+    forces with a floor f, ``forces_floor``: ``sqrt(std^2 - f^2)`` in place of ``std``).
     Returns (markdown, {quantity: {"before": (err, σ/s), "after": (err, σ)}}).
     """
     head = "| quantity | factor s | " + " | ".join(_RECAL_KEYS) + " |"
@@ -466,10 +467,14 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
             continue
         err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
         factor = s * novelty_factor(a.get("novelty"), calibration, _SCALE_TARGET[q])
-        before, after = M.regression_metrics(err, std / factor), M.regression_metrics(err, std)
+        if q == "forces":  # the floor in quadrature comes off first
+            std_raw = np.sqrt(np.maximum(std ** 2 - float(calibration.get(FORCE_FLOOR_KEY, 0.0)) ** 2, 0.0))
+        else:
+            std_raw = std
+        before, after = M.regression_metrics(err, std_raw / factor), M.regression_metrics(err, std)
         cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
         lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")
-        pairs[q] = {"before": (err, std / factor), "after": (err, std)}
+        pairs[q] = {"before": (err, std_raw / factor), "after": (err, std)}
     return "\n".join(lines), pairs
 
 

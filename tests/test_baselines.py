@@ -98,7 +98,7 @@ def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path,
         widening = ({"forces_novelty", "novelty_centre", "energy_novelty", "energy_novelty_centre",
                      "forces_novelty_beyond", "novelty_limit", "energy_novelty_beyond", "energy_novelty_limit"}
                     if method == "blip" else set())
-        assert set(model.calibration) == {"energy", "forces"} | widening
+        assert set(model.calibration) == {"energy", "forces", "forces_floor"} | widening
         assert model.calibration.get("forces_novelty", 0.0) >= 0.0
 
 
@@ -203,12 +203,33 @@ def test_fit_scale_recovers_a_known_factor(factor):
     assert fit_scale(err, np.zeros_like(sigma)) == 1.0  # no uncertainty: nothing to fit
 
 
+def test_a_floor_keeps_rounding_noise_out_of_the_fitted_factor():
+    """Components zero by symmetry carry rounding noise in both the residual and the spread (ratios
+    far from the true factor); with the floor (eV/A, far above that noise, far below the real
+    spreads) the factor and the widening's b are those of the other components, without it not."""
+    from blip.uq.recalibration import fit_novelty_widening
+
+    rng = np.random.default_rng(3)
+    sigma = rng.uniform(0.01, 0.5, 20_000)
+    err = 2.0 * sigma * rng.standard_normal(sigma.size)
+    noise_sigma = rng.uniform(1e-9, 1e-8, 5_000)
+    noise_err = 1e-6 * rng.standard_normal(noise_sigma.size)  # |err| / sigma ~ 100-1000
+    all_err, all_sigma = np.concatenate([err, noise_err]), np.concatenate([sigma, noise_sigma])
+    assert fit_scale(all_err, all_sigma) > 10.0  # the plain fit follows the rounding noise
+    assert fit_scale(all_err, all_sigma, floor=1e-3) == pytest.approx(2.0, rel=0.03)
+    assert fit_scale(err, sigma, floor=1e-3) == pytest.approx(fit_scale(err, sigma), rel=0.01)
+    nu = np.concatenate([rng.standard_normal(sigma.size), np.zeros(noise_sigma.size)])
+    widened_err = all_err * np.exp(0.5 * nu)
+    s, b = fit_novelty_widening(widened_err, all_sigma, nu, floor=1e-3)
+    assert s == pytest.approx(2.0, rel=0.05) and b == pytest.approx(0.5, abs=0.05)
+
+
 @pytest.mark.parametrize("method", ["blip", "ensemble"])
 def test_calibrate_recovers_a_known_factor_through_the_cli(trained, atoms, tmp_path, method):
     """Reference labels = mean + c * sigma * z: `blip calibrate` must return c * rms(z) exactly
-    (the plain factors: the per-atom widening, on by default, has its own tests in test_novelty)."""
+    (the plain factors: the per-atom widening and the fit's force floor, on by default, have their own tests)."""
     model = blip.load(trained[method])
-    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
+    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False, force_std_floor=0.0)
     plain = tmp_path / "plain.pt"
     save_model(model, plain)
     pred = model.predict(atoms, samples=3, seed=0)
@@ -320,6 +341,55 @@ def test_a_model_file_from_before_noise_draws_keeps_draws_per_row(trained, atoms
     old_pred, new_pred = (m.predict(atoms[:2], samples=4, seed=3) for m in (older, current))
     np.testing.assert_allclose(old_pred["energy"], new_pred["energy"], rtol=0, atol=1e-9)  # the same MAP pass
     assert not np.allclose(old_pred["energy_std"], new_pred["energy_std"], rtol=1e-3)  # other samples
+
+
+def test_a_model_file_from_before_the_force_floor_recalibrates_without_it(trained, tmp_path):
+    """Older files were recalibrated without the floor: recalibrating one again gives the plain factor.
+    With a floor the factor is fitted with it, and ``forces_std`` carries it in quadrature while the
+    samples do not."""
+    from blip.data import read_labelled
+    from blip.uq.recalibration import recalibrate
+
+    older, current = _older_and_current(trained["blip"], tmp_path, "force_std_floor", 0.01)
+    assert older.config["uq"]["force_std_floor"] == 0.0
+    structures = read_labelled(DATA / "acac_small.xyz")[:3]
+    atoms = [s.atoms for s in structures]
+    for model in (older, current):
+        model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False, force_std="component")
+    current.config["uq"]["force_std_floor"] = 0.1  # of the force RMSE: large for this tiny model, so it shows
+    plain, with_floor = (recalibrate(m, structures, samples=3, seed=0)["forces"] for m in (older, current))
+    old_pred, new_pred = (m.predict(atoms, samples=3, seed=0) for m in (older, current))
+    raw = [x / plain for x in old_pred["forces_std"]]
+    err = np.concatenate([(s.forces - f).ravel() for s, f in zip(structures, old_pred["forces"])])
+    std = np.concatenate([x.ravel() for x in raw])
+    floor = 0.1 * np.sqrt(np.mean(err ** 2))
+    assert "forces_floor" not in older.calibration
+    assert current.calibration["forces_floor"] == pytest.approx(floor, rel=1e-9)
+    assert plain == pytest.approx(fit_scale(err, std), rel=1e-6)
+    assert with_floor == pytest.approx(fit_scale(err, std, floor), rel=1e-6)
+    assert with_floor != pytest.approx(plain, rel=1e-2)
+    for i in range(len(atoms)):
+        np.testing.assert_allclose(new_pred["forces_std"][i], np.sqrt((with_floor * raw[i]) ** 2 + floor ** 2), rtol=1e-9)
+        np.testing.assert_allclose(new_pred["forces_samples"][i] - new_pred["forces"][i],
+                                   (old_pred["forces_samples"][i] - old_pred["forces"][i]) * with_floor / plain,
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_the_bench_and_the_report_apply_and_remove_the_force_floor():
+    """The bench's recalibrated force spread carries the floor in quadrature (energies none); the
+    report's "before recalibration" spread takes it off again."""
+    from blip.bench.runner import recalibrated_std
+    from blip.report import recalibration_markdown
+
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(1e-4, 1e-2, 60)
+    a = {"ref": rng.standard_normal(60) * 0.1, "pred": np.zeros(60), "std": raw}
+    scales = {"energy": 3.0, "forces": 2.0, "forces_floor": 0.01}
+    np.testing.assert_allclose(recalibrated_std(a, "forces", scales), np.sqrt((2.0 * raw) ** 2 + 1e-4), rtol=1e-12)
+    np.testing.assert_allclose(recalibrated_std(a, "energy", scales), 3.0 * raw, rtol=1e-12)
+    calibrated = {**a, "std": recalibrated_std(a, "forces", scales)}
+    _, pairs = recalibration_markdown({"forces": calibrated}, scales)
+    np.testing.assert_allclose(pairs["forces"]["before"][1], raw, rtol=1e-9)
 
 
 def test_bench_cost_unit_is_one_network_even_for_an_ensemble(trained, atoms):

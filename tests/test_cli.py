@@ -156,7 +156,9 @@ def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
     # uq.novelty_widening: each atom's spread also x exp(b (nu - nu_0)), b set (default 0.1) or fitted
     widening = np.exp(after.calibration["forces_novelty"] * (nu - after.calibration["novelty_centre"]))
     assert after.calibration["forces_novelty"] >= 0.0
-    np.testing.assert_allclose(s1, factor * s0 * widening[:, None], rtol=1e-6)
+    floor = after.calibration["forces_floor"]  # uq.force_std_floor x the validation force RMSE, in quadrature
+    assert floor > 0
+    np.testing.assert_allclose(s1, np.sqrt((factor * s0 * widening[:, None]) ** 2 + floor ** 2), rtol=1e-6)
 
 
 # -- bad input: one line, non-zero exit, no partial output ------------------------------------
@@ -235,6 +237,10 @@ def test_config_resolution_and_overrides(tmp_path):
     from blip.errors import ConfigError
 
     assert config.parse_override("training.lr=0.01") == {"training": {"lr": 0.01}}
+    # YAML 1.1 reads 1e-4 (no dot) as a string: numbers so written still count as numbers
+    written = config.resolve({"uq": {"novelty_widening": "2e-1"}}, ["uq.force_std_floor=1e-2", "training.lr=5e-3"])
+    assert written["uq"]["force_std_floor"] == 0.01 and written["training"]["lr"] == 5e-3
+    assert written["uq"]["novelty_widening"] == 0.2
     with pytest.raises(ConfigError, match="model.backbone"):
         config.resolve({"model": {"backbone": "schnet"}})
     with pytest.raises(ConfigError, match="model.pretrained"):
@@ -285,6 +291,7 @@ def test_evaluate_without_labels_is_an_error(tiny_model_path, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--set", "training.epochs=abc"], "training.epochs must be an integer, got 'abc'"),
     (["--set", "training.lr=-1"], "training.lr must be in (0.0, inf), got -1"),
+    (["--set", "training.lr=fast"], "training.lr must be a number, got 'fast'"),
     (["--set", "training.scheduler=plateau"], "training.scheduler must be cosine or constant"),
     (["--set", "uq.p_init=0.9"], "p_min <= p_init <= p_max"),
     (["--set", "uq.distance_shrinkage=1.5"], "uq.distance_shrinkage must be in [0.0, 1.0], got 1.5"),

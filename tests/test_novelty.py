@@ -118,8 +118,9 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
         centre = float(np.mean(a["novelty"]))
         assert factors[keys[0]] == b and factors[keys[1]] == pytest.approx(centre, rel=1e-9)
         wide = a["std"] * np.exp(b * (a["novelty"] - centre))
-        assert factors[target] == pytest.approx(fit_scale(a["ref"] - a["pred"], wide), rel=1e-9)
-        assert factors[target] != pytest.approx(fit_scale(a["ref"] - a["pred"], a["std"]), rel=1e-3)
+        floor = factors["forces_floor"] if target == "forces" else 0.0
+        assert factors[target] == pytest.approx(fit_scale(a["ref"] - a["pred"], wide, floor), rel=1e-9)
+        assert factors[target] != pytest.approx(fit_scale(a["ref"] - a["pred"], a["std"], floor), rel=1e-3)
     model.config["uq"].update(novelty_widening=True, energy_novelty_widening=True)
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["forces_novelty"] >= 0.0 and np.isfinite(factors["novelty_centre"])
@@ -130,9 +131,9 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     assert factors["forces_novelty"] == pytest.approx(fitted + 0.2, abs=1e-6)
     assert factors["energy_novelty"] == 0.4  # energies keep their set b
     model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
-    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
+    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces", "forces_floor"}
     del model.config["uq"]["novelty_widening"], model.config["uq"]["energy_novelty_widening"]
-    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces"}
+    assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces", "forces_floor"}
     a = {"std": np.array([1.0, 2.0]), "novelty": np.array([0.0, 1.0])}
     scales = {"forces": 2.0, "forces_novelty": 0.5, "novelty_centre": 0.5}
     np.testing.assert_allclose(recalibrated_std(a, "forces", scales), [2.0 * np.exp(-0.25), 4.0 * np.exp(0.25)])
@@ -190,7 +191,8 @@ def test_spreads_grow_faster_beyond_the_validation_range(tiny_model_path):
     structures = read_labelled(DATA / "acac_small.xyz")
     model = blip.load(tiny_model_path)
     model.config["uq"].update(force_std="component", novelty_widening=0.1, energy_novelty_widening=0.2,
-                              novelty_beyond=0.3, energy_novelty_beyond=0.5)
+                              novelty_beyond=0.3, energy_novelty_beyond=0.5,
+                              force_std_floor=0.0)  # exact ratios below; the floor has its own tests
     factors = recalibrate(model, structures, samples=4, seed=0)
     model.calibration = {"energy": 1.0, "forces": 1.0}
     arrays = evaluate_structures(model, structures, samples=4, seed=0)[1]

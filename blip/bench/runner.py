@@ -27,7 +27,7 @@ from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
-from ..uq.recalibration import novelty_factor, recalibrate
+from ..uq.recalibration import floored_force_std, novelty_factor, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
@@ -132,9 +132,10 @@ def score(structures, pred) -> dict:
 def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and
     where the calibration widens that target (``forces_novelty``, ``energy_novelty`` b) also
-    ``exp(b (novelty - centre))`` per entry."""
+    ``exp(b (novelty - centre))`` per entry; forces with the calibration's floor in quadrature."""
     target = _SCALE_OF[q]
-    return a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
+    std = a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
+    return floored_force_std(std, scales) if q == "forces" else std
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
+__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
 
 
-def fit_scale(err, sigma) -> float:
+def fit_scale(err, sigma, floor: float = 0.0) -> float:
     """Scale factor s minimising the Gaussian NLL of ``err`` under N(0, (s*sigma)^2).
 
     ``err`` are residuals (reference - prediction) and ``sigma`` predicted
@@ -21,6 +21,11 @@ def fit_scale(err, sigma) -> float:
     result multiplies standard deviations (s^2 multiplies variances) and is
     dimensionless.  Returns 1.0 if no entry has sigma > 0 or if every
     residual is 0 (no information about the scale).
+
+    With ``floor`` f > 0 (the unit of ``err``) the fit's spread is ``sqrt((s sigma)^2 + f^2)``
+    (:func:`floored`; s by a one-dimensional search): residuals and spreads below about f, such
+    as force components that are zero by symmetry and carry only rounding noise, then no longer
+    steer s. The floor is part of the fit only; the factor returned multiplies sigma alone.
     """
     e = np.asarray(err, dtype=np.float64).ravel()
     s = np.asarray(sigma, dtype=np.float64).ravel()
@@ -29,9 +34,32 @@ def fit_scale(err, sigma) -> float:
     keep = np.isfinite(e) & np.isfinite(s) & (s > 0)
     if not np.any(keep):
         return 1.0
+    if floor > 0.0:
+        return _fit_floored_scale(e[keep], s[keep], float(floor))
     z = e[keep] / s[keep]
     scale = math.sqrt(float(np.mean(z * z)))
     return scale if scale > 0 and math.isfinite(scale) else 1.0
+
+
+def floored(sigma, floor: float):
+    """``sqrt(sigma^2 + floor^2)``: a spread with a floor added in quadrature (same unit)."""
+    return np.sqrt(np.square(sigma) + floor * floor)
+
+
+def _fit_floored_scale(err: np.ndarray, sigma: np.ndarray, floor: float) -> float:
+    """:func:`fit_scale` with a floor: s of lowest NLL under N(0, (s sigma)^2 + floor^2), searched in
+    log s around the closed form over the residuals above the floor (all of them if none is)."""
+    from scipy.optimize import minimize_scalar
+
+    from .metrics import nll
+
+    if not np.any(err):
+        return 1.0
+    above = np.abs(err) > floor
+    start = fit_scale(err[above], sigma[above]) if np.any(above) else fit_scale(err, sigma)
+    result = minimize_scalar(lambda x: nll(err, floored(start * math.exp(x) * sigma, floor)),
+                             bounds=(-15.0, 15.0), method="bounded")
+    return float(start * math.exp(result.x))
 
 
 def apply_scale(sigma, s: float):
@@ -66,7 +94,11 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     ``energy_novelty_centre``). With the widening, ``uq.novelty_beyond`` / ``uq.energy_novelty_beyond``
     b2 > 0 add ``exp(b2 (nu - limit))`` beyond ``limit``, the largest ``nu`` of these structures
     (``forces_novelty_beyond``, ``novelty_limit``; ``energy_novelty_beyond``, ``energy_novelty_limit``).
-    Returns the factors, also stored in ``model.calibration``.
+    With ``uq.force_std_floor`` q > 0 the force spread is ``sqrt((s sigma)^2 + f^2)``, f = q x the
+    force RMSE on these structures (eV/A), in these fits (:func:`fit_scale`'s ``floor``) and in every
+    prediction after them (``forces_floor``), so that force residuals and spreads far below the
+    typical error (components zero by symmetry, whose spread and error are rounding noise) do not
+    steer s or b. Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
 
@@ -76,21 +108,36 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
         model.fitted_force_std = "component"  # the per-atom spread follows from the components'
     _, arrays = evaluate_structures(model, structures, samples=samples, seed=seed,
                                     progress=progress, source=source)
+    floors = {"forces": force_floor(model, arrays["forces"]) if "forces" in arrays else 0.0}
     if choose and "forces" in arrays:
-        model.fitted_force_std = choose_force_std(arrays["forces"])
+        model.fitted_force_std = choose_force_std(arrays["forces"], floors["forces"])
         if model.fitted_force_std == "atom":
             arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
-    model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
+    model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"], floors.get(q, 0.0))
                          for q in ("energy", "forces", "stress") if q in arrays}
+    if floors["forces"] > 0.0:
+        model.calibration[FORCE_FLOOR_KEY] = floors["forces"]
     for target, key in WIDENING_SETTINGS.items():
         a, widening = arrays.get(target, {}), model.config["uq"].get(key)
         if widening and "novelty" in a:
             beyond = model.config["uq"].get(BEYOND_SETTINGS[target]) or 0.0
             fit_above = target in FIT_ABOVE_SETTINGS and bool(model.config["uq"].get(FIT_ABOVE_SETTINGS[target]))
-            model.calibration.update(_widening(a, widening, target, float(beyond), fit_above))
+            model.calibration.update(_widening(a, widening, target, float(beyond), fit_above, floors.get(target, 0.0)))
     return dict(model.calibration)
 
 
+def force_floor(model, forces: dict) -> float:
+    """The force spread's floor f (eV/A): ``uq.force_std_floor`` times the force RMSE of flat
+    ``{"ref", "pred", "std"}`` arrays; 0 where the model has no spread (nothing to floor)."""
+    fraction = float(model.config["uq"].get("force_std_floor") or 0.0)
+    if fraction <= 0.0 or not np.any(np.asarray(forces["std"]) > 0):
+        return 0.0
+    err = np.asarray(forces["ref"], dtype=np.float64) - np.asarray(forces["pred"], dtype=np.float64)
+    return fraction * math.sqrt(float(np.mean(err * err)))
+
+
+#: Calibration key of the force spread's floor (eV/A), added in quadrature (:func:`floored_force_std`).
+FORCE_FLOOR_KEY = "forces_floor"
 #: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
 WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
 #: Target -> the ``uq`` setting that fits b on the validation split above a set b (which is then its floor).
@@ -105,26 +152,34 @@ BEYOND_KEYS = {"forces": ("forces_novelty_beyond", "novelty_limit"),
                "energy": ("energy_novelty_beyond", "energy_novelty_limit")}
 
 
-def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: bool = False) -> dict:
+def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: bool = False,
+              floor: float = 0.0) -> dict:
     """Calibration entries (factor, b, centre; with ``beyond`` > 0 also b2 and the limit) of
     ``target``'s widening from its flat ``{"ref", "pred", "std", "novelty"}`` arrays: ``setting``
     true fits b >= 0, a number is b (the factor fitted with it); with ``fit_above`` a number is
-    the floor of a fitted b. The limit is the largest distance of these entries, so the extra
-    widening beyond it leaves the factor's fit unchanged."""
+    the lowest b of a fitted b. The limit is the largest distance of these entries, so the extra
+    widening beyond it leaves the factor's fit unchanged. ``floor``: of the fit (:func:`fit_scale`)."""
     err = a["ref"] - a["pred"]
     centre = float(np.mean(a["novelty"]))
     if setting is True or fit_above:
-        floor = 0.0 if setting is True else float(setting)
-        scale, b = fit_novelty_widening(err, a["std"], a["novelty"] - centre, b_min=floor)
+        b_min = 0.0 if setting is True else float(setting)
+        scale, b = fit_novelty_widening(err, a["std"], a["novelty"] - centre, b_min=b_min, floor=floor)
     else:
         b = float(setting)
-        scale = fit_scale(err, a["std"] * np.exp(b * (a["novelty"] - centre)))
+        scale = fit_scale(err, a["std"] * np.exp(b * (a["novelty"] - centre)), floor)
     b_key, centre_key = NOVELTY_KEYS[target]
     out = {target: scale, b_key: b, centre_key: centre}
     if beyond > 0.0:
         b2_key, limit_key = BEYOND_KEYS[target]
         out.update({b2_key: beyond, limit_key: float(np.max(a["novelty"]))})
     return out
+
+
+def floored_force_std(std, calibration: dict):
+    """Force spreads (any shape, eV/A) with the calibration's floor added in quadrature (unchanged
+    without one, e.g. in model files from before it)."""
+    floor = float(calibration.get(FORCE_FLOOR_KEY, 0.0))
+    return floored(std, floor) if floor > 0.0 else std
 
 
 def widens(calibration: dict, target: str) -> bool:
@@ -153,19 +208,20 @@ def novelty_factor(novelty, calibration: dict, target: str = "forces"):
     return np.exp(exponent)
 
 
-def fit_novelty_widening(err, sigma, novelty, b_min: float = 0.0) -> tuple[float, float]:
+def fit_novelty_widening(err, sigma, novelty, b_min: float = 0.0, floor: float = 0.0) -> tuple[float, float]:
     """``(s, b)`` with ``b >= b_min`` of the spread ``s sigma exp(b novelty)`` of lowest Gaussian NLL
     on residuals ``err``; flat arrays, ``novelty`` centred (each atom's log feature distance minus
     its mean). ``b = b_min = 0`` is the plain scale: b grows only where the errors grow with the
-    distance faster than sigma does, and the spread then keeps growing with it out of distribution."""
+    distance faster than sigma does, and the spread then keeps growing with it out of distribution.
+    ``floor``: added in quadrature in the fit only, as in :func:`fit_scale`."""
     from scipy.optimize import minimize
 
     from .metrics import nll
 
     err, sigma, novelty = (np.asarray(a, dtype=np.float64) for a in (err, sigma, novelty))
-    s0 = fit_scale(err, sigma)
-    result = minimize(lambda x: nll(err, s0 * np.exp(x[0] + x[1] * novelty) * sigma), [0.0, float(b_min)],
-                      method="L-BFGS-B", bounds=[(None, None), (float(b_min), None)])
+    s0 = fit_scale(err, sigma, floor)
+    result = minimize(lambda x: nll(err, floored(s0 * np.exp(x[0] + x[1] * novelty) * sigma, floor)),
+                      [0.0, float(b_min)], method="L-BFGS-B", bounds=[(None, None), (float(b_min), None)])
     return float(s0 * np.exp(result.x[0])), float(result.x[1])
 
 
@@ -176,14 +232,15 @@ def per_atom(component_std: np.ndarray) -> np.ndarray:
     return atom_force_std(np.asarray(component_std, dtype=np.float64).reshape(-1, 3)).ravel()
 
 
-def choose_force_std(forces: dict) -> str:
+def choose_force_std(forces: dict, floor: float = 0.0) -> str:
     """"atom" or "component": the force spread of lower Gaussian NLL after its own scale factor, from
-    flat ``{"ref", "pred", "std"}`` arrays with per-component ``std`` ("component" on a tie)."""
+    flat ``{"ref", "pred", "std"}`` arrays with per-component ``std`` ("component" on a tie);
+    ``floor``: of the fit and of this comparison (:func:`fit_scale`)."""
     from .metrics import nll
 
     err = forces["ref"] - forces["pred"]
     scores = {}
     for kind, std in (("component", forces["std"]), ("atom", per_atom(forces["std"]))):
-        value = nll(err, fit_scale(err, std) * std)
+        value = nll(err, floored(fit_scale(err, std, floor) * std, floor))
         scores[kind] = math.inf if value is None or not math.isfinite(value) else value
     return "atom" if scores["atom"] < scores["component"] else "component"
