@@ -63,8 +63,8 @@ def read_payload(path: str | Path) -> dict:
     return payload
 
 
-#: (section, key) -> the value files written before the key existed were trained (and recalibrated) with, where that
-#: differs from today's default
+#: (section, key) -> the value files written before the key existed were trained (and recalibrated)
+#: with, where that differs from today's default
 VALUES_BEFORE_KEY = {("uq", "distance_metric"): "mahalanobis", ("uq", "distance_offset"): 1.0,
                      ("uq", "noise_draws"): "row", ("uq", "force_std_floor"): 0.0}
 

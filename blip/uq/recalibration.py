@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "apply_scale", "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
+__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "apply_scale", "recalibrate",
+           "fit_novelty_widening", "novelty_factor", "widens"]
 
 
 def fit_scale(err, sigma, floor: float = 0.0) -> float:
