@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "apply_scale", "recalibrate",
-           "fit_novelty_widening", "novelty_factor", "widens"]
+__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "unfloored_force_std", "apply_scale",
+           "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
 
 
 def fit_scale(err, sigma, floor: float = 0.0) -> float:
@@ -181,6 +181,12 @@ def floored_force_std(std, calibration: dict):
     without one, e.g. in model files from before it)."""
     floor = float(calibration.get(FORCE_FLOOR_KEY, 0.0))
     return floored(std, floor) if floor > 0.0 else std
+
+
+def unfloored_force_std(std, calibration: dict):
+    """The inverse of :func:`floored_force_std`: ``sqrt(max(std^2 - f^2, 0))``."""
+    floor = float(calibration.get(FORCE_FLOOR_KEY, 0.0))
+    return np.sqrt(np.maximum(np.square(std) - floor * floor, 0.0)) if floor > 0.0 else std
 
 
 def widens(calibration: dict, target: str) -> bool:
