@@ -24,8 +24,9 @@ Result keys (units eV, eV/Angstrom; energies per structure):
   prediction by the calibration factor (K = 0 in MAP mode, where every std and var is zero).
 * periodic structures only: ``stress`` (6,) eV/A^3 (Voigt order xx, yy, zz, yz, xz, xy and
   ASE's sign convention, as ``atoms.get_stress()``), ``stress_std``, ``stress_var`` (6,) and
-  ``stress_samples`` (K, 6). An open structure has no stress (``get_stress`` raises
-  ``PropertyNotImplementedError``, as for any ASE calculator without one).
+  ``stress_samples`` (K, 6); a model recalibrated on stress labels with ``uq.stress_std_floor`` > 0
+  (off by default) adds that floor to ``stress_std`` as for forces. An open structure has no stress
+  (``get_stress`` raises ``PropertyNotImplementedError``, as for any ASE calculator without one).
 """
 
 from __future__ import annotations

@@ -173,14 +173,22 @@ def cmd_calibrate(args) -> int:
     from .uq.recalibration import recalibrate
 
     model = load(args.model, device=args.device)
-    structures = read_labelled(args.valid, model.config["data"]["energy_key"], model.config["data"]["forces_key"])
+    data_cfg = model.config["data"]
+    structures = read_labelled(args.valid, data_cfg["energy_key"], data_cfg["forces_key"],
+                               stress_key=data_cfg.get("stress_key", "stress"))
     recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
-    floor = model.calibration.get("forces_floor")
+    cal = model.calibration
+    floor = cal.get("forces_floor")
     floor_text = f", {floor:g} eV/Å added in quadrature" if floor else ""
-    print(f"calibration factors: energy {model.calibration['energy']:.4g}, "
-          f"forces {model.calibration['forces']:.4g} (force spread per {model.force_std}{floor_text})"
-          f"{_widening_text(model.calibration)}; wrote {args.output}")
+    stress_text = ""
+    if "stress" in cal:
+        stress_floor = cal.get("stress_floor")
+        stress_text = f", stress {cal['stress']:.4g}" + (f" ({stress_floor:g} eV/Å^3 added in quadrature)"
+                                                         if stress_floor else "")
+    print(f"calibration factors: energy {cal['energy']:.4g}, "
+          f"forces {cal['forces']:.4g} (force spread per {model.force_std}{floor_text}){stress_text}"
+          f"{_widening_text(cal)}; wrote {args.output}")
     return 0
 
 

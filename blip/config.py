@@ -80,6 +80,9 @@ DEFAULTS: dict = {
                                      # validation split's force RMSE, in the recalibration's fit and after it:
                                      # components zero by symmetry (spread and error rounding noise) no longer
                                      # steer s and b; 0: none (before 2026-12-06)
+        "stress_std_floor": 0.0,     # the same for stress spreads (with stress labels on the validation split);
+                                     # off: 0.01 gained nothing on a stress-labelled silicon set (0.01-0.03 nats
+                                     # worse in distribution, docs/results/si-stress)
     },
     "training": {
         "epochs": 100,
@@ -295,6 +298,7 @@ _RANGES = {
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
     ("uq", "distance_offset"): (0.0, None, False), ("uq", "force_std_floor"): (0.0, None, True),
+    ("uq", "stress_std_floor"): (0.0, None, True),
     ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
 }

@@ -12,7 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
-from .uq.recalibration import NOVELTY_KEYS, floored_force_std, novelty_factor, widens
+from .uq.recalibration import NOVELTY_KEYS, floored_std, novelty_factor, widens
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
 #: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
@@ -162,7 +162,9 @@ class BlipModel:
         ``novelty=True`` also returns these
         ``atom_novelty`` (list of (n_i,); other models and ``samples=0``: no such key).
         A calibration with a ``forces_floor`` f (eV/A; ``uq.force_std_floor``) adds it to
-        ``forces_std`` in quadrature, ``sqrt(std^2 + f^2)``; the samples are not changed by it.
+        ``forces_std`` in quadrature, ``sqrt(std^2 + f^2)``, and one with a ``stress_floor``
+        (eV/A^3; ``uq.stress_std_floor``, when recalibrated on stress labels) to ``stress_std``;
+        the samples are not changed by them.
 
         stress: also ``stress``, ``stress_std`` (N, 6) eV/A^3 in Voigt order (xx, yy, zz, yz,
         xz, xy; ASE's sign convention: the derivative of the energy with respect to strain over
@@ -250,11 +252,11 @@ class BlipModel:
                     mean = list(means[key])
                 widening = widen.get(key, [1.0] * len(per_structure))
                 samples = [m + factors[key] * w * (s - m) for m, s, w in zip(mean, per_structure, widening)]
-                std = [np.sqrt(np.mean(np.square(s - m), axis=0)) for m, s in zip(mean, samples)]
+                # in float64: float32 samples of a runaway far out (|deviation| > 1e19) would square to inf
+                std = [np.sqrt(np.mean(np.square(np.asarray(s, np.float64) - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
                     std = [atom_force_std(s) for s in std]
-                if key == "forces":
-                    std = [floored_force_std(s, self.calibration) for s in std]
+                std = [floored_std(s, self.calibration, key) for s in std]  # forces, stress: their floor
             else:
                 samples = [s[:0] for s in per_structure]
                 std = [np.zeros_like(m) for m in mean]

@@ -606,3 +606,19 @@ def test_non_finite_features_count_as_far_away():
     torch.testing.assert_close(u_euclidean, torch.tensor([math.log1p(0.5), U_MAX, U_MAX], dtype=torch.float64))
     inputs, u_mahalanobis = rate_inputs(z, base, True, True)
     assert torch.isfinite(inputs).all() and float(u_mahalanobis[1]) > 20.0
+
+
+def test_a_runaway_float32_sample_far_out_gives_a_huge_finite_spread_not_inf():
+    """Far out of distribution a noise sample can run away (|force| ~ 1e25 eV/A in float32); its
+    deviation must not overflow when squared, so the spread reports it instead of inf."""
+    from blip.predictor import BlipModel
+
+    model = BlipModel([], resolve({"uq": {"force_std": "component", "force_std_floor": 0.0}}), summary=None)
+    forces = np.zeros((4, 2, 3), dtype=np.float32)
+    forces[1, 0, 0] = 2e25  # one runaway sample of one component
+    out = model._summarise({"energy": [np.zeros(4)], "forces": [forces]}, stochastic=True,
+                           means={"energy": [0.0], "forces": [np.zeros((2, 3), dtype=np.float32)]})
+    std = out["forces_std"][0]
+    assert np.all(np.isfinite(std))
+    assert std[0, 0] == pytest.approx(2e25 / 2.0, rel=1e-6)  # sqrt(mean of (0, 4e50, 0, 0))
+    assert std[1, 1] == 0.0

@@ -89,12 +89,55 @@ def test_evaluate_scores_stress_and_recalibration_fits_its_factor(lj_si_model, l
 
     from blip.uq.recalibration import fit_scale, recalibrate
 
-    expected = fit_scale(ref - pred, arrays["stress"]["std"])
-    model = blip.predictor.BlipModel(lj_si_model.members, lj_si_model.config, lj_si_model.summary)
-    factors = recalibrate(model, structures, samples=4, seed=0)
-    assert factors["stress"] == pytest.approx(expected, rel=1e-9)
-    scaled = model.predict([structures[0].atoms], samples=4, seed=0)["stress_std"][0]
-    np.testing.assert_allclose(scaled, expected * arrays["stress"]["std"][:6], rtol=1e-9)
+    raw = arrays["stress"]["std"]
+    for fraction in (0.0, 0.2):  # uq.stress_std_floor: none, and 20 % of the stress RMSE (large, so it shows)
+        cfg = {**lj_si_model.config, "uq": {**lj_si_model.config["uq"], "stress_std_floor": fraction}}
+        model = blip.predictor.BlipModel(lj_si_model.members, cfg, lj_si_model.summary)
+        floor = fraction * metrics["stress"]["rmse"]
+        expected = fit_scale(ref - pred, raw, floor)
+        factors = recalibrate(model, structures, samples=4, seed=0)
+        assert factors["stress"] == pytest.approx(expected, rel=1e-6)
+        assert factors.get("stress_floor", 0.0) == pytest.approx(floor, rel=1e-9)
+        scaled = model.predict([structures[0].atoms], samples=4, seed=0)["stress_std"][0]
+        np.testing.assert_allclose(scaled, np.sqrt((expected * raw[:6]) ** 2 + floor ** 2), rtol=1e-6)
+    assert expected != pytest.approx(fit_scale(ref - pred, raw), rel=1e-3)  # the floor changed the fit
+
+
+def test_stress_components_zero_by_symmetry_do_not_steer_the_stress_factor():
+    """Rounding-level residuals and spreads (off-diagonal stress of axis-aligned cubic cells) would
+    pull the plain factor far from the one of the other components; with the floor they do not."""
+    from blip.uq.recalibration import fit_scale
+
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(1e-3, 3e-3, 600)
+    err = 2.0 * sigma * rng.standard_normal(600)  # the true factor is 2
+    tiny_sigma = rng.uniform(1e-9, 1e-8, 200)
+    tiny_err = 300.0 * tiny_sigma * rng.standard_normal(200)  # ratios of rounding noise
+    err_all, sigma_all = np.concatenate([err, tiny_err]), np.concatenate([sigma, tiny_sigma])
+    plain = fit_scale(err_all, sigma_all)
+    floored = fit_scale(err_all, sigma_all, 0.01 * np.sqrt(np.mean(err_all ** 2)))
+    assert plain > 50.0
+    assert floored == pytest.approx(2.0, rel=0.1)
+
+
+def test_blip_calibrate_reads_stress_under_the_models_key_and_fits_its_factor_and_floor(lj_si_model, lj_si_files,
+                                                                                       tmp_path, capsys):
+    from blip.cli import main
+    from blip.io import save_model
+
+    cells = ase.io.read(lj_si_files / "test.xyz", ":")
+    for atoms in cells:  # the stress under another key, as some data sets store it
+        atoms.info["virial_stress"] = atoms.get_stress()
+        atoms.calc.results.pop("stress")
+    ase.io.write(tmp_path / "valid.xyz", cells, format="extxyz")
+    cfg = {**lj_si_model.config, "data": {**lj_si_model.config["data"], "stress_key": "virial_stress"},
+           "uq": {**lj_si_model.config["uq"], "stress_std_floor": 0.01}}
+    save_model(blip.predictor.BlipModel(lj_si_model.members, cfg, lj_si_model.summary), tmp_path / "model.pt")
+    assert main(["calibrate", str(tmp_path / "model.pt"), str(tmp_path / "valid.xyz"), "-o",
+                 str(tmp_path / "calibrated.pt"), "--samples", "4", "--quiet"]) == 0
+    calibration = blip.load(tmp_path / "calibrated.pt").calibration
+    assert calibration["stress"] > 0 and calibration["stress_floor"] > 0
+    assert f"stress {calibration['stress']:.4g}" in capsys.readouterr().out
 
 
 def test_training_on_stress_labels_fits_them(lj_si_files, tmp_path):

@@ -27,7 +27,7 @@ from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
-from ..uq.recalibration import floored_force_std, novelty_factor, recalibrate
+from ..uq.recalibration import floored_std, novelty_factor, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
@@ -135,7 +135,7 @@ def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     ``exp(b (novelty - centre))`` per entry; forces with the calibration's floor in quadrature."""
     target = _SCALE_OF[q]
     std = a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
-    return floored_force_std(std, scales) if q == "forces" else std
+    return floored_std(std, scales, target)
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-__all__ = ["fit_scale", "floored", "force_floor", "floored_force_std", "unfloored_force_std", "apply_scale",
+__all__ = ["fit_scale", "floored", "spread_floor", "floored_std", "unfloored_std", "apply_scale",
            "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
 
 
@@ -99,7 +99,8 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     force RMSE on these structures (eV/A), in these fits (:func:`fit_scale`'s ``floor``) and in every
     prediction after them (``forces_floor``), so that force residuals and spreads far below the
     typical error (components zero by symmetry, whose spread and error are rounding noise) do not
-    steer s or b. Returns the factors, also stored in ``model.calibration``.
+    steer s or b; ``uq.stress_std_floor`` does the same for stress (``stress_floor``, eV/A^3).
+    Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
 
@@ -109,15 +110,14 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
         model.fitted_force_std = "component"  # the per-atom spread follows from the components'
     _, arrays = evaluate_structures(model, structures, samples=samples, seed=seed,
                                     progress=progress, source=source)
-    floors = {"forces": force_floor(model, arrays["forces"]) if "forces" in arrays else 0.0}
+    floors = {target: spread_floor(model, arrays[target], target) for target in FLOORS if target in arrays}
     if choose and "forces" in arrays:
         model.fitted_force_std = choose_force_std(arrays["forces"], floors["forces"])
         if model.fitted_force_std == "atom":
             arrays["forces"] = {**arrays["forces"], "std": per_atom(arrays["forces"]["std"])}
     model.calibration = {q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"], floors.get(q, 0.0))
                          for q in ("energy", "forces", "stress") if q in arrays}
-    if floors["forces"] > 0.0:
-        model.calibration[FORCE_FLOOR_KEY] = floors["forces"]
+    model.calibration.update({FLOORS[q][1]: f for q, f in floors.items() if f > 0.0})
     for target, key in WIDENING_SETTINGS.items():
         a, widening = arrays.get(target, {}), model.config["uq"].get(key)
         if widening and "novelty" in a:
@@ -127,18 +127,20 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     return dict(model.calibration)
 
 
-def force_floor(model, forces: dict) -> float:
-    """The force spread's floor f (eV/A): ``uq.force_std_floor`` times the force RMSE of flat
-    ``{"ref", "pred", "std"}`` arrays; 0 where the model has no spread (nothing to floor)."""
-    fraction = float(model.config["uq"].get("force_std_floor") or 0.0)
-    if fraction <= 0.0 or not np.any(np.asarray(forces["std"]) > 0):
+def spread_floor(model, arrays: dict, target: str = "forces") -> float:
+    """The floor f of ``target``'s spread ("forces": eV/A, "stress": eV/A^3): its ``uq`` setting
+    (:data:`FLOORS`) times the RMSE of flat ``{"ref", "pred", "std"}`` arrays; 0 where the model
+    has no spread (nothing to floor)."""
+    fraction = float(model.config["uq"].get(FLOORS[target][0]) or 0.0)
+    if fraction <= 0.0 or not np.any(np.asarray(arrays["std"]) > 0):
         return 0.0
-    err = np.asarray(forces["ref"], dtype=np.float64) - np.asarray(forces["pred"], dtype=np.float64)
+    err = np.asarray(arrays["ref"], dtype=np.float64) - np.asarray(arrays["pred"], dtype=np.float64)
     return fraction * math.sqrt(float(np.mean(err * err)))
 
 
-#: Calibration key of the force spread's floor (eV/A), added in quadrature (:func:`floored_force_std`).
-FORCE_FLOOR_KEY = "forces_floor"
+#: Target -> (the ``uq`` setting of its spread's floor, a fraction of the RMSE; the calibration key
+#: of the floor in the target's unit), added in quadrature (:func:`floored_std`).
+FLOORS = {"forces": ("force_std_floor", "forces_floor"), "stress": ("stress_std_floor", "stress_floor")}
 #: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
 WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
 #: Target -> the ``uq`` setting that fits b on the validation split above a set b (which is then its floor).
@@ -176,16 +178,16 @@ def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: boo
     return out
 
 
-def floored_force_std(std, calibration: dict):
-    """Force spreads (any shape, eV/A) with the calibration's floor added in quadrature (unchanged
-    without one, e.g. in model files from before it)."""
-    floor = float(calibration.get(FORCE_FLOOR_KEY, 0.0))
+def floored_std(std, calibration: dict, target: str = "forces"):
+    """Spreads of ``target`` ("forces", "stress"; any shape) with the calibration's floor of that
+    target added in quadrature (unchanged without one, e.g. in model files from before it)."""
+    floor = float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
     return floored(std, floor) if floor > 0.0 else std
 
 
-def unfloored_force_std(std, calibration: dict):
-    """The inverse of :func:`floored_force_std`: ``sqrt(max(std^2 - f^2, 0))``."""
-    floor = float(calibration.get(FORCE_FLOOR_KEY, 0.0))
+def unfloored_std(std, calibration: dict, target: str = "forces"):
+    """The inverse of :func:`floored_std`: ``sqrt(max(std^2 - f^2, 0))``."""
+    floor = float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
     return np.sqrt(np.maximum(np.square(std) - floor * floor, 0.0)) if floor > 0.0 else std
 
 
