@@ -45,8 +45,9 @@ def split(structures: list, seed: int, n_valid: int, n_test: int) -> dict[str, l
     return sets
 
 
-def train(method: str, files: dict[str, Path], out: Path, seed: int, steps: int, stress_weight: float) -> Path:
-    """Train one method with ``blip train``; returns its model file."""
+def train(method: str, files: dict[str, Path], out: Path, seed: int, steps: int, stress_weight: float,
+          overrides: list[str] = ()) -> Path:
+    """Train one method with ``blip train`` (``overrides``: its ``--set KEY=VALUE``); returns its model file."""
     from blip.cli import main as blip_main
 
     n_train = len(read(files["train"], ":"))
@@ -58,7 +59,8 @@ def train(method: str, files: dict[str, Path], out: Path, seed: int, steps: int,
                         "stress_weight": stress_weight, "device": "cpu"},
            "output_dir": str(out.resolve())}
     (out.parent / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
-    if blip_main(["train", str(out.parent / f"{method}.yaml"), "--quiet"]) != 0:
+    argv = ["train", str(out.parent / f"{method}.yaml"), "--quiet"] + [a for o in overrides for a in ("--set", o)]
+    if blip_main(argv) != 0:
         raise RuntimeError(f"blip train failed for {method}, seed {seed}")
     return out / "model.pt"
 
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--floors", default="0,0.01", help="uq.stress_std_floor values to score each model with")
     p.add_argument("--n-valid", type=int, default=100)
     p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every training (repeatable), as blip train --set")
     args = p.parse_args(argv)
     structures = read(args.data, ":")
     floors = [float(x) for x in args.floors.split(",")]
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             model_file = root / method / "model.pt"
             if not model_file.exists():
-                model_file = train(method, files, root / method, seed, args.steps, args.stress_weight)
+                model_file = train(method, files, root / method, seed, args.steps, args.stress_weight, args.set)
             for floor in floors if method != "deterministic" else [0.0]:
                 results.setdefault(f"{method}, {floor:g}", []).append(score(model_file, files, floor, seed))
                 print(f"seed {seed} {method} floor {floor:g}: done", flush=True)
