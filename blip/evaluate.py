@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data.io import full_to_voigt
+from .errors import DataError
 from .uq.metrics import evaluate_predictions, prediction_arrays, regression_metrics
 
 
@@ -37,6 +38,7 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
                    stress=with_stress, novelty=True)
     if pred is None:  # a rank other than 0 of a distributed run: rank 0 scores the gathered predictions
         return None, None
+    _check_finite(pred, structures, source)
     ref_e, ref_f = reference_arrays(structures)
     n_atoms = np.array([len(s.atoms) for s in structures])
     args = (ref_e, pred["energy"], pred["energy_std"], ref_f, pred["forces"], pred["forces_std"], n_atoms)
@@ -46,3 +48,15 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
         arrays["stress"] = {"ref": ref, "pred": pred["stress"].ravel(), "std": pred["stress_std"].ravel()}
         metrics["stress"] = regression_metrics(ref - arrays["stress"]["pred"], arrays["stress"]["std"])
     return metrics, arrays
+
+
+def _check_finite(pred: dict, structures, source: str) -> None:
+    """Raise DataError naming the structures whose prediction or spread is not finite (far outside
+    its training data a float32 network can overflow), instead of failing inside a metric."""
+    keys = [k for k in ("energy", "energy_std", "forces", "forces_std", "stress", "stress_std") if k in pred]
+    bad = [s.index for i, s in enumerate(structures) if not all(np.all(np.isfinite(pred[k][i])) for k in keys)]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise DataError(source, f"the prediction or its spread is not finite for {len(bad)} structure(s) "
+                                f"(structures {shown}): the model overflowed far outside its training data; "
+                                "leave them out, or train with model.dtype: float64")

@@ -277,3 +277,23 @@ def test_format_table_digits():
     assert row[0] == "energy" and row[1] == "2"
     assert row[2] == f"{math.sqrt((0.123456**2 + 0.04) / 2):.4g}"
     assert "cost" not in table
+
+
+def test_evaluate_names_structures_whose_prediction_overflowed():
+    """Far out a float32 network can overflow: evaluate (and so recalibrate and `blip evaluate`)
+    says which structures, in one line, instead of failing inside a metric."""
+    from blip.data import read_labelled
+    from blip.errors import DataError
+    from blip.evaluate import evaluate_structures
+
+    structures = read_labelled(Path(__file__).parent / "data" / "acac_small.xyz")[:3]
+
+    class Overflowing:
+        def predict(self, atoms, **kwargs):
+            forces = [np.zeros((len(a), 3)) for a in atoms]
+            std = [np.full((len(a), 3), 0.1) for a in atoms]
+            std[1][0, 2] = np.inf
+            return {"energy": np.zeros(3), "energy_std": np.full(3, 0.1), "forces": forces, "forces_std": std}
+
+    with pytest.raises(DataError, match=r"far.xyz: .* not finite for 1 structure\(s\) \(structures 1\)"):
+        evaluate_structures(Overflowing(), structures, source="far.xyz")
