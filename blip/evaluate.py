@@ -50,11 +50,17 @@ def evaluate_structures(model, structures, samples: int | None = None, seed: int
     return metrics, arrays
 
 
-def _check_finite(pred: dict, structures, source: str) -> None:
-    """Raise DataError naming the structures whose prediction or spread is not finite (far outside
-    its training data a float32 network can overflow), instead of failing inside a metric."""
+def nonfinite_structures(pred: dict) -> list[int]:
+    """Positions of the structures in a ``predict`` result whose prediction or spread (energy,
+    forces, stress) is not finite: far outside its training data a float32 network can overflow."""
     keys = [k for k in ("energy", "energy_std", "forces", "forces_std", "stress", "stress_std") if k in pred]
-    bad = [s.index for i, s in enumerate(structures) if not all(np.all(np.isfinite(pred[k][i])) for k in keys)]
+    return [i for i in range(len(pred["energy"])) if not all(np.all(np.isfinite(pred[k][i])) for k in keys)]
+
+
+def _check_finite(pred: dict, structures, source: str) -> None:
+    """Raise DataError naming the structures whose prediction or spread is not finite, instead of
+    failing inside a metric."""
+    bad = [structures[i].index for i in nonfinite_structures(pred)]
     if bad:
         shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
         raise DataError(source, f"the prediction or its spread is not finite for {len(bad)} structure(s) "

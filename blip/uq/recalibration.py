@@ -178,16 +178,21 @@ def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: boo
     return out
 
 
+def _floor_of(calibration: dict, target: str) -> float:
+    """The calibration's floor of ``target``'s spread (:data:`FLOORS`); 0 without one."""
+    return float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
+
+
 def floored_std(std, calibration: dict, target: str = "forces"):
     """Spreads of ``target`` ("forces", "stress"; any shape) with the calibration's floor of that
     target added in quadrature (unchanged without one, e.g. in model files from before it)."""
-    floor = float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
+    floor = _floor_of(calibration, target)
     return floored(std, floor) if floor > 0.0 else std
 
 
 def unfloored_std(std, calibration: dict, target: str = "forces"):
     """The inverse of :func:`floored_std`: ``sqrt(max(std^2 - f^2, 0))``."""
-    floor = float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
+    floor = _floor_of(calibration, target)
     return np.sqrt(np.maximum(np.square(std) - floor * floor, 0.0)) if floor > 0.0 else std
 
 
