@@ -21,9 +21,19 @@ def build_backbone(model_cfg: dict, summary: DatasetSummary) -> Backbone:
     return module.build(model_cfg, summary)
 
 
+def distance_metric(cfg: dict, summary: DatasetSummary) -> str:
+    """``uq.distance_metric`` with "auto" resolved from the training data: "nearest" for PaiNN trained
+    on periodic crystals (``summary.periodic``), else "euclidean". A model file keeps "auto" and
+    its summary, so loading it resolves the same way."""
+    metric = cfg["uq"]["distance_metric"]
+    if metric != "auto":
+        return metric
+    return "nearest" if summary.periodic and cfg["model"]["backbone"] == "painn" else "euclidean"
+
+
 def build_potential(cfg: dict, summary: DatasetSummary) -> BayesianPotential:
     """One network for ``cfg["uq"]["method"]`` (an ensemble member for "ensemble")."""
-    uq = cfg["uq"]
+    uq = dict(cfg["uq"], distance_metric=distance_metric(cfg, summary))
     method = "deterministic" if uq["method"] == "ensemble" else uq["method"]
     potential = BayesianPotential(build_backbone(cfg["model"], summary), method=method,
                                   **{k: uq[k] for k in BayesianPotential.SETTINGS})

@@ -26,6 +26,7 @@ def cmd_train(args) -> int:
 
 def _train(cfg, args) -> int:
     from . import distributed
+    from .build import distance_metric
     from .io import save_model
     from .report import format_table
     from .train.datasets import prepare_data
@@ -40,6 +41,9 @@ def _train(cfg, args) -> int:
               f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}; "
               f"global batch {bs}" + (f" over {world} ranks (~{bs / world:.3g} per rank)" if world > 1 else ""),
               file=sys.stderr)
+        if cfg["uq"]["method"] == "blip" and cfg["uq"]["distance_metric"] == "auto":
+            print(f"blip train: uq.distance_metric auto -> {distance_metric(cfg, data.summary)} "
+                  f"({'periodic' if data.summary.periodic else 'non-periodic'} training data)", file=sys.stderr)
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
     if not main:  # rank 0 recalibrates, evaluates and writes; the others are done

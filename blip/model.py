@@ -35,7 +35,9 @@ class BayesianPotential(nn.Module):
                 "weight_noise", "noise_draws")
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
-        """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults."""
+        """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults.
+        ``distance_metric: auto`` needs the training data (``blip.build.distance_metric``); here,
+        without them, it is "euclidean"."""
         super().__init__()
         from .config import DEFAULTS
 
@@ -43,6 +45,8 @@ class BayesianPotential(nn.Module):
         if unknown:
             raise ValueError(f"unknown uq setting(s) {', '.join(sorted(unknown))}")
         u = {k: DEFAULTS["uq"][k] for k in self.SETTINGS} | uq
+        if u["distance_metric"] == "auto":
+            u["distance_metric"] = "euclidean"
         if method not in METHODS:
             raise ValueError(f"unknown uq.method {method!r}; choose from {', '.join(METHODS)}")
         if u["rate_inputs"] not in RATE_INPUTS:

@@ -319,7 +319,7 @@ def test_a_model_file_without_a_newer_uq_key_loads_with_its_default(trained, ato
 
 def test_a_model_file_from_before_distance_metric_keeps_its_mahalanobis_distance(trained, tmp_path):
     """The distance changed when the key came: older files keep the one they were trained with."""
-    older, current = _older_and_current(trained["blip"], tmp_path, "distance_metric", "euclidean")
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_metric", "auto")  # molecules: euclidean
     assert older.config["uq"]["distance_metric"] == "mahalanobis"
     assert older.members[0].inference.metric != "euclidean" and current.members[0].inference.metric == "euclidean"
 

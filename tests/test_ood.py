@@ -18,6 +18,7 @@ from blip.data import build_graph, collate
 from blip.model import BayesianPotential
 from blip.train.contrastive import REMOVED_DISTANCE, draws_of_graphs, perturbation_draws, perturbed_batch
 from blip.train.loss import data_loss
+from conftest import EXAMPLES
 
 
 def _batch(atoms_list, dtype=torch.float64, labels=None):
@@ -622,3 +623,75 @@ def test_a_runaway_float32_sample_far_out_gives_a_huge_finite_spread_not_inf():
     assert np.all(np.isfinite(std))
     assert std[0, 0] == pytest.approx(2e25 / 2.0, rel=1e-6)  # sqrt(mean of (0, 4e50, 0, 0))
     assert std[1, 1] == 0.0
+
+
+def test_auto_distance_metric_is_nearest_for_painn_on_crystals_and_euclidean_otherwise():
+    """``uq.distance_metric: auto`` (the default from scratch) resolves from the training data's
+    periodicity and the backbone (nearest was measured with PaiNN only); an explicit metric stays."""
+    from dataclasses import replace
+
+    from blip.backbones.base import DatasetSummary
+    from blip.build import build_potential, distance_metric
+
+    molecules = DatasetSummary(elements=[1, 6, 8])
+    crystals = replace(molecules, periodic=True)
+    painn = resolve({"model": {"backbone": "painn", "features": 8, "interactions": 1, "radial": 4}})
+    mace = resolve({"model": {"backbone": "mace"}})
+    assert painn["uq"]["distance_metric"] == "auto"
+    assert distance_metric(painn, crystals) == "nearest"
+    assert distance_metric(painn, molecules) == "euclidean"
+    assert distance_metric(mace, crystals) == "euclidean"
+    explicit = resolve({"model": {"backbone": "painn"}}, ["uq.distance_metric=mahalanobis"])
+    assert distance_metric(explicit, crystals) == "mahalanobis"
+    built = build_potential(painn, crystals)
+    assert built.inference.metric == "nearest"
+    assert all(d.bank_size > 0 for d in built.inference.densities_list())
+    assert build_potential(painn, molecules).inference.metric == "euclidean"
+
+
+def test_the_training_summary_records_whether_every_structure_is_a_periodic_cell(acac_small):
+    from dataclasses import replace
+
+    from blip.data import read_labelled
+    from blip.train.datasets import summarise
+
+    silicon = read_labelled(EXAMPLES / "si" / "train.xyz")[:6]
+    e0s = {1: 0.0, 6: 0.0, 8: 0.0, 14: 0.0}
+    assert summarise(silicon, e0s, 3.0).periodic is True
+    assert summarise(acac_small[:3], e0s, 3.0).periodic is False
+    assert summarise(silicon + acac_small[:1], e0s, 3.0).periodic is False  # mixed: not crystals
+    slab = silicon[0].atoms.copy()
+    slab.pbc = (True, True, False)
+    assert summarise([replace(silicon[0], atoms=slab)], e0s, 3.0).periodic is False  # a slab
+
+
+def test_a_crystal_model_file_with_the_auto_metric_loads_with_its_nearest_rows(tmp_path):
+    """The file keeps ``auto`` and the summary's periodicity: loading rebuilds the nearest-row rates
+    and their bank, and the fixed-seed predictions are those of the saved model."""
+    from dataclasses import replace
+
+    from ase.build import bulk
+
+    from blip.backbones.base import DatasetSummary
+    from blip.build import build_potential
+    from blip.io import load, save_model
+    from blip.predictor import BlipModel
+
+    cfg = resolve({"model": {"backbone": "painn", "cutoff": 4.0, "features": 8, "interactions": 1, "radial": 4}})
+    summary = replace(DatasetSummary(elements=[14], e0s={14: -158.4}), periodic=True)
+    torch.manual_seed(0)
+    potential = build_potential(cfg, summary)
+    cells = [bulk("Si", "diamond", a=5.43, cubic=True) for _ in range(2)]
+    for seed, cell in enumerate(cells):
+        cell.rattle(0.1, seed=seed)
+    potential.fit_feature_statistics([collate([build_graph(c, 4.0) for c in cells], dtype=torch.float32)])
+    model = BlipModel([potential], cfg, summary)
+    save_model(model, tmp_path / "m.pt")
+    loaded = load(tmp_path / "m.pt")
+    assert loaded.config["uq"]["distance_metric"] == "auto" and loaded.summary.periodic is True
+    assert loaded.members[0].inference.metric == "nearest"
+    probe = cells[0].copy()
+    probe.rattle(0.05, seed=9)
+    before, after = model.predict([probe], samples=4, seed=1), loaded.predict([probe], samples=4, seed=1)
+    np.testing.assert_allclose(after["forces_std"][0], before["forces_std"][0], rtol=1e-6)
+    assert np.all(before["forces_std"][0] > 0)

@@ -1,6 +1,7 @@
 """One physics suite for every backbone: the checks every potential (and every fixed-seed sample) must pass.
 
-Parametrised over backbone (PaiNN, MACE, CHGNet) x dtype (float64; float32 against the
+Parametrised over backbone (PaiNN, MACE, CHGNet; PaiNN as built for crystals, whose rates see the
+distance to the nearest training rows) x dtype (float64; float32 against the
 float64 model with the same weights) x system (a molecule; a periodic Si cell; CHGNet,
 a crystal model, only the cell) x mode (the noise-free MAP pass; a fixed-seed sample) x
 device (CPU; CUDA when present). A backbone added to ``BUILDERS`` gets every check.
@@ -9,6 +10,7 @@ device (CPU; CUDA when present). A backbone added to ``BUILDERS`` gets every che
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import ase.io
@@ -18,7 +20,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from blip.backbones.base import DatasetSummary, isolation_switch
-from blip.build import build_backbone
+from blip.build import build_backbone, build_potential
 from blip.config import resolve
 from blip.data import build_graph, collate, replicate
 from blip.model import BayesianPotential
@@ -69,8 +71,29 @@ def _chgnet(method):
     return model
 
 
-BUILDERS = {"painn": _painn, "mace": _mace, "chgnet": _chgnet}
-SYSTEMS = {"painn": ("molecule", "bulk"), "mace": ("molecule", "bulk"), "chgnet": ("bulk",)}
+def _painn_crystal(method):
+    """PaiNN as the defaults build it for periodic training data (``uq.distance_metric: auto`` ->
+    nearest), its bank of training rows fitted on other rattled Si cells than the test ones."""
+    from ase.build import bulk
+
+    cfg = resolve({"model": {"backbone": "painn", "cutoff": 4.0, "features": 16, "interactions": 2, "radial": 8},
+                   "uq": {"method": method, "p_init": 0.2}})
+    torch.manual_seed(0)
+    model = build_potential(cfg, dataclasses.replace(SUMMARY, periodic=True))
+    if model.inference is not None:
+        assert model.inference.metric == "nearest"
+        cells = []
+        for seed in (5, 6, 7):
+            cell = bulk("Si", "diamond", a=5.43, cubic=True)
+            cell.rattle(0.1, seed=seed)
+            cells.append(build_graph(cell, 4.0))
+        model.fit_feature_statistics([collate(cells, dtype=torch.float32)])
+    return _varying_rates(model, 0.5)
+
+
+BUILDERS = {"painn": _painn, "mace": _mace, "chgnet": _chgnet, "painn_crystal": _painn_crystal}
+SYSTEMS = {"painn": ("molecule", "bulk"), "mace": ("molecule", "bulk"), "chgnet": ("bulk",),
+           "painn_crystal": ("bulk",)}
 CASES = [(b, s) for b in BUILDERS for s in SYSTEMS[b]]
 _MODELS: dict = {}
 

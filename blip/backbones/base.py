@@ -15,7 +15,8 @@ class DatasetSummary:
 
     elements: atomic numbers seen in training; e0s: eV per isolated atom;
     energy_shift: mean (E - sum E0) per atom, eV; force_scale: RMS force component, eV/A;
-    avg_num_neighbors: mean neighbours per atom within the cutoff.
+    avg_num_neighbors: mean neighbours per atom within the cutoff; periodic: every training
+    structure read for the neighbour statistics (the first 200) is periodic along all three axes.
     """
 
     elements: list[int]
@@ -23,6 +24,7 @@ class DatasetSummary:
     energy_shift: float = 0.0
     force_scale: float = 1.0
     avg_num_neighbors: float = 10.0
+    periodic: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -34,7 +34,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def summarise(structures, e0s: dict[int, float], cutoff: float) -> DatasetSummary:
-    """Elements, E0s, mean energy per atom above E0s (eV), RMS force (eV/A), mean neighbours."""
+    """Elements, E0s, mean energy per atom above E0s (eV), RMS force (eV/A), mean neighbours, periodicity."""
     elements, counts = composition(structures)
     return summary_from_arrays(elements, counts, np.array([s.energy for s in structures], dtype=np.float64),
                                np.array([float(np.sum(np.asarray(s.forces) ** 2)) for s in structures]),
@@ -44,7 +44,8 @@ def summarise(structures, e0s: dict[int, float], cutoff: float) -> DatasetSummar
 def summary_from_arrays(elements, counts, energies, force_sq, first_atoms, e0s, cutoff) -> DatasetSummary:
     """:func:`summarise` from per-structure arrays (what a streamed data set keeps): element counts
     (structures, elements), energies, sums of squared force components, and the first (up to
-    200) structures for the mean number of neighbours. Both paths use this, so they agree exactly."""
+    200) structures for the mean number of neighbours and whether the data are periodic crystals.
+    Both paths use this, so they agree exactly."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts.sum(axis=0) > 0
     elements = [int(z) for z, k in zip(elements, present) if k]
@@ -60,7 +61,8 @@ def summary_from_arrays(elements, counts, energies, force_sq, first_atoms, e0s, 
     rms = float(np.sqrt(np.sum(force_sq) / (3.0 * total))) if total else 1.0
     return DatasetSummary(elements=elements, e0s={int(z): float(e0s.get(z, 0.0)) for z in elements},
                           energy_shift=float(np.mean(residual)), force_scale=rms if rms > 0 else 1.0,
-                          avg_num_neighbors=neighbours / max(atoms, 1))
+                          avg_num_neighbors=neighbours / max(atoms, 1),
+                          periodic=bool(first_atoms) and all(bool(np.all(a.pbc)) for a in first_atoms))
 
 
 def _take(structures, idx):
@@ -120,13 +122,14 @@ def prepare_data(cfg: dict) -> PreparedData:
 
 def _streamed_summary(cfg, store, train, valid) -> DatasetSummary:
     """Statistics of a streamed training set: the header's when it was preprocessed for the same
-    split, else recomputed from the per-structure arrays of the shards (no positions read)."""
+    split (and written by a version that records the periodicity), else recomputed from the
+    per-structure arrays of the shards and the first 200 structures."""
     stats = store.header.get("statistics")
-    if stats and stats.get("split") == json.loads(json.dumps(split_spec(cfg))):
+    if stats and stats.get("split") == json.loads(json.dumps(split_spec(cfg))) and "periodic" in stats["summary"]:
         s = stats["summary"]
         return DatasetSummary(elements=[int(z) for z in s["elements"]], e0s={int(z): float(v) for z, v in s["e0s"].items()},
                               energy_shift=float(s["energy_shift"]), force_scale=float(s["force_scale"]),
-                              avg_num_neighbors=float(s["avg_num_neighbors"]))
+                              avg_num_neighbors=float(s["avg_num_neighbors"]), periodic=bool(s["periodic"]))
     return streamed_statistics(cfg, store, train, valid)
 
 
@@ -168,6 +171,7 @@ def preprocess(cfg: dict, out_dir, shard_size: int = 10000) -> dict:
                             "n_valid": len(valid),
                             "summary": {"elements": summary.elements, "e0s": {str(z): v for z, v in summary.e0s.items()},
                                         "energy_shift": summary.energy_shift, "force_scale": summary.force_scale,
-                                        "avg_num_neighbors": summary.avg_num_neighbors}}
+                                        "avg_num_neighbors": summary.avg_num_neighbors,
+                                        "periodic": summary.periodic}}
     write_header(out_dir, header)
     return header
