@@ -275,12 +275,16 @@ def test_bundled_ammonia_labels_are_gfn2_xtb():
 
 def test_cost_quick_reports_every_ratio(tmp_path):
     out = tmp_path / "cost"
-    assert main(["bench", "cost", "--quick", "--backbone", "painn", "--sets", "acac", "--out", str(out)]) == 0
+    assert main(["bench", "cost", "--quick", "--backbone", "painn", "--sets", "acac,Si8", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     predict = data["rows"]
-    assert {(r["method"], r["samples"]) for r in predict} == {("blip", 1), ("blip", 2), ("mc_dropout", 1),
-                                                              ("mc_dropout", 2), ("ensemble", 2)}
-    assert all(r["system"] == "acac" and r["n_atoms"] == 30 and r["ratio"] > 0 for r in predict)
+    for system, n_atoms in (("acac", 30), ("Si8", 8)):
+        rows = [r for r in predict if r["system"] == system]
+        assert {(r["method"], r["samples"]) for r in rows} == {("blip", 1), ("blip", 2), ("mc_dropout", 1),
+                                                               ("mc_dropout", 2), ("ensemble", 2)}
+        assert all(r["n_atoms"] == n_atoms and r["ratio"] > 0 for r in rows)
+    # each system is timed with the BLIP model its training data would give (auto: crystals -> nearest)
+    assert data["settings"]["distance_metric"] == {"painn acac": "euclidean", "painn Si8": "nearest"}
     train = {r["method"]: r for r in data["settings"]["train_step"]}
     assert train["deterministic"]["ratio"] == 1.0 and train["blip"]["seconds_per_step"] > 0
     assert {r["batch_size"] for r in data["settings"]["train_step"]} == {4}

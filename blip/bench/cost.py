@@ -81,9 +81,10 @@ def _config(model: dict, method: str, quick: bool) -> dict:
     return config_mod.resolve({"model": dict(model), "uq": uq})
 
 
-def build_models(model: dict, quick: bool, seed: int = 0) -> dict[str, BlipModel]:
-    """Untrained BLIP, MC dropout and ensemble models of one backbone (float32, CPU)."""
-    summary = DatasetSummary(elements=ELEMENTS)
+def build_models(model: dict, quick: bool, seed: int = 0, periodic: bool = False) -> dict[str, BlipModel]:
+    """Untrained BLIP, MC dropout and ensemble models of one backbone (float32, CPU); ``periodic``:
+    as if trained on periodic cells (BLIP's ``uq.distance_metric: auto`` then resolves for crystals)."""
+    summary = DatasetSummary(elements=ELEMENTS, periodic=periodic)
     out = {}
     for method in ("blip", "mc_dropout", "ensemble"):
         cfg = _config(model, method, quick)
@@ -291,8 +292,12 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
 
     for name in backbones:
         model_cfg = (QUICK_MODELS if quick else MODELS)[name]
-        models = build_models(model_cfg, quick)
+        built: dict[bool, dict] = {}  # models as trained on molecules (False) or periodic cells (True)
         for system, structures in chosen.items():
+            periodic = all(bool(np.all(a.pbc)) for a in structures)
+            models = built.setdefault(periodic, build_models(model_cfg, quick, periodic=periodic))
+            settings.setdefault("distance_metric", {})[f"{name} {system}"] = \
+                models["blip"].members[0].inference.metric
             fit_statistics(models["blip"], structures)
             n_atoms = sum(len(a) for a in structures)
             log(f"cost: {name} {system} ({len(structures)} x {n_atoms // len(structures)} atoms), {repeats} repeats")
@@ -310,7 +315,9 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
         for batch_size in train_batches:
             train_rows += [{"backbone": name, **r}
                            for r in train_step_ratios(model_cfg, repeats, 4 if quick else 8, batch_size)]
-        md_rows += [{"backbone": name, **r} for r in md_ratios(models["blip"], all_systems["acac"][0], md_steps,
+        md_model = built.get(False) or build_models(model_cfg, quick)
+        fit_statistics(md_model["blip"], all_systems["acac"])
+        md_rows += [{"backbone": name, **r} for r in md_ratios(md_model["blip"], all_systems["acac"][0], md_steps,
                                                               repeats, watches)]
         write(False)
     write(True)
@@ -330,7 +337,9 @@ def markdown(data: dict, s: dict) -> str:
              "(`uq.predict_mean: map`).", "",
              f"* machine: {s['machine']['cpu_count']} CPU cores, torch threads {s['machine']['torch_threads']}, "
              f"torch {s['torch']}; wall time {s['wall_seconds'] / 60:.1f} min",
-             "* systems: " + ", ".join(f"{k} ({v} atoms per structure)" for k, v in s["systems"].items()), ""]
+             "* systems: " + ", ".join(f"{k} ({v} atoms per structure)" for k, v in s["systems"].items()),
+             "* BLIP's feature distance (`uq.distance_metric: auto`, as for a model trained on such structures): "
+             + ", ".join(f"{k} {v}" for k, v in s.get("distance_metric", {}).items()), ""]
     systems_ = list(s["systems"])
     for backbone in s["backbones"]:
         lines += [f"## {backbone}", "", "### predict [× MAP]", "",
