@@ -295,7 +295,9 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
         built: dict[bool, dict] = {}  # models as trained on molecules (False) or periodic cells (True)
         for system, structures in chosen.items():
             periodic = all(bool(np.all(a.pbc)) for a in structures)
-            models = built.setdefault(periodic, build_models(model_cfg, quick, periodic=periodic))
+            if periodic not in built:
+                built[periodic] = build_models(model_cfg, quick, periodic=periodic)
+            models = built[periodic]
             settings.setdefault("distance_metric", {})[f"{name} {system}"] = \
                 models["blip"].members[0].inference.metric
             fit_statistics(models["blip"], structures)
