@@ -45,8 +45,8 @@ DEFAULTS: dict = {
                                     # mean feature variance), mahalanobis (the default before 2026-12-04),
                                     # both (each with its own slope), nearest (to the nearest of 512
                                     # stored training rows per species) or auto: nearest for PaiNN trained
-                                    # on periodic crystals (better on two silicon sets, up to 1.24x the
-                                    # predict time on 1000 atoms), euclidean otherwise (molecules: nearest
+                                    # on periodic crystals (better on two silicon sets, the same predict
+                                    # time), euclidean otherwise (molecules: nearest
                                     # lost 0.3 nats on methanol for an ethanol model); euclidean before 2026-12-06
         "distance_mean_one": False,  # mahalanobis: divide it by its mean over the training rows (fine-tuning)
         "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance

@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from blip.build import build_backbone
 from blip.backbones.painn import PaiNN
 from blip.config import resolve
-from blip.bayes.density import FeatureDensity, GroupSplit
+from blip.bayes.density import FeatureDensity, GroupSplit, soft_nearest
 from blip.bayes.inference import InferenceNet
 from blip.data import build_graph, collate
 from blip.model import BayesianPotential
@@ -695,3 +695,34 @@ def test_a_crystal_model_file_with_the_auto_metric_loads_with_its_nearest_rows(t
     before, after = model.predict([probe], samples=4, seed=1), loaded.predict([probe], samples=4, seed=1)
     np.testing.assert_allclose(after["forces_std"][0], before["forces_std"][0], rtol=1e-6)
     assert np.all(before["forces_std"][0] > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nearest_distance_gradient_is_that_of_the_soft_minimum_to_second_order(dtype):
+    """``soft_nearest`` has a hand-written gradient (the softmax weights of the forward pass pull the
+    row towards their mean bank row): it equals autograd's gradient of the plain soft minimum, and
+    under ``create_graph`` its own gradient is exact too (gradgradcheck), so forces from a model with
+    the nearest-row distance are the derivative of its energy."""
+    torch.manual_seed(0)
+    bank = torch.randn(40, 6, dtype=torch.float64)
+    rows = (0.8 * torch.randn(25, 6, dtype=torch.float64)).requires_grad_()
+    scale = torch.tensor(1.0 / 6.0, dtype=torch.float64)
+
+    def plain(r):
+        m = scale * ((r[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
+        return -0.05 * (torch.logsumexp(-m / 0.05, dim=1) - math.log(bank.shape[0]))
+
+    assert torch.autograd.gradcheck(lambda r: soft_nearest(r, bank, scale, 0.05), (rows[:8],))
+    assert torch.autograd.gradgradcheck(lambda r: soft_nearest(r, bank, scale, 0.05), (rows[:8],))
+    x = rows.detach().to(dtype).requires_grad_()
+    fast = soft_nearest(x, bank.to(dtype), scale.to(dtype), 0.05)
+    weights = torch.rand(25, dtype=dtype)
+    grad_fast = torch.autograd.grad((weights * fast).sum(), x)[0]
+    y = rows.detach().requires_grad_()
+    slow = plain(y)
+    grad_slow = torch.autograd.grad((weights.double() * slow).sum(), y)[0]
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fast.double(), slow.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_fast.double(), grad_slow, rtol=tol, atol=tol)
+    with torch.no_grad():  # the path without a gradient gives the same values
+        torch.testing.assert_close(soft_nearest(x, bank.to(dtype), scale.to(dtype), 0.05), fast.detach())
