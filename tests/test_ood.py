@@ -245,6 +245,35 @@ def test_bank_is_saved_only_by_densities_that_have_one():
     assert restored.bank_rows.tolist() == [2, 4]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nearest_of_a_group_split_reads_nothing_on_the_host_and_equals_nearest(dtype, monkeypatch):
+    """The sampled forward's nearest-row distance (``nearest_split``: the whole bank, its unfilled rows
+    masked on the device) gives the values and gradients of ``nearest`` for a full, a partly filled
+    (moving average, 3 of 16 rows) and an empty bank, and converts no tensor to a Python number
+    (each such read is a host synchronisation on a GPU)."""
+    torch.manual_seed(0)
+    density = FeatureDensity(3, 5, bank=16).to(dtype)
+    density.begin_fit()
+    density.update(torch.randn(100, 5, dtype=dtype), torch.zeros(100, dtype=torch.long))
+    density.end_fit()
+    density.update(torch.randn(3, 5, dtype=dtype) + 2.0, torch.ones(3, dtype=torch.long))  # first rows: banked at once
+    assert density.bank_rows.tolist() == [16, 3, 0]
+    rows = torch.randn(30, 5, dtype=dtype, requires_grad=True)
+    groups = torch.arange(30) % 3
+    split = GroupSplit.of(groups, 3)
+    expected = density.nearest(rows, groups)
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero"):
+            m.setattr(torch.Tensor, name, lambda *a, _name=name, **k: pytest.fail(f"host read: Tensor.{_name}"))
+        got = density.nearest_split(rows, split)
+    assert torch.isinf(got[2::3]).all() and torch.isfinite(got[groups < 2]).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[groups < 2], expected[groups < 2], rtol=tol, atol=tol)
+    grad_got = torch.autograd.grad(got[groups < 2].sum(), rows)[0]
+    grad_expected = torch.autograd.grad(expected[groups < 2].sum(), rows)[0]
+    torch.testing.assert_close(grad_got, grad_expected, rtol=tol, atol=tol)
+
+
 def test_moving_average_bank_scores_a_batch_before_it_holds_its_rows():
     """During training a batch's rows enter the bank only at the next update, so the rates of a batch
     never see its own rows (a group's very first rows excepted: the bank starts from them)."""

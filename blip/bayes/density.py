@@ -108,17 +108,31 @@ class GroupSplit:
         return cls(groups, order, inverse, torch.bincount(groups, minlength=n_groups).tolist())
 
 
-def soft_nearest(rows: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_nearest(rows: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor, temperature: float,
+                 filled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Soft minimum over the bank of ``m_b = scale |row - bank_b|^2``: ``-t log(mean_b exp(-m_b / t))``,
     (rows,) from rows (rows, d) and bank (n, d). One product, one exponential; its gradient in the rows,
     ``2 scale (row - sum_b w_b bank_b)`` with w the softmax weights of the forward pass, is one more product
     (twice differentiable: under ``create_graph`` the weights are recomputed from the rows). Terms below
-    ``exp(SOFT_MIN_FLOOR)`` of the largest are dropped. ``scale``: 0-d tensor."""
+    ``exp(SOFT_MIN_FLOOR)`` of the largest are dropped. ``scale``: 0-d tensor; ``filled``: 0-d long tensor,
+    only the first ``filled`` bank rows count (the mean over them; infinitely far when 0), for a bank
+    being filled without reading its fill on the host."""
     if torch.jit.is_scripting():  # exported models: autograd's gradient of the same formula
+        assert filled is None, "exported models slice their bank"
         return _soft_nearest_autograd(rows, bank, scale, temperature)
+    mask = None
+    if filled is not None:  # additive mask, 0 on the filled rows; an empty bank counts all rows, then inf
+        unfilled = torch.arange(bank.shape[0], device=bank.device) >= filled
+        mask = torch.zeros(bank.shape[0], dtype=rows.dtype, device=rows.device).masked_fill_(
+            unfilled & (filled > 0), float("-inf"))
     if not rows.requires_grad:
-        return _SoftNearest.values(rows, bank, scale, temperature)[0]
-    return _soft_nearest_fused(rows, bank, scale, temperature)
+        soft = _SoftNearest.values(rows, bank, scale, temperature, mask)[0]
+    else:
+        soft = _soft_nearest_fused(rows, bank, scale, temperature, mask)
+    if filled is None:
+        return soft
+    soft = soft + temperature * torch.log(filled.clamp_min(1).to(rows.dtype) / bank.shape[0])  # mean over the filled
+    return torch.where(filled > 0, soft, torch.full_like(soft, float("inf")))
 
 
 def _soft_nearest_autograd(rows: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor,
@@ -131,30 +145,34 @@ def _soft_nearest_autograd(rows: torch.Tensor, bank: torch.Tensor, scale: torch.
 
 @torch.jit.unused
 def _soft_nearest_fused(rows: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
-    return _SoftNearest.apply(rows, bank, scale, temperature)
+                        temperature: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return _SoftNearest.apply(rows, bank, scale, temperature, mask)
 
 
 class _SoftNearest(torch.autograd.Function):
     """:func:`soft_nearest` with its gradient by hand (scale: a 0-d tensor, so no host sync)."""
 
     @staticmethod
-    def values(rows, bank, scale, temperature: float):
-        """(soft minimum (rows,), softmax weights (rows, n))."""
+    def values(rows, bank, scale, temperature: float, mask=None):
+        """(soft minimum (rows,), softmax weights (rows, n)); ``mask`` (n,): added to the exponents
+        (-inf drops a row; the mean is still over all n)."""
         c = scale / temperature
         neg = torch.addmm((bank * bank).sum(dim=1)[None, :], rows, bank.T, alpha=-2.0).mul_(-c)  # -(m_b - m_0) / t
+        if mask is not None:
+            neg.add_(mask)
         top = neg.amax(dim=1, keepdim=True)
-        weights = neg.sub_(top).clamp_min_(SOFT_MIN_FLOOR).exp_()
+        neg = neg.sub_(top).clamp_min_(SOFT_MIN_FLOOR)
+        weights = (neg if mask is None else neg.add_(mask)).exp_()
         total = weights.sum(dim=1, keepdim=True)
         lse = top.squeeze(1) + total.log().squeeze(1)
         soft = scale * (rows * rows).sum(dim=1) - temperature * (lse - math.log(bank.shape[0]))
         return soft, weights.div_(total)
 
     @staticmethod
-    def forward(ctx, rows, bank, scale, temperature: float):
-        soft, weights = _SoftNearest.values(rows, bank, scale, temperature)
+    def forward(ctx, rows, bank, scale, temperature: float, mask):
+        soft, weights = _SoftNearest.values(rows, bank, scale, temperature, mask)
         ctx.save_for_backward(rows, bank, weights)
-        ctx.scale, ctx.temperature = scale, temperature
+        ctx.scale, ctx.temperature, ctx.mask = scale, temperature, mask
         return soft
 
     @staticmethod
@@ -162,9 +180,9 @@ class _SoftNearest(torch.autograd.Function):
         rows, bank, weights = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: weights as a function of the rows
             neg = (2.0 * rows @ bank.T - (bank * bank).sum(dim=1)[None, :]) * (ctx.scale / ctx.temperature)
-            weights = torch.softmax(neg, dim=1)
+            weights = torch.softmax(neg if ctx.mask is None else neg + ctx.mask, dim=1)
         pulled = weights @ bank
-        return (2.0 * ctx.scale) * grad[:, None] * (rows - pulled), None, None, None
+        return (2.0 * ctx.scale) * grad[:, None] * (rows - pulled), None, None, None, None
 
 
 class FeatureDensity(nn.Module):
@@ -404,6 +422,20 @@ class FeatureDensity(nn.Module):
             soft = soft_nearest(x[sel], self.bank[g, :n].to(x.dtype), scale, temperature)
             out = out.index_put((sel,), soft)
         return out
+
+    @torch.jit.unused
+    def nearest_split(self, x: torch.Tensor, split: GroupSplit,
+                      temperature: float = NEAREST_TEMPERATURE) -> torch.Tensor:
+        """:meth:`nearest` with the rows' groups as a :class:`GroupSplit`, without reading anything
+        on the host: every group's whole bank enters, its unfilled rows masked on the device (the
+        same values to rounding)."""
+        variance = self.mean_variance.to(x.dtype)
+        parts = []
+        for g, rows in enumerate(torch.split(x[split.order], split.counts)):
+            if rows.shape[0]:
+                parts.append(soft_nearest(rows, self.bank[g].to(x.dtype), 1.0 / (x.shape[1] * variance[g]),
+                                          temperature, self.bank_rows[g]))
+        return torch.cat(parts)[split.inverse] if parts else x.new_zeros(0)
 
     def distances(self, x: torch.Tensor, groups: torch.Tensor, z: torch.Tensor, metric: str,
                   centred: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:

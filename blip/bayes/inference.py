@@ -177,7 +177,10 @@ class InferenceNet(nn.Module):
                 source = features.detach() if self.detach and training else features
                 centred = density.centred(source, groups.index)
                 z = density.standardise_split(source, groups, centred)
-                m = density.distances(source, groups.index, z, self.metric, centred) if self.distance else None
+                if self.distance and self.metric == "nearest":
+                    m = density.nearest_split(source, groups)  # no host reads: device-clean
+                else:
+                    m = density.distances(source, groups.index, z, self.metric, centred) if self.distance else None
                 shared = rate_inputs(z, base, self.use_hidden, self.distance, m, self.offset)
                 if novelty is not None:
                     novelty.append((domain, log_feature_distance(z.detach())))
