@@ -2,15 +2,17 @@
 
     python benchmarks/cuda_check.py --out DIR [--repeats 5] [--backbones painn,mace]
 
-1. Samples equal: untrained BLIP models (PaiNN, MACE; the example configs' sizes) with feature
-   statistics fitted on 8 acetylacetone molecules predict K = 8 samples of those molecules and of a
-   rattled 64-atom Si cell on the CPU and, with the same weights and seed, on CUDA; prints the
+1. Samples equal: untrained BLIP models (PaiNN, MACE; the example configs' sizes), each built as
+   for its system's kind of training data (Si cells: as for crystals, so PaiNN measures the
+   nearest-row distance) with feature statistics fitted on that system, predict K = 8 samples of 8
+   acetylacetone molecules and of a rattled 64-atom Si cell on the CPU and, with the same weights
+   and seed, on CUDA; prints the
    largest difference of energies [eV] and forces [eV/A] between the two, in float64 and float32.
    The noise is a counter-based hash of (seed, replica, structure, row, channel) computed on the
    device, so the two differ only by floating-point rounding.
 2. Cost on CUDA (float32): ``blip bench cost``'s interleaved predict ratios over the MAP predict of
    the same model (BLIP and MC dropout K = 1 ... 32, the 5-member ensemble) on acetylacetone (8 x 15
-   atoms), Si 64 and Si 1000; per-sample marginal cost; one training step of BLIP over the
+   atoms), Si 64 and Si 1000 (models built per kind of system, as above); per-sample marginal cost; one training step of BLIP over the
    deterministic model's (PaiNN, batch 8 and 32); ``blip md`` with the default watch (8 samples
    every 20 steps) over MD without checks.
 
@@ -35,14 +37,20 @@ from blip.bench import cost
 TOLERANCE = {"float64": 1e-8, "float32": 2e-3}
 
 
+def _periodic(structures) -> bool:
+    return all(bool(np.all(a.pbc)) for a in structures)
+
+
 def samples_equal(backbone: str, dtype: str, device: str, samples: int = 8) -> dict:
-    """Max |CPU - ``device``| of energy and force samples of one untrained BLIP model."""
+    """Max |CPU - ``device``| of energy and force samples of untrained BLIP models: acac with one
+    built as for molecules, Si64 with one built as for crystals (PaiNN: the nearest-row distance)."""
     structures = cost.systems(False)
-    model = cost.build_models({**cost.MODELS[backbone], "dtype": dtype}, False)["blip"]
-    cost.fit_statistics(model, structures["acac"])
-    gpu = copy.deepcopy(model).to(device)
     out = {"backbone": backbone, "dtype": dtype, "samples": samples}
     for name in ("acac", "Si64"):
+        model = cost.build_models({**cost.MODELS[backbone], "dtype": dtype}, False,
+                                  periodic=_periodic(structures[name]))["blip"]
+        cost.fit_statistics(model, structures[name])
+        gpu = copy.deepcopy(model).to(device)
         a = model.predict(structures[name], samples=samples, seed=3)
         b = gpu.predict(structures[name], samples=samples, seed=3)
         de = float(np.max(np.abs(np.asarray(a["energy_samples"]) - np.asarray(b["energy_samples"]))))
@@ -56,11 +64,11 @@ def samples_equal(backbone: str, dtype: str, device: str, samples: int = 8) -> d
 
 def cuda_cost(backbone: str, repeats: int, system_names: list[str], device: str) -> dict:
     """Predict ratios and per-sample slopes on ``device`` for each system."""
-    models = cost.build_models(cost.MODELS[backbone], False)
     rows, slopes = [], []
     for system, structures in cost.systems(False).items():
         if system not in system_names:
             continue
+        models = cost.build_models(cost.MODELS[backbone], False, periodic=_periodic(structures))
         cost.fit_statistics(models["blip"], structures)
         on_gpu = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
         new = cost.predict_ratios(on_gpu, structures, cost.SAMPLES, repeats)
