@@ -12,9 +12,9 @@
    device, so the two differ only by floating-point rounding.
 2. Cost on CUDA (float32): ``blip bench cost``'s interleaved predict ratios over the MAP predict of
    the same model (BLIP and MC dropout K = 1 ... 32, the 5-member ensemble) on acetylacetone (8 x 15
-   atoms), Si 64 and Si 1000 (models built per kind of system, as above); per-sample marginal cost; one training step of BLIP over the
-   deterministic model's (PaiNN, batch 8 and 32); ``blip md`` with the default watch (8 samples
-   every 20 steps) over MD without checks.
+   atoms), Si 64 and Si 1000 (models built per kind of system, as above); per-sample marginal
+   cost; one training step of BLIP over the deterministic model's (PaiNN, batch 8 and 32);
+   ``blip md`` with the default watch (8 samples every 20 steps) over MD without checks.
 
 Writes DIR/cuda_check.json and DIR/cuda_check.md; exits non-zero if a difference exceeds its tolerance.
 """
@@ -32,13 +32,10 @@ import numpy as np
 import torch
 
 from blip.bench import cost
+from blip.data import all_periodic
 
 #: largest |CPU - CUDA| allowed per dtype [eV for energies, eV/A for forces]: rounding only
 TOLERANCE = {"float64": 1e-8, "float32": 2e-3}
-
-
-def _periodic(structures) -> bool:
-    return all(bool(np.all(a.pbc)) for a in structures)
 
 
 def samples_equal(backbone: str, dtype: str, device: str, samples: int = 8) -> dict:
@@ -48,7 +45,7 @@ def samples_equal(backbone: str, dtype: str, device: str, samples: int = 8) -> d
     out = {"backbone": backbone, "dtype": dtype, "samples": samples}
     for name in ("acac", "Si64"):
         model = cost.build_models({**cost.MODELS[backbone], "dtype": dtype}, False,
-                                  periodic=_periodic(structures[name]))["blip"]
+                                  periodic=all_periodic(structures[name]))["blip"]
         cost.fit_statistics(model, structures[name])
         gpu = copy.deepcopy(model).to(device)
         a = model.predict(structures[name], samples=samples, seed=3)
@@ -68,7 +65,7 @@ def cuda_cost(backbone: str, repeats: int, system_names: list[str], device: str)
     for system, structures in cost.systems(False).items():
         if system not in system_names:
             continue
-        models = cost.build_models(cost.MODELS[backbone], False, periodic=_periodic(structures))
+        models = cost.build_models(cost.MODELS[backbone], False, periodic=all_periodic(structures))
         cost.fit_statistics(models["blip"], structures)
         on_gpu = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
         new = cost.predict_ratios(on_gpu, structures, cost.SAMPLES, repeats)

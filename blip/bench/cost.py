@@ -32,7 +32,7 @@ from .._files import write_text_atomic
 from ..allocator import release_freed_memory
 from ..backbones.base import DatasetSummary
 from ..build import build_potential
-from ..data import read_structures
+from ..data import all_periodic, read_structures
 from ..predictor import BlipModel
 from ..uq.recalibration import NOVELTY_KEYS, WIDENING_SETTINGS
 from .results import write_json
@@ -294,7 +294,7 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
         model_cfg = (QUICK_MODELS if quick else MODELS)[name]
         built: dict[bool, dict] = {}  # models as trained on molecules (False) or periodic cells (True)
         for system, structures in chosen.items():
-            periodic = all(bool(np.all(a.pbc)) for a in structures)
+            periodic = all_periodic(structures)
             if periodic not in built:
                 built[periodic] = build_models(model_cfg, quick, periodic=periodic)
             models = built[periodic]

@@ -5,6 +5,7 @@ from blip.data.e0s import e0s_from_file, e0s_least_squares, resolve_e0s
 from blip.data.graph import build_graph
 from blip.data.io import (
     Structure,
+    all_periodic,
     check_elements,
     get_energy,
     get_forces,
@@ -14,6 +15,7 @@ from blip.data.io import (
 
 __all__ = [
     "Structure",
+    "all_periodic",
     "read_structures",
     "get_energy",
     "get_forces",

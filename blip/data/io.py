@@ -85,6 +85,12 @@ def _file_indices(index, n: int) -> list[int]:
     return list(range(n))
 
 
+def all_periodic(structures) -> bool:
+    """Whether there are structures and every one is periodic along all three cell axes (crystals)."""
+    structures = list(structures)
+    return bool(structures) and all(bool(np.all(a.pbc)) for a in structures)
+
+
 def read_structures(path, index=":") -> list[ase.Atoms]:
     """Read structures with ``ase.io.read(path, index)`` and check them.
 

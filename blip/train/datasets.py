@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backbones.base import DatasetSummary
-from ..data import build_graph, read_labelled, resolve_e0s
+from ..data import all_periodic, build_graph, read_labelled, resolve_e0s
 from ..data.e0s import composition, e0s_from_counts
 from ..data.hdf5 import H5Store, H5Structures, is_dataset, write_dataset, write_header
 from ..data.io import iter_labelled
@@ -62,7 +62,7 @@ def summary_from_arrays(elements, counts, energies, force_sq, first_atoms, e0s, 
     return DatasetSummary(elements=elements, e0s={int(z): float(e0s.get(z, 0.0)) for z in elements},
                           energy_shift=float(np.mean(residual)), force_scale=rms if rms > 0 else 1.0,
                           avg_num_neighbors=neighbours / max(atoms, 1),
-                          periodic=bool(first_atoms) and all(bool(np.all(a.pbc)) for a in first_atoms))
+                          periodic=all_periodic(first_atoms))
 
 
 def _take(structures, idx):
