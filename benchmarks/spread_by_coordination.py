@@ -70,6 +70,8 @@ class RateProbe:
         """log m (rows,): the squared feature distance the rate head of this layer sees."""
         inf, density = self.inference, self.inference.densities[domain][str(slot)]
         with torch.no_grad():
+            if groups is None:  # one group, as InferenceNet.rate reads it
+                groups = features.new_zeros(features.shape[0], dtype=torch.long)
             split = groups if isinstance(groups, GroupSplit) else GroupSplit.of(groups, density.groups)
             if inf.metric == "nearest":
                 m = density.nearest_split(features, split)
@@ -77,6 +79,8 @@ class RateProbe:
                 centred = density.centred(features, split.index)
                 z = density.standardise_split(features, split, centred)
                 m = density.distances(features, split.index, z, inf.metric, centred)
+        if m.dim() > 1:  # metric "both": the mean of the two distances' logs
+            return torch.log(m.double().clamp_min(1e-12)).mean(dim=1)
         return torch.log(m.double().clamp_min(1e-12))
 
     def per_atom(self, n: int) -> tuple[np.ndarray, np.ndarray]:
