@@ -13,7 +13,8 @@ on every test set (NLL per force component in nats, 95 % coverage):
 * ``scale``: ``s sigma`` (one factor);
 * ``blip``: what ``blip train`` and ``blip calibrate`` fit with the default settings: ``s sigma
   exp(b (nu - mean nu) + b2 max(0, nu - max nu))``, nu the atom's log feature distance
-  (``atom_novelty``), b >= 0.1 fitted, b2 = 0.2, means and maxima over the validation atoms;
+  (``atom_novelty``), b >= 0.1 fitted, b2 = 0.2 (the ``uq`` defaults ``novelty_widening``,
+  ``novelty_beyond``), means and maxima over the validation atoms;
 * ``species``: one scale factor per chemical element;
 * ``floor``: ``sqrt(s^2 sigma^2 + c^2)``, a scale plus a constant floor (eV/A);
 * ``power``: ``a sigma^b``;
@@ -44,11 +45,12 @@ import blip
 from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import score
 from blip.uq.metrics import coverage, nll
-from blip.uq.recalibration import fit_novelty_widening, fit_scale
+from blip.config import DEFAULTS
+from blip.uq.recalibration import fit_novelty_widening, fit_scale, novelty_factor
 
-FLOOR = 0.01  # of the validation force RMSE, as uq.force_std_floor
+UQ = DEFAULTS["uq"]  # blip's default recalibration settings, which the forms follow
+FLOOR = UQ["force_std_floor"]  # of the validation force RMSE
 FORMS = ("scale", "blip", "species", "floor", "power", "fmag", "fpow", "nfloor", "blip+nfloor", "blip+nfloor-add")
-WIDENING_MIN, BEYOND = 0.1, 0.2  # uq.novelty_widening (the floor of the fitted b), uq.novelty_beyond
 
 
 def fit_form(form: str, err: np.ndarray, sigma: np.ndarray, species: np.ndarray, force: np.ndarray,
@@ -59,11 +61,12 @@ def fit_form(form: str, err: np.ndarray, sigma: np.ndarray, species: np.ndarray,
     s0 = fit_scale(err, sigma, floor)
     mean_force, centre = float(np.mean(force)), float(np.mean(novelty))
     elements = [int(e) for e in np.unique(species)]
-    _, b = fit_novelty_widening(err, sigma, novelty - centre, b_min=WIDENING_MIN, floor=floor)
-    limit = float(np.max(novelty))
+    _, b = fit_novelty_widening(err, sigma, novelty - centre, b_min=float(UQ["novelty_widening"]), floor=floor)
+    widening = {"forces_novelty": b, "novelty_centre": centre, "forces_novelty_beyond": float(UQ["novelty_beyond"]),
+                "novelty_limit": float(np.max(novelty))}
 
     def widened(s, nu):  # blip's default widening with its fitted b
-        return s * np.exp(b * (nu - centre) + BEYOND * np.maximum(0.0, nu - limit))
+        return s * novelty_factor(nu, widening)
 
     forms = {  # name -> (spread(x, sigma, species, |F|, nu), starting x)
         "scale": (lambda x, s, z, f, nu: np.exp(x[0]) * s, [np.log(s0)]),

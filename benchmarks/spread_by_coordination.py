@@ -24,7 +24,6 @@ import argparse
 import os
 from pathlib import Path
 
-import ase.io
 import numpy as np
 import torch
 from ase.neighborlist import neighbor_list
@@ -32,20 +31,16 @@ from scipy.stats import spearmanr
 
 import blip
 from blip.bayes.density import GroupSplit
+from blip.bench.protocols import Options, build_plan, data_dir
 
 BOND_CUTOFF = 2.75  # A: first neighbours of silicon (bond 2.35 A, second shell 3.84 A)
-BULK = ("AIMD-NVT", "Elastic")
 
 
 def test_sets(data: Path, n: int) -> dict[str, list]:
-    """Set name -> up to ``n`` structures: bulk of test.xyz, vacancies and surfaces of both files."""
-    train, test = ase.io.read(data / "si" / "train.xyz", ":"), ase.io.read(data / "si" / "test.xyz", ":")
-
-    def of(frames, names):
-        return [a for a in frames if a.info.get("config_type") in names][:n]
-
-    return {"bulk (in distribution)": of(test, BULK), "vacancies": of(train + test, ("Vacancy",)),
-            "surfaces": of(train + test, ("Surface",))}
+    """Test set name -> its first ``n`` structures (:class:`blip.data.Structure`), as ``blip bench
+    si-defects`` splits ``data``/si: bulk of test.xyz (in distribution), vacancies, surfaces."""
+    experiment = build_plan("si-defects", data, Options(seed=0)).experiments[0]
+    return {test.name: test.structures[:n] for test in experiment.tests}
 
 
 class RateProbe:
@@ -93,13 +88,14 @@ class RateProbe:
 
 def table(model, probe: RateProbe | None, frames: list) -> dict[str, np.ndarray]:
     columns = {k: [] for k in ("sigma", "force", "error", "rate", "log_distance", "coordination")}
-    for atoms in frames:
+    for structure in frames:
+        atoms = structure.atoms
         out = model.predict([atoms], samples=8, seed=0)
         n = len(atoms)
         rate, dist = probe.per_atom(n) if probe is not None else (np.full(n, np.nan), np.full(n, np.nan))
         columns["sigma"].append(np.linalg.norm(out["forces_std"][0], axis=1))
         columns["force"].append(np.linalg.norm(out["forces"][0], axis=1))
-        columns["error"].append(np.linalg.norm(out["forces"][0] - atoms.get_forces(), axis=1))
+        columns["error"].append(np.linalg.norm(out["forces"][0] - structure.forces, axis=1))
         columns["rate"].append(rate)
         columns["log_distance"].append(dist)
         columns["coordination"].append(np.bincount(neighbor_list("i", atoms, BOND_CUTOFF), minlength=n))
@@ -141,7 +137,7 @@ def report(path: str, data: Path, rate: float | None, layer: int | None, row_dra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--data", default=None, help="folder with si/ (as blip bench --data)")
     parser.add_argument("--rate", type=float, default=None, help="every node rate set to this value")
     parser.add_argument("--layer", type=int, default=None, help="with --rate: only this node slot")
     parser.add_argument("--row-draws", action="store_true", help="independent draws per atom")
@@ -149,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     for path in args.models:
-        report(path, args.data, args.rate, args.layer, args.row_draws, args.structures)
+        report(path, data_dir(args.data), args.rate, args.layer, args.row_draws, args.structures)
 
 
 if __name__ == "__main__":
