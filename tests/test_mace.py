@@ -265,3 +265,36 @@ def test_cli_train_one_epoch_then_predict_with_spread(tmp_path):
     assert np.all(out["energy_std"] > 0)
     assert all(np.all(f > 0) for f in out["forces_std"])
     assert np.all(np.isfinite(out["energy"]))
+
+
+
+@pytest.mark.parametrize("backbone, periodic, expected", [
+    ("mace", True, (0.05, 0.3)), ("mace", False, None), ("painn", True, None)])
+def test_contrastive_removal_auto_is_on_for_mace_trained_on_crystals_only(lj_si_files, tmp_path, backbone,
+                                                                          periodic, expected):
+    """``uq.contrastive.remove: auto`` (the default): copies that lose 5-30 % of their atoms for MACE
+    trained on periodic structures, none for molecules or other backbones; what the trainer uses."""
+    from blip.build import contrastive_removal
+    from blip.config import DEFAULTS
+    from blip.train.datasets import prepare_data
+    from blip.train.loop import Trainer
+
+    assert DEFAULTS["uq"]["contrastive"]["remove"] == "auto"
+    model = dict(TINY) if backbone == "mace" else {"backbone": "painn", "cutoff": CUTOFF, "dtype": "float64"}
+    if periodic:
+        data = {"train_file": str(lj_si_files / "train.xyz"), "valid_fraction": 0.25, "e0s": {14: 0.0}}
+    else:
+        data = {"train_file": str(DATA / "acac_small.xyz"), "valid_fraction": 0.25,
+                "e0s": str(DATA / "acac_isolated_atoms.xyz")}
+    cfg = resolve({"model": model, "data": data, "output_dir": str(tmp_path)})
+    prepared = prepare_data(cfg)
+    assert prepared.summary.periodic == periodic
+    trainer = Trainer(cfg, progress=False)
+    trainer._new_member(prepared, 0)
+    assert trainer.removal == expected == contrastive_removal(cfg, prepared.summary)
+    # a value given wins over auto, null included
+    for given, wanted in (([0.1, 0.2], (0.1, 0.2)), (None, None)):
+        chosen = resolve({"model": model, "data": data, "uq": {"contrastive": {"remove": given}}})
+        assert contrastive_removal(chosen, prepared.summary) == wanted
+    with pytest.raises(ConfigError, match="contrastive.remove"):
+        resolve({"model": model, "uq": {"contrastive": {"remove": "always"}}})

@@ -22,7 +22,7 @@ from .. import distributed
 from ..bayes import density
 from ..bayes.inference import kl_sums
 from .._files import write_text_atomic
-from ..build import build_potential, dtype_of
+from ..build import build_potential, contrastive_removal, dtype_of
 from ..data import build_graph, collate
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_torch_save, save_model
@@ -83,6 +83,7 @@ class Trainer:
 
     def _new_member(self, data: PreparedData, member: int):
         seed_everything(int(self.tcfg["seed"]) + 1000 * member)
+        self.removal = contrastive_removal(self.cfg, data.summary)  # uq.contrastive.remove, auto resolved
         model = build_potential(self.cfg, data.summary).to(self.device)
         distributed.broadcast_module(model)  # identical already (same seed); rank 0's weights to be sure
         groups = [{"params": list(model.backbone.parameters()), "lr": float(self.tcfg["lr"])}]
@@ -201,7 +202,7 @@ class Trainer:
         perturbations are drawn for the global batch on every rank, each rank uses its graphs' draws."""
         ncp = self.uq["contrastive"]
         rattle, strain = tuple(ncp["rattle"]), tuple(ncp["strain"])
-        remove = None if ncp["remove"] is None else tuple(ncp["remove"])
+        remove = self.removal
         n_atoms = sizes[step.global_indices]
         local = draws_of_graphs(perturbation_draws(rng, n_atoms, rattle, strain, remove), n_atoms, step.positions)
         return model.rates(batch, seed=seed, transform=lambda b: perturbed_batch(b, None, rattle, strain, draws=local))

@@ -22,8 +22,9 @@ from blip.build import build_potential
 DATA = "../shared/data/si"
 
 
-def main(path: str) -> None:
-    model = blip.load(path)
+def graft_edge_noise(model) -> torch.nn.Module:
+    """Rebuild ``model``'s network with ``edge_noise: true``, give it the trained weights (the new
+    edge rate heads stay untrained), put it in ``model.members[0]`` and return it."""
     cfg = copy.deepcopy(model.config)
     cfg["model"]["edge_noise"] = True
     grafted = build_potential(cfg, model.summary)
@@ -31,6 +32,12 @@ def main(path: str) -> None:
     assert not unexpected and all("inference" in k for k in missing), (missing, unexpected)
     grafted.eval()
     model.members[0] = grafted
+    return grafted
+
+
+def main(path: str) -> None:
+    model = blip.load(path)
+    grafted = graft_edge_noise(model)
     original = grafted.inference.rate
 
     def rate(domain, slot, base, features, groups, update=False, training=False, memo=None, novelty=None):
