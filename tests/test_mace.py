@@ -267,7 +267,6 @@ def test_cli_train_one_epoch_then_predict_with_spread(tmp_path):
     assert np.all(np.isfinite(out["energy"]))
 
 
-
 @pytest.mark.parametrize("backbone, periodic, expected", [
     ("mace", True, (0.05, 0.3)), ("mace", False, None), ("painn", True, None)])
 def test_contrastive_removal_auto_is_on_for_mace_trained_on_crystals_only(lj_si_files, tmp_path, backbone,
