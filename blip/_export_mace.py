@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from .backbones.base import isolation_switch
 from .backbones.mace import MaceBackbone  # noqa: F401  (imports mace before e3nn, see there)
 from ._export_torchscript import FixedRate, LearnedRate, replica_graph
-from .bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear, channel_factors, invariant_summary, noisy_fc_preactivation
+from .bayes.irreps import (NoisyFCLayer, NoisyIrrepsLinear, channel_factors, invariant_summary, noisy_fc_preactivation,
+                           scalar_path_noise)
 from .bayes.noise import counter_normal, counter_uniform, stream_word
 
 from e3nn.util import jit as e3nn_jit  # noqa: E402  (after mace)
@@ -72,12 +73,22 @@ class IrrepsLinear(nn.Module):
             self.register_buffer("even_scalar", layer.even_scalar.clone())
             self.channels, self.stream = int(layer.channels), stream_word(layer.domain, layer.slot)
             self.rate, self.kind = _rate(potential, layer, int(layer.channels))
+            # independent noise on the 0e -> 0e path (kind "gaussian"): the layer with squared weights, cached
+            self.path_weight = float(layer.scalar_path_weight) if self.kind == "gaussian" else 0.0
+            squared = copy.deepcopy(inner)
+            squared.weight = nn.Parameter(inner.weight.detach() ** 2, requires_grad=False)
+            self.squared = _compiled(squared)
+            self.register_buffer("scalar_in", layer.scalar_in.clone().to(layer.weight.dtype))
+            self.register_buffer("scalar_out", layer.scalar_out.clone())
         else:
             self.linear = _compiled(layer)
             self.register_buffer("channel_of", torch.zeros(1, dtype=torch.long))
             self.register_buffer("even_scalar", torch.zeros(1, dtype=torch.bool))
             self.channels, self.stream = 1, 0
             self.rate, self.kind = FixedRate(0.0), "gaussian"
+            self.path_weight, self.squared = 0.0, self.linear
+            self.register_buffer("scalar_in", torch.zeros(1))
+            self.register_buffer("scalar_out", torch.zeros(1, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, keys: Optional[torch.Tensor], base: torch.Tensor,
                 groups: torch.Tensor, novelty: List[torch.Tensor]) -> torch.Tensor:
@@ -85,6 +96,13 @@ class IrrepsLinear(nn.Module):
             p = self.rate(base, invariant_summary(x, self.channel_of, self.even_scalar), groups, novelty)[:, None]
             if self.kind == "bernoulli":
                 draws = counter_uniform(keys, self.stream, self.channels, x.dtype)
+            elif self.path_weight > 0:  # as NoisyIrrepsLinear._independent_scalar_path
+                draws = counter_normal(keys, self.stream, self.channels + self.scalar_out.numel(), x.dtype)
+                vector = (~self.even_scalar).to(x.dtype)
+                factors = channel_factors(p, draws[:, :self.channels] * vector, self.kind)
+                out = self.linear(x * factors[:, self.channel_of])
+                variance = self.squared(x * x * self.scalar_in.to(x.dtype))
+                return scalar_path_noise(out, variance, p, draws[:, self.channels:], self.scalar_out, self.path_weight)
             else:
                 draws = counter_normal(keys, self.stream, self.channels, x.dtype)
             x = x * channel_factors(p, draws, self.kind)[:, self.channel_of]

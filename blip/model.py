@@ -36,8 +36,8 @@ class BayesianPotential(nn.Module):
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
         """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults.
-        ``distance_metric: auto`` needs the training data (``blip.build.distance_metric``); here,
-        without them, it is "euclidean"."""
+        ``distance_metric: auto`` and ``weight_noise: auto`` need the training data (``blip.build``); here,
+        without them, they are "euclidean" and "per_input"."""
         super().__init__()
         from .config import DEFAULTS
 
@@ -47,6 +47,8 @@ class BayesianPotential(nn.Module):
         u = {k: DEFAULTS["uq"][k] for k in self.SETTINGS} | uq
         if u["distance_metric"] == "auto":
             u["distance_metric"] = "euclidean"
+        if u["weight_noise"] == "auto":
+            u["weight_noise"] = "per_input"
         if method not in METHODS:
             raise ValueError(f"unknown uq.method {method!r}; choose from {', '.join(METHODS)}")
         if u["rate_inputs"] not in RATE_INPUTS:

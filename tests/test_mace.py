@@ -217,6 +217,37 @@ def test_noisy_fc_layer_is_exact_at_map_and_has_local_reparameterisation_varianc
     torch.testing.assert_close(y.var(0), expected_var, rtol=0.05, atol=1e-3)
 
 
+def test_independent_noise_on_the_scalar_path_has_the_variance_of_independent_weight_noise():
+    """Kind "gaussian": every 0e -> 0e weight takes its own noise (variance alpha w^2 per weight),
+    the 1o channels one factor per input channel, as with the other kinds."""
+    torch.manual_seed(0)
+    linear = o3.Linear(o3.Irreps("3x0e + 2x1o"), o3.Irreps("2x0e + 1x1o")).double()
+    state = NoiseState()
+    noisy = NoisyIrrepsLinear(linear, "node", 0, state)
+    rows = 40000
+    x = torch.randn(1, linear.irreps_in.dim, dtype=torch.float64).expand(rows, -1).contiguous()
+    keys = {"node": row_keys(4, torch.tensor([0]), torch.tensor([0]), torch.tensor([rows]),
+                             torch.arange(rows)[:, None])}
+    with state.use(NoiseContext.fixed({"node": torch.full((rows, 1), 0.2, dtype=torch.float64)}, keys, "gaussian")):
+        y = noisy(x)
+    path_weight = 3 ** -0.5  # e3nn's normalisation of a path with 3 input channels
+    w_scalar = linear.weight.detach()[:6].view(3, 2) * path_weight
+    expected_var = 0.25 * (x[0, :3] ** 2) @ (w_scalar ** 2)  # alpha = p / (1 - p) = 0.25
+    torch.testing.assert_close(y.mean(0), linear(x[:1])[0], rtol=0, atol=0.03)
+    torch.testing.assert_close(y[:, :2].var(0), expected_var, rtol=0.05, atol=1e-3)
+    # the 1o outputs: input channel factors, the same variance as Gaussian dropout of the inputs
+    with state.use(NoiseContext.fixed({"node": torch.full((rows, 1), 0.2, dtype=torch.float64)}, keys,
+                                      "gaussian_inputs")):
+        y_inputs = noisy(x)
+    torch.testing.assert_close(y[:, 2:].var(0), y_inputs[:, 2:].var(0), rtol=0.05, atol=1e-3)
+    # what tells them apart: the 0e outputs' covariance (independent weights: none; shared per input: alpha
+    # sum_c w_0c w_1c x_c^2)
+    shared_cov = 0.25 * (x[0, :3] ** 2 * w_scalar[:, 0] * w_scalar[:, 1]).sum()
+    assert abs(shared_cov) > 0.005  # the estimates below have a standard error of about 6e-4
+    assert abs(torch.cov(y[:, :2].T)[0, 1]) < 0.002
+    torch.testing.assert_close(torch.cov(y_inputs[:, :2].T)[0, 1], shared_cov, rtol=0, atol=2e-3)
+
+
 # ---------------------------------------------------------------- config and CLI
 
 
@@ -267,18 +298,20 @@ def test_cli_train_one_epoch_then_predict_with_spread(tmp_path):
     assert np.all(np.isfinite(out["energy"]))
 
 
-@pytest.mark.parametrize("backbone, periodic, expected", [
-    ("mace", True, (0.05, 0.3)), ("mace", False, None), ("painn", True, None)])
-def test_contrastive_removal_auto_is_on_for_mace_trained_on_crystals_only(lj_si_files, tmp_path, backbone,
-                                                                          periodic, expected):
-    """``uq.contrastive.remove: auto`` (the default): copies that lose 5-30 % of their atoms for MACE
-    trained on periodic structures, none for molecules or other backbones; what the trainer uses."""
-    from blip.build import contrastive_removal
+@pytest.mark.parametrize("backbone, periodic, expected, noise_kind", [
+    ("mace", True, (0.05, 0.3), "gaussian"), ("mace", False, None, "gaussian_inputs"),
+    ("painn", True, None, "gaussian_inputs")])
+def test_crystal_defaults_are_on_for_mace_trained_on_crystals_only(lj_si_files, tmp_path, backbone, periodic,
+                                                                   expected, noise_kind):
+    """``uq.contrastive.remove: auto`` and ``uq.weight_noise: auto`` (the defaults): for MACE trained on
+    periodic structures, copies that lose 5-30 % of their atoms and independent weight noise; for
+    molecules or other backbones, no removal and noise per input channel; what the trainer uses."""
+    from blip.build import contrastive_removal, weight_noise
     from blip.config import DEFAULTS
     from blip.train.datasets import prepare_data
     from blip.train.loop import Trainer
 
-    assert DEFAULTS["uq"]["contrastive"]["remove"] == "auto"
+    assert DEFAULTS["uq"]["contrastive"]["remove"] == DEFAULTS["uq"]["weight_noise"] == "auto"
     model = dict(TINY) if backbone == "mace" else {"backbone": "painn", "cutoff": CUTOFF, "dtype": "float64"}
     if periodic:
         data = {"train_file": str(lj_si_files / "train.xyz"), "valid_fraction": 0.25, "e0s": {14: 0.0}}
@@ -289,11 +322,15 @@ def test_contrastive_removal_auto_is_on_for_mace_trained_on_crystals_only(lj_si_
     prepared = prepare_data(cfg)
     assert prepared.summary.periodic == periodic
     trainer = Trainer(cfg, progress=False)
-    trainer._new_member(prepared, 0)
+    member, _, _ = trainer._new_member(prepared, 0)
     assert trainer.removal == expected == contrastive_removal(cfg, prepared.summary)
+    assert member.noise_kind == noise_kind
     # a value given wins over auto, null included
     for given, wanted in (([0.1, 0.2], (0.1, 0.2)), (None, None)):
         chosen = resolve({"model": model, "data": data, "uq": {"contrastive": {"remove": given}}})
         assert contrastive_removal(chosen, prepared.summary) == wanted
+    for given in ("per_input", "independent"):
+        assert weight_noise(resolve({"model": model, "data": data, "uq": {"weight_noise": given}}),
+                            prepared.summary) == given
     with pytest.raises(ConfigError, match="contrastive.remove"):
         resolve({"model": model, "uq": {"contrastive": {"remove": "always"}}})

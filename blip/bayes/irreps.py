@@ -11,7 +11,10 @@ and reads the wrapped e3nn modules through their public attributes:
   weight noise ``w_oc (1 + sqrt(alpha) xi_c)`` shared over the outputs o of input channel c
   (Kingma et al. 2015), so the KL of :func:`blip.bayes.inference.kl_divergence` applies unchanged. The local
   reparameterisation trick is NOT used here: for l > 0 it would draw independent noise
-  per m component and break equivariance.
+  per m component and break equivariance. With kind "gaussian" (``uq.weight_noise:
+  independent``) the weights of the 0e -> 0e path take independent noise instead, by local
+  reparameterisation on the layer's 0e outputs (:func:`scalar_path_noise`; scalars are
+  invariant, so any noise on them is equivariant); the other irreps keep the channel factors.
 * :class:`NoisyFCLayer` wraps one layer of an e3nn ``FullyConnectedNet`` (scalar
   features only, e.g. MACE's radial MLP that makes the tensor-product weights). It uses
   the local reparameterisation trick exactly like :class:`blip.bayes.NoisyLinear`, on
@@ -81,6 +84,34 @@ def noisy_fc_preactivation(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, dr
     return mean + torch.sqrt(p / (1.0 - p) * var + tiny) * draws
 
 
+def scalar_path_noise(out: torch.Tensor, variance: torch.Tensor, p: torch.Tensor, draws: torch.Tensor,
+                      scalar_out: torch.Tensor, path_weight: float, tiny: float = _TINY) -> torch.Tensor:
+    """``out`` (rows, irreps_out.dim) plus independent weight noise of the 0e -> 0e path (local
+    reparameterisation): each 0e output column o gets ``sqrt(alpha * pw^2 * sum_c w_oc^2 x_c^2) * xi_o``.
+
+    ``variance``: the layer applied to the squared 0e inputs with squared weights, (rows, irreps_out.dim),
+    which is ``pw * sum_c w_oc^2 x_c^2`` (e3nn multiplies a path by its weight pw once); ``p`` (rows, 1);
+    ``draws`` (rows, len(scalar_out)) N(0, 1); ``scalar_out`` the 0e output columns.
+    """
+    alpha = p / (1.0 - p)
+    std = torch.sqrt(alpha * variance.index_select(1, scalar_out) * path_weight + tiny)
+    return out.index_add(1, scalar_out, std * draws)
+
+
+def scalar_path(linear) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """What :func:`scalar_path_noise` needs of an e3nn ``o3.Linear``: the 0e input columns as a 0/1 mask
+    (dim_in,), the 0e output columns (long), and the 0e -> 0e path weight; weight 0 (no independent
+    noise: the channel factors then act on every irrep) when the layer has biases, no 0e -> 0e path,
+    or paths of different weights."""
+    in_flags = even_scalar_channels(linear.irreps_in)[irreps_channel_index(linear.irreps_in)]
+    out_flags = even_scalar_channels(linear.irreps_out)[irreps_channel_index(linear.irreps_out)]
+    weights = {float(ins.path_weight) for ins in linear.instructions
+               if _is_even_scalar(linear.irreps_in[ins.i_in].ir) and _is_even_scalar(linear.irreps_out[ins.i_out].ir)}
+    has_bias = getattr(linear, "bias", None) is not None and linear.bias.numel() > 0
+    weight = weights.pop() if len(weights) == 1 and not has_bias else 0.0
+    return in_flags.to(torch.get_default_dtype()), torch.nonzero(out_flags).flatten(), weight
+
+
 def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, slot: int, rows: int, channels: int,
                         like: torch.Tensor) -> torch.Tensor:
     """:func:`channel_factors` of one layer with the context's draws; ``p`` (rows, 1)."""
@@ -91,11 +122,15 @@ def channel_multipliers(ctx: NoiseContext, p: torch.Tensor, domain: str, slot: i
     return channel_factors(p, draws, ctx.kind)
 
 
+def _is_even_scalar(ir) -> bool:
+    return int(ir.l) == 0 and int(ir.p) == 1
+
+
 def even_scalar_channels(irreps) -> torch.Tensor:
     """Whether each channel of an irreps layout is an even scalar (0e), shape (channels,) bool."""
     flags = []
     for mul, ir in irreps:
-        flags.extend([int(ir.l) == 0 and int(ir.p) == 1] * int(mul))
+        flags.extend([_is_even_scalar(ir)] * int(mul))
     return torch.tensor(flags, dtype=torch.bool)
 
 
@@ -130,6 +165,9 @@ class NoisyIrrepsLinear(nn.Module):
         self.register_buffer("channel_of", irreps_channel_index(linear.irreps_in), persistent=False)
         self.channels = int(self.channel_of.max()) + 1 if self.channel_of.numel() else 0
         self.register_buffer("even_scalar", even_scalar_channels(linear.irreps_in), persistent=False)
+        scalar_in, scalar_out, self.scalar_path_weight = scalar_path(linear)
+        self.register_buffer("scalar_in", scalar_in, persistent=False)
+        self.register_buffer("scalar_out", scalar_out, persistent=False)
         self.domain, self.slot = domain, slot
         self.rate_slot = slot  # wrap() points the later layers of an MLP at the first one
         self._linear = (linear,)  # a tuple: not a submodule, so no duplicate parameters
@@ -150,9 +188,21 @@ class NoisyIrrepsLinear(nn.Module):
             if ctx.wants_features and self.rate_slot == self.slot:
                 features = invariant_summary(x, self.channel_of, self.even_scalar)
             p = ctx.rate(self.domain, self.rate_slot, x.shape[0], features)[:, None]
+            if ctx.kind == "gaussian" and self.scalar_path_weight > 0:
+                return self._independent_scalar_path(ctx, x, p)
             factors = channel_multipliers(ctx, p, self.domain, self.slot, x.shape[0], self.channels, x)
             x = x * factors[:, self.channel_of]
         return self._linear[0](x, self.weight, self.bias)
+
+    def _independent_scalar_path(self, ctx: NoiseContext, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Kind "gaussian": channel factors on the l > 0 (and odd scalar) channels, independent weight
+        noise on the 0e -> 0e path; one batch of draws: the channels' first, then the 0e outputs'."""
+        channels = self.channels
+        draws = ctx.standard_normal(self.domain, self.slot, x.shape[0], channels + self.scalar_out.numel(), x)
+        factors = channel_factors(p, draws[:, :channels] * (~self.even_scalar).to(x.dtype), "gaussian")
+        out = self._linear[0](x * factors[:, self.channel_of], self.weight, self.bias)
+        variance = self._linear[0](x * x * self.scalar_in.to(x.dtype), self.weight * self.weight, self.bias)
+        return scalar_path_noise(out, variance, p, draws[:, channels:], self.scalar_out, self.scalar_path_weight)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, domain={self.domain}, slot={self.slot}"
