@@ -75,9 +75,11 @@ class IrrepsLinear(nn.Module):
             self.rate, self.kind = _rate(potential, layer, int(layer.channels))
             # independent noise on the 0e -> 0e path (kind "gaussian"): the layer with squared weights, cached
             self.path_weight = float(layer.scalar_path_weight) if self.kind == "gaussian" else 0.0
-            squared = copy.deepcopy(inner)
-            squared.weight = nn.Parameter(inner.weight.detach() ** 2, requires_grad=False)
-            self.squared = _compiled(squared)
+            self.squared = self.linear
+            if self.path_weight > 0:
+                squared = copy.deepcopy(inner)
+                squared.weight = nn.Parameter(inner.weight.detach() ** 2, requires_grad=False)
+                self.squared = _compiled(squared)
             self.register_buffer("scalar_in", layer.scalar_in.clone().to(layer.weight.dtype))
             self.register_buffer("scalar_out", layer.scalar_out.clone())
         else:

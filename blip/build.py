@@ -42,7 +42,7 @@ def contrastive_removal(cfg: dict, summary: DatasetSummary) -> tuple[float, floa
     ``MACE_CRYSTAL_REMOVAL`` for MACE trained on periodic structures (``summary.periodic``), else none."""
     span = cfg["uq"]["contrastive"]["remove"]
     if span == "auto":
-        return MACE_CRYSTAL_REMOVAL if summary.periodic and cfg["model"]["backbone"] == "mace" else None
+        return MACE_CRYSTAL_REMOVAL if _mace_on_crystals(cfg, summary) else None
     return None if span is None else (float(span[0]), float(span[1]))
 
 
@@ -55,7 +55,22 @@ def weight_noise(cfg: dict, summary: DatasetSummary) -> str:
     kind = cfg["uq"]["weight_noise"]
     if kind != "auto":
         return kind
-    return "independent" if summary.periodic and cfg["model"]["backbone"] == "mace" else "per_input"
+    return "independent" if _mace_on_crystals(cfg, summary) else "per_input"
+
+
+def _mace_on_crystals(cfg: dict, summary: DatasetSummary) -> bool:
+    """Whether the model is a MACE trained on periodic structures only (the crystal defaults' case)."""
+    return summary.periodic and cfg["model"]["backbone"] == "mace"
+
+
+def auto_settings(cfg: dict, summary: DatasetSummary) -> dict[str, str]:
+    """The uq settings left at "auto" in ``cfg`` -> what they resolve to for this training data (text)."""
+    uq = cfg["uq"]
+    removal = contrastive_removal(cfg, summary)
+    resolved = {"distance_metric": (uq["distance_metric"], distance_metric(cfg, summary)),
+                "weight_noise": (uq["weight_noise"], weight_noise(cfg, summary)),
+                "contrastive.remove": (uq["contrastive"]["remove"], "none" if removal is None else str(list(removal)))}
+    return {key: value for key, (given, value) in resolved.items() if given == "auto"}
 
 
 def build_potential(cfg: dict, summary: DatasetSummary) -> BayesianPotential:

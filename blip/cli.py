@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
 
 def _train(cfg, args) -> int:
     from . import distributed
-    from .build import contrastive_removal, distance_metric, weight_noise
+    from .build import auto_settings
     from .io import save_model
     from .report import format_table
     from .train.datasets import prepare_data
@@ -41,17 +41,10 @@ def _train(cfg, args) -> int:
               f"backbone {cfg['model']['backbone']}, method {cfg['uq']['method']}, output {cfg['output_dir']}; "
               f"global batch {bs}" + (f" over {world} ranks (~{bs / world:.3g} per rank)" if world > 1 else ""),
               file=sys.stderr)
-        uq = cfg["uq"]
-        if uq["method"] == "blip":
-            resolved = {"distance_metric": (uq["distance_metric"], distance_metric(cfg, data.summary)),
-                        "weight_noise": (uq["weight_noise"], weight_noise(cfg, data.summary)),
-                        "contrastive.remove": (uq["contrastive"]["remove"], contrastive_removal(cfg, data.summary))}
-            shown = {None: "none"}
-            chosen = [f"uq.{key} auto -> {shown.get(value, list(value) if isinstance(value, tuple) else value)}"
-                      for key, (given, value) in resolved.items() if given == "auto"]
-            if chosen:
-                print(f"blip train: {', '.join(chosen)} ({'periodic' if data.summary.periodic else 'non-periodic'} "
-                      "training data)", file=sys.stderr)
+        chosen = auto_settings(cfg, data.summary) if cfg["uq"]["method"] == "blip" else {}
+        if chosen:
+            print(f"blip train: {', '.join(f'uq.{key} auto -> {value}' for key, value in chosen.items())} "
+                  f"({'periodic' if data.summary.periodic else 'non-periodic'} training data)", file=sys.stderr)
     trainer = Trainer(cfg, progress=not args.quiet)
     model = trainer.run(data)
     if not main:  # rank 0 recalibrates, evaluates and writes; the others are done
