@@ -49,7 +49,7 @@ def contrastive_removal(cfg: dict, summary: DatasetSummary) -> tuple[float, floa
 def weight_noise(cfg: dict, summary: DatasetSummary) -> str:
     """``uq.weight_noise`` with "auto" resolved from the training data: "independent" for MACE trained on
     periodic structures (``summary.periodic``: its 0e -> 0e weights then take independent noise), else
-    "per_input". On held-out silicon surfaces the force NLL gained 0.21-1.09 nats on each of 3 seeds;
+    "per_input". On held-out silicon surfaces the force NLL gained 0.15-1.09 nats on each of 6 seeds;
     on a molecule (ammonia, 3000 K half) it lost 0.00-0.15, so molecules keep "per_input"
     (docs/results/si-defects)."""
     kind = cfg["uq"]["weight_noise"]

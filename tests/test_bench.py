@@ -285,6 +285,7 @@ def test_cost_quick_reports_every_ratio(tmp_path):
         assert all(r["n_atoms"] == n_atoms and r["ratio"] > 0 for r in rows)
     # each system is timed with the BLIP model its training data would give (auto: crystals -> nearest)
     assert data["settings"]["distance_metric"] == {"painn acac": "euclidean", "painn Si8": "nearest"}
+    assert data["settings"]["weight_noise"] == {"painn acac": "per_input", "painn Si8": "per_input"}
     train = {r["method"]: r for r in data["settings"]["train_step"]}
     assert train["deterministic"]["ratio"] == 1.0 and train["blip"]["seconds_per_step"] > 0
     assert {r["batch_size"] for r in data["settings"]["train_step"]} == {4}

@@ -31,7 +31,7 @@ from .. import config as config_mod
 from .._files import write_text_atomic
 from ..allocator import release_freed_memory
 from ..backbones.base import DatasetSummary
-from ..build import build_potential
+from ..build import build_potential, weight_noise
 from ..data import all_periodic, read_structures
 from ..predictor import BlipModel
 from ..uq.recalibration import NOVELTY_KEYS, WIDENING_SETTINGS
@@ -300,6 +300,8 @@ def run(out: Path, backbones: list[str], quick: bool = False, repeats: int | Non
             models = built[periodic]
             settings.setdefault("distance_metric", {})[f"{name} {system}"] = \
                 models["blip"].members[0].inference.metric
+            settings.setdefault("weight_noise", {})[f"{name} {system}"] = \
+                weight_noise(models["blip"].config, DatasetSummary(elements=ELEMENTS, periodic=periodic))
             fit_statistics(models["blip"], structures)
             n_atoms = sum(len(a) for a in structures)
             log(f"cost: {name} {system} ({len(structures)} x {n_atoms // len(structures)} atoms), {repeats} repeats")
@@ -341,7 +343,9 @@ def markdown(data: dict, s: dict) -> str:
              f"torch {s['torch']}; wall time {s['wall_seconds'] / 60:.1f} min",
              "* systems: " + ", ".join(f"{k} ({v} atoms per structure)" for k, v in s["systems"].items()),
              "* BLIP's feature distance (`uq.distance_metric: auto`, as for a model trained on such structures): "
-             + ", ".join(f"{k} {v}" for k, v in s.get("distance_metric", {}).items()), ""]
+             + ", ".join(f"{k} {v}" for k, v in s.get("distance_metric", {}).items()),
+             "* BLIP's weight noise (`uq.weight_noise: auto`, likewise): "
+             + ", ".join(f"{k} {v}" for k, v in s.get("weight_noise", {}).items()), ""]
     systems_ = list(s["systems"])
     for backbone in s["backbones"]:
         lines += [f"## {backbone}", "", "### predict [× MAP]", "",
