@@ -11,32 +11,19 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
 import blip.io
-from blip.bayes import inference
 from blip.bench.protocols import Options, _si_groups
 from blip.bench.runner import row_metrics, score
 from blip.uq.recalibration import recalibrate
+
+from head_scaling import scale_rate_heads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model")
 parser.add_argument("seed", type=int)
 parser.add_argument("--head", type=float, default=1.0, help="factor on the learned term (1: as trained)")
 args = parser.parse_args()
-
-
-def scaled_head(self, inputs, u=None):
-    out = self.net(inputs).squeeze(-1)
-    if not hasattr(self, "slope"):
-        return self.logit0 + args.head * out
-    term = F.softplus(self.slope) * (u - self.u0)
-    term = term.sum(dim=-1) if term.dim() > 1 else term
-    return self.logit0 + args.head * self.bound * torch.tanh(out / self.bound) + term
-
-
-inference.RateHead.forward = scaled_head
+scale_rate_heads(args.head)
 model = blip.io.load(args.model)
 _, valid, tests, _ = _si_groups(Path(os.environ.get("BLIP_DATA", "data")), Options(seed=args.seed))
 scales = recalibrate(model, valid, seed=args.seed)

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
-from torch.nn import functional as F
 
 import blip.io
-from blip.bayes import inference
 from blip.bench.protocols import Options, _si_groups
 from blip.uq.recalibration import novelty_factor
+
+from head_scaling import scale_rate_heads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model", help="a recalibrated model file (its widening is applied to the spread)")
@@ -29,20 +28,11 @@ parser.add_argument("--samples", type=int, default=16)
 args = parser.parse_args()
 
 
-def scaled_head(self, inputs, u=None):
-    out = self.net(inputs).squeeze(-1)
-    if not hasattr(self, "slope"):
-        return self.logit0 + args.head * out
-    term = F.softplus(self.slope) * (u - self.u0)
-    term = term.sum(dim=-1) if term.dim() > 1 else term
-    return self.logit0 + args.head * self.bound * torch.tanh(out / self.bound) + term
-
-
 def rho(a, b):
     return spearmanr(a, b).statistic
 
 
-inference.RateHead.forward = scaled_head
+scale_rate_heads(args.head)
 model = blip.io.load(args.model)
 calibration = dict(model.calibration)
 model.calibration = {"energy": 1.0, "forces": 1.0}
