@@ -59,12 +59,8 @@ def main() -> None:
             cost.fit_statistics(model, structures)
             model.predict(structures, samples=2, seed=0)  # warm-up
         configs = [(kind, k) for kind in KINDS for k in (4, 16)]
-        ratios = {c: [] for c in configs}
-        for rep in range(args.repeats):
-            for kind, k in configs[rep % len(configs):] + configs[:rep % len(configs)]:
-                t_map = cost._seconds(lambda: models[kind].predict(structures, samples=0, seed=0))
-                t = cost._seconds(lambda: models[kind].predict(structures, samples=k, seed=0))
-                ratios[(kind, k)].append(t / t_map)
+        ratios = cost.paired_ratios(configs, lambda c: models[c[0]].predict(structures, samples=0, seed=0),
+                                    lambda c: models[c[0]].predict(structures, samples=c[1], seed=0), args.repeats)
         print(f"{name}: predict over the MAP predict, {args.repeats} interleaved repeats, median (min):")
         for kind in KINDS:
             k4, k16 = (statistics.median(ratios[(kind, k)]) for k in (4, 16))

@@ -31,11 +31,8 @@ def predict(option: str, repeats: int) -> None:
         model.predict(acac, samples=2, seed=0)  # warm-up
         models[on] = model
     configs = [(on, k) for on in (True, False) for k in (4, 16)]
-    ratios = {c: [] for c in configs}
-    for rep in range(repeats):
-        for on, k in configs[rep % len(configs):] + configs[:rep % len(configs)]:
-            t_map = cost._seconds(lambda: models[on].predict(acac, samples=0, seed=0))
-            ratios[(on, k)].append(cost._seconds(lambda: models[on].predict(acac, samples=k, seed=0)) / t_map)
+    ratios = cost.paired_ratios(configs, lambda c: models[c[0]].predict(acac, samples=0, seed=0),
+                                lambda c: models[c[0]].predict(acac, samples=c[1], seed=0), repeats)
     print(f"predict, {len(acac)} acac, {repeats} interleaved repeats [x MAP predict], median (min):")
     for (on, k), r in ratios.items():
         print(f"  {option} {'on ' if on else 'off'} K = {k:2d}: {statistics.median(r):6.2f} ({min(r):.2f})")

@@ -141,14 +141,21 @@ def predict_ratios(models: dict[str, BlipModel], structures, samples: tuple[int,
     blip = models["blip"]
     configs = [("blip", k) for k in samples] + [("mc_dropout", k) for k in samples] + [("ensemble", None)]
     blip.predict(structures, samples=2, seed=0)  # warm-up
+    ratios = paired_ratios(configs, lambda c: blip.predict(structures, samples=0, seed=0),
+                           lambda c: models[c[0]].predict(structures, samples=c[1], seed=0), repeats)
+    return [{"method": m, "samples": k if k is not None else len(models[m].members),
+             "ratio": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)} for (m, k), r in ratios.items()]
+
+
+def paired_ratios(configs: list, reference, timed, repeats: int) -> dict:
+    """``{config: [timed(config) / reference(config) seconds, one per repeat]}``: each timing paired with
+    a reference timing just before it, the order of the configurations rotating over the repeats."""
     ratios = {c: [] for c in configs}
     for rep in range(repeats):
         for c in configs[rep % len(configs):] + configs[:rep % len(configs)]:
-            t_map = _seconds(lambda: blip.predict(structures, samples=0, seed=0))
-            t = _seconds(lambda: models[c[0]].predict(structures, samples=c[1], seed=0))
-            ratios[c].append(t / t_map)
-    return [{"method": m, "samples": k if k is not None else len(models[m].members),
-             "ratio": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)} for (m, k), r in ratios.items()]
+            t_reference = _seconds(lambda: reference(c))
+            ratios[c].append(_seconds(lambda: timed(c)) / t_reference)
+    return ratios
 
 
 def marginal_cost(rows: list[dict], method: str) -> dict:
