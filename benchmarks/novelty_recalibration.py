@@ -15,7 +15,9 @@ that of the in-distribution test set (σ ratio), all of the recalibrated spreads
 over seeds (``--target energy``: the same for energies per structure, widened with each
 structure's largest atom novelty, ``uq.energy_novelty_widening``; energy-only test sets included).
 ``--fixed-b 0.1,0.2`` also scores those b (``uq.novelty_widening: 0.1``), each with its
-factor refitted on the validation split; ``--fit-above 0.1`` b fitted there with 0.1 as its floor
+factor refitted on the validation split as ``recalibrate`` fits it (with the model's force floor
+and, with ``--beyond``, the growth beyond the split's largest distance); ``--fit-above 0.1`` b
+fitted there with 0.1 as its floor
 (``uq.novelty_widening_fit: true``, the default since 2026-12-05; forces only). ``--beyond B2`` adds to every row the extra widening
 ``exp(B2 (nu - limit))`` beyond the validation split's largest distance (``uq.novelty_beyond``;
 default 0: none, whatever the model's config says). (The version of this script at commit eb43b8a fitted a
@@ -36,8 +38,7 @@ from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import recalibrated_std
 from blip.evaluate import evaluate_structures
 from blip.uq.metrics import regression_metrics
-from blip.uq.recalibration import (BEYOND_KEYS, BEYOND_SETTINGS, NOVELTY_KEYS, WIDENING_SETTINGS, fit_scale,
-                                   recalibrate)
+from blip.uq.recalibration import BEYOND_SETTINGS, NOVELTY_KEYS, WIDENING_SETTINGS, recalibrate
 
 
 def main() -> None:
@@ -58,8 +59,7 @@ def main() -> None:
                         help="the widened spread (energy: each structure's, with its atoms' largest novelty)")
     args = parser.parse_args()
     target, setting = args.target, WIDENING_SETTINGS[args.target]
-    b_key, centre_key = NOVELTY_KEYS[target]
-    b2_key, limit_key = BEYOND_KEYS[target]
+    b_key = NOVELTY_KEYS[target][0]
     torch.set_num_threads(1)
     scores: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -81,15 +81,9 @@ def main() -> None:
         model.calibration = {"energy": 1.0, "forces": 1.0}
         arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1][target]
                   for t in tests}  # raw spreads and each entry's novelty: one prediction per test set
-        if args.fixed_b:
-            valid = evaluate_structures(model, exp.valid, samples=args.samples, seed=seed)[1][target]
-            centre = float(np.mean(valid["novelty"]))
-            for b in (float(x) for x in args.fixed_b.split(",")):
-                widened = valid["std"] * np.exp(b * (valid["novelty"] - centre))
-                factors[f"b={b:g}"] = {target: fit_scale(valid["ref"] - valid["pred"], widened),
-                                       b_key: b, centre_key: centre}
-                if args.beyond:  # nothing lies beyond the limit on validation: the factor stands
-                    factors[f"b={b:g}"].update({b2_key: args.beyond, limit_key: float(np.max(valid["novelty"]))})
+        for b in (float(x) for x in args.fixed_b.split(",") if x):  # uq.novelty_widening: b, not fitted
+            model.config["uq"].update({setting: b, "novelty_widening_fit": False})
+            factors[f"b={b:g}"] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
         for widening, scales in factors.items():
             std = {name: recalibrated_std(a, target, scales) for name, a in arrays.items()}
             reference = float(np.mean(std[exp.reference_test])) if exp.reference_test in std else float("nan")

@@ -52,6 +52,9 @@ DEFAULTS: dict = {
         "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance
         "distance_offset": 0.05,     # c > 0: rates grow like (c + distance)^slope, so a small c lets them
                                      # respond to distances below 1 (crystal defects); 1 before 2026-12-05
+        "distance_slope": 2.0,       # that slope at the start of training (learned; it stays near its start):
+                                     # 2 since 2026-12-06 (PaiNN: silicon surfaces and five of six molecule
+                                     # sets better than with 1); 1 before and for fine-tuning
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "auto",      # per_input: Gaussian dropout of layer inputs (noise shared over a
                                      # layer's outputs); independent: independent weight noise (local
@@ -127,13 +130,14 @@ DEFAULTS: dict = {
 # larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
 # training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
 # worse on held-out surfaces; the distance offset stays 1: 0.05 lost 0.03-0.05 nats on every
-# silicon set there), noise drawn per row (draws shared per structure lost 0.16 nats on vacancies
-# and surface coverage 0.87 -> 0.83), and no widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured
-# with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
+# silicon set there; the distance slope starts at 1: 2 is unmeasured there), noise drawn per row
+# (draws shared per structure lost 0.16 nats on vacancies and surface coverage 0.87 -> 0.83), and no
+# widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured with ``blip bench
+# finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "distance_offset": 1.0, "noise_draws": "row",
-           "force_std": "component",
+           "distance_slope": 1.0, "force_std": "component",
            "dropout_p": 0.05, "energy_novelty_widening": False},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
@@ -308,7 +312,8 @@ _RANGES = {
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
-    ("uq", "distance_offset"): (0.0, None, False), ("uq", "force_std_floor"): (0.0, None, True),
+    ("uq", "distance_offset"): (0.0, None, False), ("uq", "distance_slope"): (0.0, None, False),
+    ("uq", "force_std_floor"): (0.0, None, True),
     ("uq", "stress_std_floor"): (0.0, None, True),
     ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),

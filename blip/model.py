@@ -31,7 +31,7 @@ class BayesianPotential(nn.Module):
 
     #: uq config keys this class reads (see blip/config.py for what they mean)
     SETTINGS = ("prior_p", "p_min", "p_max", "p_init", "inference_hidden", "dropout_p", "rate_inputs", "distance",
-                "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "detach_rate_inputs",
+                "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "distance_slope", "detach_rate_inputs",
                 "weight_noise", "noise_draws")
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
@@ -78,7 +78,7 @@ class BayesianPotential(nn.Module):
                 use_hidden=u["rate_inputs"] == "hidden", distance=bool(u["distance"]),
                 detach=bool(u["detach_rate_inputs"]), distance_mean_one=bool(u["distance_mean_one"]),
                 shrinkage=float(u["distance_shrinkage"]), metric=u["distance_metric"],
-                offset=float(u["distance_offset"]))
+                offset=float(u["distance_offset"]), slope=float(u["distance_slope"]))
 
     @property
     def wants_novelty(self) -> bool:

@@ -333,6 +333,17 @@ def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_
     assert head.u0 == pytest.approx(math.log(2.0))
 
 
+def test_a_model_file_from_before_distance_slope_says_it_started_at_one_and_predicts_the_same(trained, atoms, tmp_path):
+    """The slope is learned and stored with the weights, so an older file predicts exactly as before;
+    its config names the start it was trained from (1), which a retraining from it would reuse."""
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_slope", 2.0)
+    assert older.config["uq"]["distance_slope"] == 1.0
+    heads = zip(older.members[0].inference.heads_list(), current.members[0].inference.heads_list())
+    assert all(torch.equal(a.slope, b.slope) for a, b in heads)  # the trained slopes, not the start
+    old_pred, new_pred = (m.predict(atoms[:2], samples=2, seed=0) for m in (older, current))
+    np.testing.assert_array_equal(old_pred["forces_std"][0], new_pred["forces_std"][0])
+
+
 def test_a_model_file_from_before_noise_draws_keeps_draws_per_row(trained, atoms, tmp_path):
     """Its calibration was fitted on samples with independent draws per row: it keeps them."""
     older, current = _older_and_current(trained["blip"], tmp_path, "noise_draws", "structure")

@@ -174,6 +174,41 @@ def test_distance_offset_sets_how_rates_respond_to_small_distances(acac_summary)
         BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4), distance_offset=0.0)
 
 
+def test_distance_slope_sets_how_fast_rates_grow_with_the_distance(acac_summary):
+    """``uq.distance_slope`` s: the rate heads start with softplus(slope) = s, and with the bounded
+    head silenced the rate's logit is exactly logit0 + s (log(c + m) - log(c + 1)), so between two
+    rows the logits differ s times as much as with s = 1 (rates grow like (c + m)^s)."""
+    logits = {}
+    for slope in (1.0, 2.0):
+        torch.manual_seed(0)
+        model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
+                                  distance_slope=slope).double()
+        heads = model.inference.heads_list()
+        assert all(float(torch.nn.functional.softplus(h.slope.detach())) == pytest.approx(slope, rel=1e-6)
+                   for h in heads)
+        domain, slot = next((d, int(s)) for d, hs in model.inference.heads.items() for s in hs)
+        head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
+        torch.nn.init.zeros_(head.net[2].weight)
+        groups = torch.zeros(2000, dtype=torch.long)
+        density.begin_fit()
+        density.update(torch.randn(2000, density.dim, dtype=torch.float64), groups)
+        density.end_fit()
+        rows = torch.tensor([0.7, 1.0, 2.0], dtype=torch.float64)[:, None]  # close, typical, far
+        x = torch.randn(3, density.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * rows
+        base = torch.zeros(3, head.net[0].in_features - density.dim, dtype=torch.float64)
+        p = model.inference.rate(domain, slot, base, x, groups[:3]).detach()
+        m = density.euclidean(x, groups[:3])
+        c = model.inference.offset
+        expected = head.logit0 + slope * (torch.log(c + m) - math.log(c + 1.0))
+        assert bool(((p > model.inference.p_min) & (p < model.inference.p_max)).all())  # none clamped
+        torch.testing.assert_close(torch.logit(p), expected)
+        logits[slope] = torch.logit(p)
+    torch.testing.assert_close(logits[2.0][2] - logits[2.0][0], 2.0 * (logits[1.0][2] - logits[1.0][0]))
+    assert float(logits[2.0][2] - logits[2.0][0]) > 1.0  # the far row's rate is e times the close one's, and more
+    with pytest.raises(ValueError, match="slope"):
+        BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4), distance_slope=0.0)
+
+
 def _nearest_by_hand(x, bank, variance, temperature):
     """The nearest-row distance of ``FeatureDensity.nearest`` in numpy: soft minimum over the bank."""
     m = ((x[:, None, :] - bank[None, :, :]) ** 2).sum(-1) / (x.shape[1] * variance)

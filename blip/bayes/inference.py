@@ -42,11 +42,14 @@ U_MAX = 30.0  # u beyond this saturates every rate anyway; non-finite features (
 class RateHead(nn.Module):
     """Logit of one noisy layer's rate from (rows, d_in) inputs and optionally a distance u: (rows,),
     or (rows, distances) with one slope per distance when ``distances`` > 1; ``offset``: the c of
-    ``u = log(c + m)`` (:func:`rate_inputs`)."""
+    ``u = log(c + m)`` (:func:`rate_inputs`); ``slope``: softplus(slope) at the start (the
+    distances' slopes sum to it)."""
 
     def __init__(self, d_in: int, hidden: int, logit0: float, distance: bool, distances: int = 1,
-                 offset: float = 1.0):
+                 offset: float = 1.0, slope: float = 1.0):
         super().__init__()
+        if not slope > 0.0:
+            raise ValueError(f"the distance slope must be > 0, got {slope}")
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.normal_(self.net[2].weight, std=1e-3)
         nn.init.zeros_(self.net[2].bias)
@@ -54,10 +57,8 @@ class RateHead(nn.Module):
         self.bound, self.u0 = HEAD_BOUND, math.log(1.0 + offset)  # u at m = 1: the distance term is 0 there
         self.distance = distance
         if distance:
-            if distances == 1:
-                self.slope = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus(slope) = 1 at the start
-            else:  # the slopes sum to 1 at the start
-                self.slope = nn.Parameter(torch.full((distances,), math.log(math.exp(1.0 / distances) - 1.0)))
+            start = math.log(math.expm1(slope / distances))  # softplus(start) = slope / distances
+            self.slope = nn.Parameter(torch.tensor(start) if distances == 1 else torch.full((distances,), start))
 
     def forward(self, inputs: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.net(inputs).squeeze(-1)
@@ -111,14 +112,15 @@ class InferenceNet(nn.Module):
     ``distance_mean_one``: the densities' Mahalanobis distance has mean 1 on their own rows;
     ``shrinkage``: of the densities' covariance (:class:`~blip.bayes.density.FeatureDensity`);
     ``metric``: one of ``METRICS``, the feature distance(s) of the rate heads (module docstring);
-    ``offset``: c > 0 of their distance term's ``log(c + m)``.
+    ``offset``: c > 0 of their distance term's ``log(c + m)``; ``slope``: the softplus of that
+    term's slope at the start of training.
     """
 
     def __init__(self, base_dims: dict[str, int], layer_dims: dict[str, dict[int, int]], groups: dict[str, int],
                  hidden: int = 32, p_min: float = 1e-5, p_max: float = 0.8, p_init: float = 0.05,
                  use_hidden: bool = True, distance: bool = True, detach: bool = False,
                  distance_mean_one: bool = False, shrinkage: float = SHRINKAGE,
-                 metric: str = "mahalanobis", offset: float = 1.0):
+                 metric: str = "mahalanobis", offset: float = 1.0, slope: float = 1.0):
         super().__init__()
         if metric not in METRICS:
             raise ValueError(f"unknown distance metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -135,7 +137,7 @@ class InferenceNet(nn.Module):
         for domain, dims in layer_dims.items():
             self.heads[domain] = nn.ModuleDict({
                 str(slot): RateHead(base_dims[domain] + (d if use_hidden else 0), hidden, logit0, distance,
-                                    2 if metric == "both" else 1, self.offset)
+                                    2 if metric == "both" else 1, self.offset, slope)
                 for slot, d in dims.items()})
             if self.wants_features:
                 self.densities[domain] = nn.ModuleDict({
