@@ -58,6 +58,21 @@ def weight_noise(cfg: dict, summary: DatasetSummary) -> str:
     return "independent" if _mace_on_crystals(cfg, summary) else "per_input"
 
 
+#: ``uq.distance_slope: auto`` by backbone: PaiNN's rate heads start twice as steep in the feature
+#: distance (silicon surfaces better on 5 of 6 seeds, equal on the sixth; molecules within their
+#: seed spread); MACE keeps 1 (with 2: worse in distribution on 2 of 2 silicon seeds, ammonia far
+#: out 0.05 nats worse over 3), CHGNet 1 (unmeasured) (docs/results/si-defects)
+AUTO_DISTANCE_SLOPE = {"painn": 2.0}
+
+
+def distance_slope(cfg: dict) -> float:
+    """``uq.distance_slope`` with "auto" resolved by backbone (``AUTO_DISTANCE_SLOPE``, else 1)."""
+    slope = cfg["uq"]["distance_slope"]
+    if slope != "auto":
+        return float(slope)
+    return AUTO_DISTANCE_SLOPE.get(cfg["model"]["backbone"], 1.0)
+
+
 def _mace_on_crystals(cfg: dict, summary: DatasetSummary) -> bool:
     """Whether the model is a MACE trained on periodic structures only (the crystal defaults' case)."""
     return summary.periodic and cfg["model"]["backbone"] == "mace"
@@ -69,13 +84,15 @@ def auto_settings(cfg: dict, summary: DatasetSummary) -> dict[str, str]:
     removal = contrastive_removal(cfg, summary)
     resolved = {"distance_metric": (uq["distance_metric"], distance_metric(cfg, summary)),
                 "weight_noise": (uq["weight_noise"], weight_noise(cfg, summary)),
+                "distance_slope": (uq["distance_slope"], f"{distance_slope(cfg):g}"),
                 "contrastive.remove": (uq["contrastive"]["remove"], "none" if removal is None else str(list(removal)))}
     return {key: value for key, (given, value) in resolved.items() if given == "auto"}
 
 
 def build_potential(cfg: dict, summary: DatasetSummary) -> BayesianPotential:
     """One network for ``cfg["uq"]["method"]`` (an ensemble member for "ensemble")."""
-    uq = dict(cfg["uq"], distance_metric=distance_metric(cfg, summary), weight_noise=weight_noise(cfg, summary))
+    uq = dict(cfg["uq"], distance_metric=distance_metric(cfg, summary), weight_noise=weight_noise(cfg, summary),
+              distance_slope=distance_slope(cfg))
     method = "deterministic" if uq["method"] == "ensemble" else uq["method"]
     potential = BayesianPotential(build_backbone(cfg["model"], summary), method=method,
                                   **{k: uq[k] for k in BayesianPotential.SETTINGS})

@@ -52,9 +52,10 @@ DEFAULTS: dict = {
         "distance_shrinkage": 0.01,  # 0...1: the feature covariance shrunk towards its mean variance
         "distance_offset": 0.05,     # c > 0: rates grow like (c + distance)^slope, so a small c lets them
                                      # respond to distances below 1 (crystal defects); 1 before 2026-12-05
-        "distance_slope": 2.0,       # that slope at the start of training (learned; it stays near its start):
-                                     # 2 since 2026-12-06 (PaiNN: silicon surfaces and five of six molecule
-                                     # sets better than with 1); 1 before and for fine-tuning
+        "distance_slope": "auto",    # that slope at the start of training (learned; it stays near its
+                                     # start); auto: 2 for PaiNN (silicon surfaces better on 5 of 6 seeds,
+                                     # molecules within their seed spread), 1 for MACE (worse with 2 in
+                                     # distribution on silicon, far out on ammonia) and CHGNet; 1 before 2026-12-06
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "auto",      # per_input: Gaussian dropout of layer inputs (noise shared over a
                                      # layer's outputs); independent: independent weight noise (local
@@ -312,8 +313,7 @@ _RANGES = {
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
-    ("uq", "distance_offset"): (0.0, None, False), ("uq", "distance_slope"): (0.0, None, False),
-    ("uq", "force_std_floor"): (0.0, None, True),
+    ("uq", "distance_offset"): (0.0, None, False), ("uq", "force_std_floor"): (0.0, None, True),
     ("uq", "stress_std_floor"): (0.0, None, True),
     ("model", "cutoff"): (0.0, None, False),
     ("data", "valid_fraction"): (0.0, 1.0, True), ("data", "calibration_fraction"): (0.0, 1.0, False),
@@ -339,6 +339,9 @@ def _check_ranges(cfg: dict) -> None:
         beyond = uq.get(key)
         if beyond is True or (beyond is not None and beyond is not False and not 0.0 <= beyond <= 5.0):
             raise ConfigError(f"uq.{key} must be false or a number in [0, 5], got {beyond!r}")
+    slope = uq.get("distance_slope")
+    if slope != "auto" and (isinstance(slope, bool) or not isinstance(slope, (int, float)) or not slope > 0.0):
+        raise ConfigError(f"uq.distance_slope must be a number > 0 or auto, got {slope!r}")
     if not uq["p_min"] <= uq["p_init"] <= uq["p_max"]:
         raise ConfigError(f"uq: need p_min <= p_init <= p_max, got {uq['p_min']}, {uq['p_init']}, {uq['p_max']}")
 

@@ -37,7 +37,8 @@ class BayesianPotential(nn.Module):
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
         """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults.
         ``distance_metric: auto`` and ``weight_noise: auto`` need the training data (``blip.build``); here,
-        without them, they are "euclidean" and "per_input"."""
+        without them, they are "euclidean" and "per_input"; ``distance_slope: auto`` (by backbone in
+        ``blip.build``) is 1."""
         super().__init__()
         from .config import DEFAULTS
 
@@ -49,6 +50,8 @@ class BayesianPotential(nn.Module):
             u["distance_metric"] = "euclidean"
         if u["weight_noise"] == "auto":
             u["weight_noise"] = "per_input"
+        if u["distance_slope"] == "auto":
+            u["distance_slope"] = 1.0
         if method not in METHODS:
             raise ValueError(f"unknown uq.method {method!r}; choose from {', '.join(METHODS)}")
         if u["rate_inputs"] not in RATE_INPUTS:

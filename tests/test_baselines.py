@@ -336,7 +336,7 @@ def test_a_model_file_from_before_distance_offset_keeps_offset_one(trained, tmp_
 def test_a_model_file_from_before_distance_slope_says_it_started_at_one_and_predicts_the_same(trained, atoms, tmp_path):
     """The slope is learned and stored with the weights, so an older file predicts exactly as before;
     its config names the start it was trained from (1), which a retraining from it would reuse."""
-    older, current = _older_and_current(trained["blip"], tmp_path, "distance_slope", 2.0)
+    older, current = _older_and_current(trained["blip"], tmp_path, "distance_slope", "auto")  # PaiNN: 2
     assert older.config["uq"]["distance_slope"] == 1.0
     heads = zip(older.members[0].inference.heads_list(), current.members[0].inference.heads_list())
     assert all(torch.equal(a.slope, b.slope) for a, b in heads)  # the trained slopes, not the start

@@ -260,7 +260,7 @@ def test_pretrained_models_get_the_finetuning_defaults_and_user_keys_win():
             assert scratch[section][key] == config.DEFAULTS[section][key], (section, key)
     assert scratch["uq"]["distance_metric"] == "auto" and finetune["uq"]["distance_metric"] == "mahalanobis"
     assert scratch["uq"]["distance_offset"] == 0.05 and finetune["uq"]["distance_offset"] == 1.0
-    assert scratch["uq"]["distance_slope"] == 2.0 and finetune["uq"]["distance_slope"] == 1.0
+    assert scratch["uq"]["distance_slope"] == "auto" and finetune["uq"]["distance_slope"] == 1.0
     assert scratch["uq"]["noise_draws"] == "structure" and finetune["uq"]["noise_draws"] == "row"
     mine = config.resolve({"model": {"backbone": "chgnet"}, "uq": {"p_max": 0.2}, "training": {"inference_lr": None}},
                           ["training.lr=0.001"])

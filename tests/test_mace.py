@@ -305,8 +305,9 @@ def test_crystal_defaults_are_on_for_mace_trained_on_crystals_only(lj_si_files, 
                                                                    expected, noise_kind):
     """``uq.contrastive.remove: auto`` and ``uq.weight_noise: auto`` (the defaults): for MACE trained on
     periodic structures, copies that lose 5-30 % of their atoms and independent weight noise; for
-    molecules or other backbones, no removal and noise per input channel; what the trainer uses."""
-    from blip.build import contrastive_removal, weight_noise
+    molecules or other backbones, no removal and noise per input channel; what the trainer uses.
+    ``uq.distance_slope: auto``: the rate heads start with slope 2 for PaiNN, 1 for MACE."""
+    from blip.build import contrastive_removal, distance_slope, weight_noise
     from blip.config import DEFAULTS
     from blip.train.datasets import prepare_data
     from blip.train.loop import Trainer
@@ -325,6 +326,10 @@ def test_crystal_defaults_are_on_for_mace_trained_on_crystals_only(lj_si_files, 
     member, _, _ = trainer._new_member(prepared, 0)
     assert trainer.removal == expected == contrastive_removal(cfg, prepared.summary)
     assert member.noise_kind == noise_kind
+    slope = 2.0 if backbone == "painn" else 1.0
+    assert distance_slope(cfg) == slope
+    assert all(float(torch.nn.functional.softplus(head.slope.detach())) == pytest.approx(slope, rel=1e-6)
+               for head in member.inference.heads_list())
     # a value given wins over auto, null included
     for given, wanted in (([0.1, 0.2], (0.1, 0.2)), (None, None)):
         chosen = resolve({"model": model, "data": data, "uq": {"contrastive": {"remove": given}}})
@@ -332,5 +337,9 @@ def test_crystal_defaults_are_on_for_mace_trained_on_crystals_only(lj_si_files, 
     for given in ("per_input", "independent"):
         assert weight_noise(resolve({"model": model, "data": data, "uq": {"weight_noise": given}}),
                             prepared.summary) == given
+    assert distance_slope(resolve({"model": model, "data": data, "uq": {"distance_slope": 3}})) == 3.0
     with pytest.raises(ConfigError, match="contrastive.remove"):
         resolve({"model": model, "uq": {"contrastive": {"remove": "always"}}})
+    for wrong in ("steep", 0, -1.0, True):
+        with pytest.raises(ConfigError, match="distance_slope"):
+            resolve({"model": model, "uq": {"distance_slope": wrong}})
