@@ -31,8 +31,8 @@ class BayesianPotential(nn.Module):
 
     #: uq config keys this class reads (see blip/config.py for what they mean)
     SETTINGS = ("prior_p", "p_min", "p_max", "p_init", "inference_hidden", "dropout_p", "rate_inputs", "distance",
-                "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "distance_slope", "detach_rate_inputs",
-                "weight_noise", "noise_draws")
+                "distance_mean_one", "distance_shrinkage", "distance_metric", "distance_offset", "distance_slope",
+                "detach_rate_inputs", "weight_noise", "noise_draws")
 
     def __init__(self, backbone: Backbone, method: str = "blip", **uq):
         """``uq``: settings of the ``uq`` config section (``SETTINGS``); missing ones take the defaults.

@@ -143,27 +143,34 @@ def test_euclidean_metric_sets_the_rates_distance(acac_summary):
     assert float((rates["mahalanobis"] / rates["euclidean"]).median()) > 10.0
 
 
+def _distance_only_rate_head(summary, **uq):
+    """(model, domain, slot, head, density): a tiny BLIP-PaiNN (float64) with ``uq`` settings, its first
+    rate head's bounded term silenced (the rate is the distance term alone) and that head's feature
+    density fitted on 2000 standard normal rows (m = 1 on average)."""
+    torch.manual_seed(0)
+    model = BayesianPotential(PaiNN(summary, cutoff=5.0, features=8, interactions=2, radial=4), **uq).double()
+    domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
+    head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
+    torch.nn.init.zeros_(head.net[2].weight)
+    density.begin_fit()
+    density.update(torch.randn(2000, density.dim, dtype=torch.float64), torch.zeros(2000, dtype=torch.long))
+    density.end_fit()
+    return model, domain, slot, head, density
+
+
 def test_distance_offset_sets_how_rates_respond_to_small_distances(acac_summary):
     """``uq.distance_offset`` c: with the bounded head silenced the rate is exactly
     sigmoid(logit0 + slope (log(c + m) - log(c + 1))), equal for every c at m = 1; for features
     closer to the training data than m = 1 a small c spreads the rates over a much wider range."""
     spans = {}
     for offset in (1.0, 0.05):
-        torch.manual_seed(0)
-        model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
-                                  distance_offset=offset).double()
-        domain, slot = next((d, int(s)) for d, heads in model.inference.heads.items() for s in heads)
-        head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
-        torch.nn.init.zeros_(head.net[2].weight)
-        groups = torch.zeros(2000, dtype=torch.long)
-        density.begin_fit()
-        density.update(torch.randn(2000, density.dim, dtype=torch.float64), groups)
-        density.end_fit()
+        model, domain, slot, head, density = _distance_only_rate_head(acac_summary, distance_offset=offset)
+        groups = torch.zeros(40, dtype=torch.long)
         rows = torch.linspace(0.05, 0.7, 40, dtype=torch.float64)[:, None]  # distances from the data
         x = torch.randn(40, density.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * rows
         base = torch.zeros(len(x), head.net[0].in_features - density.dim, dtype=torch.float64)
-        p = model.inference.rate(domain, slot, base, x, groups[:len(x)])
-        m = density.euclidean(x, groups[:len(x)])
+        p = model.inference.rate(domain, slot, base, x, groups)
+        m = density.euclidean(x, groups)
         assert float(m.max()) < 1.0  # every row closer than the training rows' mean distance
         term = torch.nn.functional.softplus(head.slope) * (torch.log(offset + m) - math.log(offset + 1.0))
         torch.testing.assert_close(p, torch.sigmoid(head.logit0 + term).clamp(model.inference.p_min,
@@ -180,24 +187,15 @@ def test_distance_slope_sets_how_fast_rates_grow_with_the_distance(acac_summary)
     rows the logits differ s times as much as with s = 1 (rates grow like (c + m)^s)."""
     logits = {}
     for slope in (1.0, 2.0):
-        torch.manual_seed(0)
-        model = BayesianPotential(PaiNN(acac_summary, cutoff=5.0, features=8, interactions=2, radial=4),
-                                  distance_slope=slope).double()
-        heads = model.inference.heads_list()
+        model, domain, slot, head, density = _distance_only_rate_head(acac_summary, distance_slope=slope)
         assert all(float(torch.nn.functional.softplus(h.slope.detach())) == pytest.approx(slope, rel=1e-6)
-                   for h in heads)
-        domain, slot = next((d, int(s)) for d, hs in model.inference.heads.items() for s in hs)
-        head, density = model.inference.heads[domain][str(slot)], model.inference.densities[domain][str(slot)]
-        torch.nn.init.zeros_(head.net[2].weight)
-        groups = torch.zeros(2000, dtype=torch.long)
-        density.begin_fit()
-        density.update(torch.randn(2000, density.dim, dtype=torch.float64), groups)
-        density.end_fit()
+                   for h in model.inference.heads_list())
+        groups = torch.zeros(3, dtype=torch.long)
         rows = torch.tensor([0.7, 1.0, 2.0], dtype=torch.float64)[:, None]  # close, typical, far
         x = torch.randn(3, density.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * rows
         base = torch.zeros(3, head.net[0].in_features - density.dim, dtype=torch.float64)
-        p = model.inference.rate(domain, slot, base, x, groups[:3]).detach()
-        m = density.euclidean(x, groups[:3])
+        p = model.inference.rate(domain, slot, base, x, groups).detach()
+        m = density.euclidean(x, groups)
         c = model.inference.offset
         expected = head.logit0 + slope * (torch.log(c + m) - math.log(c + 1.0))
         assert bool(((p > model.inference.p_min) & (p < model.inference.p_max)).all())  # none clamped
