@@ -78,12 +78,12 @@ def main() -> None:
         if args.fit_above is not None:  # b fitted on validation with the set b as its floor (forces)
             model.config["uq"].update({setting: args.fit_above, "novelty_widening_fit": True})
             factors[f"b>={args.fit_above:g}"] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
-        model.calibration = {"energy": 1.0, "forces": 1.0}
-        arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1][target]
-                  for t in tests}  # raw spreads and each entry's novelty: one prediction per test set
         for b in (float(x) for x in args.fixed_b.split(",") if x):  # uq.novelty_widening: b, not fitted
             model.config["uq"].update({setting: b, "novelty_widening_fit": False})
             factors[f"b={b:g}"] = recalibrate(model, exp.valid, samples=args.samples, seed=seed)
+        model.calibration = {"energy": 1.0, "forces": 1.0}
+        arrays = {t.name: evaluate_structures(model, t.structures, samples=args.samples, seed=seed)[1][target]
+                  for t in tests}  # raw spreads and each entry's novelty: one prediction per test set
         for widening, scales in factors.items():
             std = {name: recalibrated_std(a, target, scales) for name, a in arrays.items()}
             reference = float(np.mean(std[exp.reference_test])) if exp.reference_test in std else float("nan")
