@@ -59,8 +59,8 @@ def weight_noise(cfg: dict, summary: DatasetSummary) -> str:
 
 
 #: ``uq.distance_slope: auto`` by backbone: PaiNN's rate heads start twice as steep in the feature
-#: distance (silicon surfaces better on 5 of 6 seeds, equal on the sixth; molecules within their
-#: seed spread); MACE keeps 1 (with 2: worse in distribution on 2 of 2 silicon seeds, ammonia far
+#: distance (silicon surfaces better on 5 of 6 seeds, equal on the sixth; molecules a coin flip,
+#: 15 of 29 means better, docs/results/energy-split); MACE keeps 1 (with 2: worse in distribution on 2 of 2 silicon seeds, ammonia far
 #: out 0.05 nats worse over 3), CHGNet 1 (fine-tuned with 2: silicon vacancies worse on 3 of 3
 #: seeds, docs/results/finetune-si) (docs/results/si-defects)
 AUTO_DISTANCE_SLOPE = {"painn": 2.0}

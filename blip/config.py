@@ -54,7 +54,7 @@ DEFAULTS: dict = {
                                      # respond to distances below 1 (crystal defects); 1 before 2026-12-05
         "distance_slope": "auto",    # that slope at the start of training (learned; it stays near its
                                      # start); auto: 2 for PaiNN (silicon surfaces better on 5 of 6 seeds,
-                                     # molecules within their seed spread), 1 for MACE (worse with 2 in
+                                     # molecules a coin flip over 29 measured means), 1 for MACE (worse with 2 in
                                      # distribution on silicon, far out on ammonia) and CHGNet; 1 before 2026-12-06
         "detach_rate_inputs": True,  # training steps: features enter the rate heads detached
         "weight_noise": "auto",      # per_input: Gaussian dropout of layer inputs (noise shared over a
@@ -131,10 +131,10 @@ DEFAULTS: dict = {
 # larger ones for the new rate heads, and the Mahalanobis feature distance scaled to mean 1 on the
 # training rows (pretrained features vary in few directions; the Euclidean distance scored 1 nat
 # worse on held-out surfaces; the distance offset stays 1: 0.05 lost 0.03-0.05 nats on every
-# silicon set there; the distance slope starts at 1: 2 is unmeasured there), noise drawn per row
-# (draws shared per structure lost 0.16 nats on vacancies and surface coverage 0.87 -> 0.83), and no
-# widening of the energy spreads (they lost 0.1-0.5 nats with it). Measured with ``blip bench
-# finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
+# silicon set there; the distance slope starts at 1: 2 lost 0.10-0.15 nats on vacancies on every
+# seed), noise drawn per row (draws shared per structure lost 0.16 nats on vacancies and surface
+# coverage 0.87 -> 0.83), and no widening of the energy spreads (they lost 0.1-0.5 nats with it).
+# Measured with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "distance_offset": 1.0, "noise_draws": "row",
