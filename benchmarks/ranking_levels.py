@@ -10,7 +10,8 @@ the recalibrated NLL per force component (nats); the NLL with the best single fa
 set itself ("oracle": what is lost to the scale found on validation); the NLL of a constant
 sigma equal to the RMSE (no ranking); the Spearman rank correlation of the structures' RMS error
 with their RMS sigma (between structures) and the mean of the per-structure Spearman of |error|
-with sigma over components (within structures). ``--only-slots``: BLIP's sigma from the noise of
+with sigma over components (within structures); for BLIP also that of the structures' RMS error
+with their atoms' mean log feature distance (what ``uq.structure_floor`` grows with). ``--only-slots``: BLIP's sigma from the noise of
 these noisy MLPs only (node-domain slots, printed with their layer names; an MLP's layers share the
 rate of its first layer's slot, so name that one), the rates of every other MLP multiplied by
 1e-8, the model otherwise as trained.
@@ -33,11 +34,13 @@ from blip.uq.recalibration import fit_scale
 
 
 def force_arrays(model, structures, seed: int):
-    """Residuals, raw sigma and structure index of every force component (flat)."""
-    pred = model.predict([s.atoms for s in structures], samples=None, seed=seed)
+    """Residuals, raw sigma and structure index of every force component (flat), and each structure's
+    mean log feature distance (G,; None for a model without one)."""
+    pred = model.predict([s.atoms for s in structures], samples=None, seed=seed, novelty=True)
     forces = score(structures, pred)["forces"]
     structure = np.concatenate([np.full(3 * len(s.atoms), i) for i, s in enumerate(structures)])
-    return forces["ref"] - forces["pred"], forces["std"], structure
+    mean_novelty = np.array([np.mean(v) for v in pred["atom_novelty"]]) if "atom_novelty" in pred else None
+    return forces["ref"] - forces["pred"], forces["std"], structure, mean_novelty
 
 
 def keep_noise_of(model, slots: set[int]) -> None:
@@ -78,16 +81,18 @@ def main() -> None:
             model.calibration = {"energy": 1.0, "forces": 1.0}
             if args.only_slots is not None and method == "blip":
                 keep_noise_of(model, {int(s) for s in args.only_slots.split(",")})
-            err_v, sigma_v, _ = force_arrays(model, exp.valid, seed)
-            err, sigma, structure = force_arrays(model, test.structures, seed)
+            err_v, sigma_v, _, _ = force_arrays(model, exp.valid, seed)
+            err, sigma, structure, mean_novelty = force_arrays(model, test.structures, seed)
             sigma = fit_scale(err_v, sigma_v) * sigma
             rmse = float(np.sqrt(np.mean(err ** 2)))
             between = spearmanr(per_structure_rms(err, structure), per_structure_rms(sigma, structure))[0]
             within = np.nanmean([spearmanr(np.abs(err[structure == g]), sigma[structure == g])[0]
                                  for g in range(structure.max() + 1)])
+            by_distance = ("" if mean_novelty is None else ", structures by their mean feature distance "
+                           f"{spearmanr(per_structure_rms(err, structure), mean_novelty)[0]:.2f}")
             print(f"seed {seed} {method:9s} F RMSE {rmse * 1000:6.1f} meV/A  NLL {nll(err, sigma):7.3f}  "
                   f"oracle {nll(err, fit_scale(err, sigma) * sigma):7.3f}  constant {nll(err, np.full_like(err, rmse)):7.3f}  "
-                  f"Spearman between structures {between:.2f}, within {within:.2f}")
+                  f"Spearman between structures {between:.2f}, within {within:.2f}{by_distance}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def _widening_text(calibration: dict) -> str:
 def cmd_calibrate(args) -> int:
     from .data import read_labelled
     from .io import load, save_model
-    from .uq.recalibration import recalibrate
+    from .uq.recalibration import recalibrate, widening_formula
 
     model = load(args.model, device=args.device)
     data_cfg = model.config["data"]
@@ -186,6 +186,10 @@ def cmd_calibrate(args) -> int:
     cal = model.calibration
     floor = cal.get("forces_floor")
     floor_text = f", {floor:g} eV/Å added in quadrature" if floor else ""
+    if cal.get("forces_structure_floor"):
+        floor_text += (f", a floor of {cal['forces_structure_floor']:.3g} eV/Å x "
+                       f"{widening_formula(cal['structure_floor_novelty'], cal['structure_floor_centre'], 'mean novelty')}"
+                       f" per structure (mean novelty at most {cal['structure_floor_limit']:.3g})")
     stress_text = ""
     if "stress" in cal:
         stress_floor = cal.get("stress_floor")

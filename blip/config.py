@@ -95,6 +95,10 @@ DEFAULTS: dict = {
                                      # validation split's force RMSE, in the recalibration's fit and after it:
                                      # components zero by symmetry (spread and error rounding noise) no longer
                                      # steer s and b; 0: none (before 2026-12-06)
+        "structure_floor": True,     # force spreads also get, in quadrature, a floor c exp(b (m - m_0)) of each
+                                     # structure, m the mean feature distance of its atoms (at most the validation
+                                     # split's largest), c >= 0 and b >= 0 fitted on the validation split after the
+                                     # factor (so it only widens): ranks whole structures as an ensemble does
         "stress_std_floor": 0.0,     # the same for stress spreads (with stress labels on the validation split);
                                      # off: 0.01 gained nothing on a stress-labelled silicon set (0.01-0.03 nats
                                      # worse in distribution, docs/results/si-stress)
@@ -133,13 +137,14 @@ DEFAULTS: dict = {
 # worse on held-out surfaces; the distance offset stays 1: 0.05 lost 0.03-0.05 nats on every
 # silicon set there; the distance slope starts at 1: 2 lost 0.10-0.15 nats on vacancies on every
 # seed), noise drawn per row (draws shared per structure lost 0.16 nats on vacancies and surface
-# coverage 0.87 -> 0.83), and no widening of the energy spreads (they lost 0.1-0.5 nats with it).
+# coverage 0.87 -> 0.83), no widening of the energy spreads (they lost 0.1-0.5 nats with it) and no
+# floor per structure (seed 0: in distribution and vacancies 0.02-0.04 nats better, surfaces 0.03 worse).
 # Measured with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
            "distance_mean_one": True, "distance_metric": "mahalanobis", "distance_offset": 1.0, "noise_draws": "row",
            "distance_slope": 1.0, "force_std": "component",
-           "dropout_p": 0.05, "energy_novelty_widening": False},
+           "dropout_p": 0.05, "energy_novelty_widening": False, "structure_floor": False},
     "training": {"lr": 1e-4, "inference_lr": 1e-2},
 }
 

@@ -67,7 +67,8 @@ def read_payload(path: str | Path) -> dict:
 #: with, where that differs from today's default
 VALUES_BEFORE_KEY = {("uq", "distance_metric"): "mahalanobis", ("uq", "distance_offset"): 1.0,
                      ("uq", "noise_draws"): "row", ("uq", "force_std_floor"): 0.0,
-                     ("uq", "weight_noise"): "per_input", ("uq", "distance_slope"): 1.0}
+                     ("uq", "weight_noise"): "per_input", ("uq", "distance_slope"): 1.0,
+                     ("uq", "structure_floor"): False}
 
 
 def _with_new_keys(cfg: dict) -> dict:

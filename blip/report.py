@@ -467,7 +467,7 @@ def recalibration_markdown(arrays: dict, calibration: dict) -> tuple[str, dict]:
             continue
         err = np.asarray(a["ref"], dtype=float).ravel() - np.asarray(a["pred"], dtype=float).ravel()
         factor = s * novelty_factor(a.get("novelty"), calibration, _SCALE_TARGET[q])
-        std_raw = unfloored_std(std, calibration, _SCALE_TARGET[q])  # the floor comes off first
+        std_raw = unfloored_std(std, calibration, _SCALE_TARGET[q], a.get("mean_novelty"))  # floors off first
         before, after = M.regression_metrics(err, std_raw / factor), M.regression_metrics(err, std)
         cells = [f"{_fmt(before[k])} → {_fmt(after[k])}" for k in _RECAL_KEYS]
         lines.append(f"| {q} | {s:.4g} | " + " | ".join(cells) + " |")

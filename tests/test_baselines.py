@@ -94,10 +94,11 @@ def test_cli_predict_evaluate_calibrate_work_for_every_method(trained, tmp_path,
     else:
         assert all(model.calibration[q] > 0 and model.calibration[q] != 1.0 for q in ("energy", "forces"))
         # BLIP with feature-based rates also widens the force and energy spreads with the feature distance,
-        # faster beyond the validation split's largest
+        # faster beyond the validation split's largest, and floors each structure's force spreads by its atoms' mean
         widening = ({"forces_novelty", "novelty_centre", "energy_novelty", "energy_novelty_centre",
-                     "forces_novelty_beyond", "novelty_limit", "energy_novelty_beyond", "energy_novelty_limit"}
-                    if method == "blip" else set())
+                     "forces_novelty_beyond", "novelty_limit", "energy_novelty_beyond", "energy_novelty_limit",
+                     "forces_structure_floor", "structure_floor_novelty", "structure_floor_centre",
+                     "structure_floor_limit"} if method == "blip" else set())
         assert set(model.calibration) == {"energy", "forces", "forces_floor"} | widening
         assert model.calibration.get("forces_novelty", 0.0) >= 0.0
 
@@ -366,7 +367,8 @@ def test_a_model_file_from_before_the_force_floor_recalibrates_without_it(traine
     structures = read_labelled(DATA / "acac_small.xyz")[:3]
     atoms = [s.atoms for s in structures]
     for model in (older, current):
-        model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False, force_std="component")
+        model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False, force_std="component",
+                                  structure_floor=False)  # the constant floor alone (the structure floor: test_novelty)
     current.config["uq"]["force_std_floor"] = 0.1  # of the force RMSE: large for this tiny model, so it shows
     plain, with_floor = (recalibrate(m, structures, samples=3, seed=0)["forces"] for m in (older, current))
     old_pred, new_pred = (m.predict(atoms, samples=3, seed=0) for m in (older, current))
@@ -417,3 +419,17 @@ def test_bench_cost_unit_is_one_network_even_for_an_ensemble(trained, atoms):
     np.testing.assert_array_equal(single.predict(atoms, samples=0)["energy"], first.predict(atoms, samples=0)["energy"])
     blip_model = blip.load(trained["blip"])
     assert one_network(blip_model) is blip_model
+
+
+def test_a_model_file_from_before_the_structure_floor_recalibrates_without_it(trained, tmp_path):
+    """Files written before ``uq.structure_floor`` recalibrate as they were (no floor per structure);
+    today's files fit one (its four calibration keys) and predict with it."""
+    from blip.data import read_labelled
+    from blip.uq.recalibration import STRUCTURE_FLOOR_KEYS, recalibrate
+
+    older, current = _older_and_current(trained["blip"], tmp_path, "structure_floor", True)
+    assert older.config["uq"]["structure_floor"] is False
+    structures = read_labelled(DATA / "acac_small.xyz")[:4]
+    assert not set(STRUCTURE_FLOOR_KEYS) & set(recalibrate(older, structures, samples=3, seed=0))
+    assert set(STRUCTURE_FLOOR_KEYS) <= set(recalibrate(current, structures, samples=3, seed=0))
+    assert current.calibration["forces_structure_floor"] >= 0.0 and current.calibration["structure_floor_novelty"] >= 0.0

@@ -12,6 +12,7 @@ import yaml
 
 import blip
 from blip.cli import main
+from blip.uq.recalibration import structure_floor
 from conftest import DATA, EXAMPLES, tiny_config
 
 
@@ -158,7 +159,10 @@ def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
     assert after.calibration["forces_novelty"] >= 0.0
     floor = after.calibration["forces_floor"]  # uq.force_std_floor x the validation force RMSE, in quadrature
     assert floor > 0
-    np.testing.assert_allclose(s1, np.sqrt((factor * s0 * widening[:, None]) ** 2 + floor ** 2), rtol=1e-6)
+    # uq.structure_floor: a floor of the whole structure from its atoms' mean distance, in quadrature too
+    per_structure = structure_floor(nu.mean(), after.calibration)
+    np.testing.assert_allclose(s1, np.sqrt((factor * s0 * widening[:, None]) ** 2 + floor ** 2 + per_structure ** 2),
+                               rtol=1e-6)
 
 
 # -- bad input: one line, non-zero exit, no partial output ------------------------------------

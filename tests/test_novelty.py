@@ -14,7 +14,8 @@ from blip.bench.runner import add_sigma_ratios, recalibrated_std
 from blip.config import resolve
 from blip.errors import ConfigError
 from blip.predictor import novelty_widening
-from blip.uq.recalibration import fit_novelty_widening, recalibrate, widening_formula
+from blip.uq.recalibration import (fit_novelty_widening, fit_structure_floor, floored_std, recalibrate, structure_floor,
+                                   unfloored_std, widening_formula)
 
 
 def test_fit_recovers_a_planted_widening_and_never_shrinks():
@@ -132,7 +133,7 @@ def test_recalibration_widens_by_a_set_or_fitted_b_only_when_asked(tiny_model_pa
     factors = recalibrate(model, structures, samples=4, seed=0)
     assert factors["forces_novelty"] == pytest.approx(fitted + 0.2, abs=1e-6)
     assert factors["energy_novelty"] == 0.4  # energies keep their set b
-    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False)
+    model.config["uq"].update(novelty_widening=False, energy_novelty_widening=False, structure_floor=False)
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces", "forces_floor"}
     del model.config["uq"]["novelty_widening"], model.config["uq"]["energy_novelty_widening"]
     assert set(recalibrate(model, structures, samples=4, seed=0)) == {"energy", "forces", "forces_floor"}
@@ -194,7 +195,7 @@ def test_spreads_grow_faster_beyond_the_validation_range(tiny_model_path):
     model = blip.load(tiny_model_path)
     model.config["uq"].update(force_std="component", novelty_widening=0.1, energy_novelty_widening=0.2,
                               novelty_beyond=0.3, energy_novelty_beyond=0.5,
-                              force_std_floor=0.0)  # exact ratios below; the floor has its own tests
+                              force_std_floor=0.0, structure_floor=False)  # exact ratios below; floors: own tests
     factors = recalibrate(model, structures, samples=4, seed=0)
     model.calibration = {"energy": 1.0, "forces": 1.0}
     arrays = evaluate_structures(model, structures, samples=4, seed=0)[1]
@@ -225,3 +226,67 @@ def test_spreads_grow_faster_beyond_the_validation_range(tiny_model_path):
     for bad in (True, -0.1, "yes"):
         with pytest.raises(ConfigError, match="novelty_beyond"):
             resolve({"uq": {"novelty_beyond": bad}})
+
+
+def test_structure_floor_fit_finds_a_planted_floor_and_only_widens():
+    """Structures whose errors grow with their atoms' mean distance m faster than the calibrated spread
+    give back a floor growing with m (c > 0, b near the planted 1); errors the spread already
+    describes give at most a negligible floor and spreads too wide none (c = 0): it only widens."""
+    rng = np.random.default_rng(0)
+    n_struct, per = 400, 30
+    m = np.repeat(rng.normal(0.0, 0.5, n_struct), per)
+    std = rng.uniform(0.01, 0.03, n_struct * per)
+    floor_true = 0.05 * np.exp(1.0 * (m - m.mean()))
+    err = rng.normal(0.0, np.sqrt(std ** 2 + floor_true ** 2))
+    fitted = fit_structure_floor(err, std, m)
+    assert fitted["forces_structure_floor"] == pytest.approx(0.05, rel=0.1)
+    assert fitted["structure_floor_novelty"] == pytest.approx(1.0, abs=0.1)
+    assert fitted["structure_floor_limit"] == pytest.approx(m.max()) and fitted["structure_floor_centre"] == pytest.approx(m.mean())
+    described = rng.normal(0.0, std)  # at most a floor far below every spread (sampling noise)
+    assert np.max(structure_floor(m, {"energy": 1.0, "forces": 1.0, **fit_structure_floor(described, std, m)})) < 0.004
+    assert fit_structure_floor(described, 10 * std, m)["forces_structure_floor"] == 0.0  # spreads too wide: none
+
+
+def test_structure_floor_stops_growing_beyond_the_validation_range_and_round_trips():
+    """The floor grows as exp(b (m - centre)) up to ``limit`` and is flat beyond; floored_std adds it
+    in quadrature to forces only and unfloored_std takes it (and the constant floor) off again."""
+    cal = {"energy": 1.0, "forces": 1.0, "forces_floor": 0.002, "forces_structure_floor": 0.01,
+           "structure_floor_novelty": 0.8, "structure_floor_centre": -1.0, "structure_floor_limit": 0.5}
+    m = np.array([-2.0, -1.0, 0.5, 3.0])
+    expected = 0.01 * np.exp(0.8 * (np.minimum(m, 0.5) + 1.0))
+    np.testing.assert_allclose(structure_floor(m, cal), expected, rtol=1e-12)
+    assert structure_floor(3.0, cal) == pytest.approx(structure_floor(0.5, cal))
+    std = np.array([0.03, 0.001, 0.2, 0.0])
+    wide = floored_std(std, cal, "forces", m)
+    np.testing.assert_allclose(wide, np.sqrt(std ** 2 + 0.002 ** 2 + expected ** 2), rtol=1e-12)
+    np.testing.assert_allclose(unfloored_std(wide, cal, "forces", m), std, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(floored_std(std, cal, "stress", m), std)  # stress has its own floor only
+    np.testing.assert_allclose(floored_std(std, cal, "forces"), np.sqrt(std ** 2 + 0.002 ** 2))  # no m: none
+    np.testing.assert_allclose(structure_floor(m, {"energy": 1.0, "forces": 1.0}), 0.0)  # model files before it
+
+
+def test_predict_adds_each_structures_floor_and_keeps_it_invariant(tiny_model_path):
+    """A calibration with a structure floor adds, to every force spread of a structure, the floor of
+    its atoms' mean distance; it is the same after rotating, translating and permuting the atoms."""
+    model = blip.load(tiny_model_path)
+    model.config["uq"]["force_std"] = "component"
+    two = [read(DATA / "acac_small.xyz", index=1), read(DATA / "acac_small.xyz", index=2)]
+    base = {"energy": 1.3, "forces": 1.7, "forces_floor": 0.003}
+    model.calibration = dict(base)
+    plain = model.predict(two, samples=4, seed=5, novelty=True)
+    means = [float(v.mean()) for v in plain["atom_novelty"]]
+    floor = {"forces_structure_floor": 0.02, "structure_floor_novelty": 1.2,
+             "structure_floor_centre": means[0], "structure_floor_limit": max(means) + 1.0}
+    model.calibration = {**base, **floor}
+    wide = model.predict(two, samples=4, seed=5)
+    for k in range(2):
+        extra = 0.02 * np.exp(1.2 * (means[k] - means[0]))
+        np.testing.assert_allclose(wide["forces_std"][k], np.sqrt(plain["forces_std"][k] ** 2 + extra ** 2), rtol=1e-9)
+        np.testing.assert_allclose(wide["forces_samples"][k], plain["forces_samples"][k], rtol=0, atol=0)
+    np.testing.assert_allclose(wide["energy_std"], plain["energy_std"], rtol=1e-12)
+    moved = two[0][::-1]  # atoms permuted
+    moved.positions = Rotation.from_euler("xyz", [0.4, 1.0, -0.7]).apply(moved.positions) + [2.0, 0.5, -1.0]
+    again = model.predict([moved], samples=4, seed=5, novelty=True)
+    assert float(again["atom_novelty"][0].mean()) == pytest.approx(means[0], abs=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(again["forces_std"][0], axis=1)[::-1],
+                               np.linalg.norm(wide["forces_std"][0], axis=1), rtol=2e-3)

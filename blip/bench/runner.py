@@ -132,10 +132,10 @@ def score(structures, pred) -> dict:
 def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and
     where the calibration widens that target (``forces_novelty``, ``energy_novelty`` b) also
-    ``exp(b (novelty - centre))`` per entry; forces with the calibration's floor in quadrature."""
+    ``exp(b (novelty - centre))`` per entry; forces with the calibration's floors in quadrature."""
     target = _SCALE_OF[q]
     std = a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
-    return floored_std(std, scales, target)
+    return floored_std(std, scales, target, a.get("mean_novelty"))
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

@@ -326,7 +326,8 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
     (eV/atom), "forces": {...}}``; a quantity without reference labels
     (``ref_* is None`` or ``pred_* is None``) is omitted. ``atom_novelty``: a list of (n_i,)
     per-atom log feature distances (``predict(..., novelty=True)``); forces then also carry
-    ``novelty``, each component's atom's, and energies each structure's largest.
+    ``novelty``, each component's atom's, and ``mean_novelty``, the mean over its structure's
+    atoms; energies carry each structure's largest.
     """
     out = {}
     if ref_energy is not None and pred_energy is not None:
@@ -351,6 +352,8 @@ def prediction_arrays(ref_energy, pred_energy, energy_std, ref_forces, pred_forc
         out["forces"] = {"ref": ref, "pred": pred, "std": std}
         if atom_novelty is not None:
             out["forces"]["novelty"] = np.repeat(_flat(atom_novelty), 3)
+            out["forces"]["mean_novelty"] = np.concatenate(
+                [np.full(3 * len(v), float(np.mean(v))) for v in atom_novelty]) if len(atom_novelty) else np.zeros(0)
     return out
 
 

@@ -1,7 +1,8 @@
 """Post-hoc recalibration of predicted standard deviations: one scale factor per target, and for
 forces and energies an optional widening with the feature distance (``uq.novelty_widening``,
 ``uq.energy_novelty_widening``), faster beyond the validation range (``uq.novelty_beyond``,
-``uq.energy_novelty_beyond``)."""
+``uq.energy_novelty_beyond``); for forces floors in quadrature, constant (``uq.force_std_floor``)
+and per structure from its atoms' mean feature distance (``uq.structure_floor``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import math
 import numpy as np
 
 __all__ = ["fit_scale", "floored", "spread_floor", "floored_std", "unfloored_std", "apply_scale",
-           "recalibrate", "fit_novelty_widening", "novelty_factor", "widens"]
+           "recalibrate", "fit_novelty_widening", "novelty_factor", "widens", "structure_floor",
+           "fit_structure_floor"]
 
 
 def fit_scale(err, sigma, floor: float = 0.0) -> float:
@@ -100,6 +102,9 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     prediction after them (``forces_floor``), so that force residuals and spreads far below the
     typical error (components zero by symmetry, whose spread and error are rounding noise) do not
     steer s or b; ``uq.stress_std_floor`` does the same for stress (``stress_floor``, eV/A^3).
+    With ``uq.structure_floor`` each structure's force spreads then get a floor from the mean
+    feature distance of its atoms (:func:`fit_structure_floor`), fitted last, with everything
+    above in place, so that it can only widen them.
     Returns the factors, also stored in ``model.calibration``.
     """
     from ..evaluate import evaluate_structures
@@ -124,6 +129,12 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             beyond = model.config["uq"].get(BEYOND_SETTINGS[target]) or 0.0
             fit_above = target in FIT_ABOVE_SETTINGS and bool(model.config["uq"].get(FIT_ABOVE_SETTINGS[target]))
             model.calibration.update(_widening(a, widening, target, float(beyond), fit_above, floors.get(target, 0.0)))
+    forces = arrays.get("forces", {})
+    if model.config["uq"].get("structure_floor") and "mean_novelty" in forces:
+        calibrated = floored_std(forces["std"] * model.calibration["forces"] * novelty_factor(
+            forces["novelty"], model.calibration), model.calibration)
+        model.calibration.update(fit_structure_floor(forces["ref"] - forces["pred"], calibrated,
+                                                     forces["mean_novelty"]))
     return dict(model.calibration)
 
 
@@ -183,17 +194,75 @@ def _floor_of(calibration: dict, target: str) -> float:
     return float(calibration.get(FLOORS[target][1], 0.0)) if target in FLOORS else 0.0
 
 
-def floored_std(std, calibration: dict, target: str = "forces"):
+def _floor_squared(calibration: dict, target: str, mean_novelty) -> float | np.ndarray:
+    """The squared floor of ``target``'s spread: the constant one, plus for forces the structure
+    floor (:func:`structure_floor`) where ``mean_novelty`` is given (a number or an array)."""
+    square = _floor_of(calibration, target) ** 2
+    if target == "forces" and mean_novelty is not None and float(calibration.get(STRUCTURE_FLOOR_KEYS[0], 0.0)) > 0:
+        square = square + np.square(structure_floor(mean_novelty, calibration))
+    return square
+
+
+def floored_std(std, calibration: dict, target: str = "forces", mean_novelty=None):
     """Spreads of ``target`` ("forces", "stress"; any shape) with the calibration's floor of that
-    target added in quadrature (unchanged without one, e.g. in model files from before it)."""
-    floor = _floor_of(calibration, target)
-    return floored(std, floor) if floor > 0.0 else std
+    target added in quadrature (unchanged without one, e.g. in model files from before it).
+    ``mean_novelty``: the mean log feature distance of the atoms of each entry's structure (a number
+    for one structure's spreads, else an array broadcasting with ``std``); forces then also get the
+    calibration's structure floor (:func:`structure_floor`)."""
+    square = _floor_squared(calibration, target, mean_novelty)
+    return np.sqrt(np.square(std) + square) if np.any(square > 0.0) else std
 
 
-def unfloored_std(std, calibration: dict, target: str = "forces"):
-    """The inverse of :func:`floored_std`: ``sqrt(max(std^2 - f^2, 0))``."""
-    floor = _floor_of(calibration, target)
-    return np.sqrt(np.maximum(np.square(std) - floor * floor, 0.0)) if floor > 0.0 else std
+def unfloored_std(std, calibration: dict, target: str = "forces", mean_novelty=None):
+    """The inverse of :func:`floored_std`: ``sqrt(max(std^2 - floor^2, 0))``."""
+    square = _floor_squared(calibration, target, mean_novelty)
+    return np.sqrt(np.maximum(np.square(std) - square, 0.0)) if np.any(square > 0.0) else std
+
+
+#: Calibration keys of the structure floor: c (eV/A), b, centre and limit of the mean distance.
+STRUCTURE_FLOOR_KEYS = ("forces_structure_floor", "structure_floor_novelty", "structure_floor_centre",
+                        "structure_floor_limit")
+
+
+def structure_floor(mean_novelty, calibration: dict):
+    """The force-spread floor of a structure (eV/A; the shape of ``mean_novelty``):
+    ``c exp(b (min(m, limit) - centre))``, m the mean log feature distance of its atoms; it grows
+    with m up to the largest m of the validation split (``limit``) and no further, so far out the
+    spread is the model's own. 0 without the calibration's keys (:data:`STRUCTURE_FLOOR_KEYS`)."""
+    c_key, b_key, centre_key, limit_key = STRUCTURE_FLOOR_KEYS
+    c = float(calibration.get(c_key, 0.0))
+    if c <= 0.0:
+        return np.zeros_like(np.asarray(mean_novelty, dtype=np.float64))
+    m = np.minimum(np.asarray(mean_novelty, dtype=np.float64), float(calibration[limit_key]))
+    return c * np.exp(float(calibration[b_key]) * (m - float(calibration[centre_key])))
+
+
+def fit_structure_floor(err, calibrated_std, mean_novelty) -> dict:
+    """The structure floor (:func:`structure_floor`) of lowest Gaussian NLL of force residuals ``err``
+    (eV/A) under ``sqrt(calibrated_std^2 + floor^2)``; flat arrays, ``calibrated_std`` the spreads
+    with every other part of the recalibration in place, ``mean_novelty`` each entry's structure's
+    mean log feature distance. c >= 0 and b >= 0: the floor only adds to the spread, and more for
+    structures whose atoms lie farther from the training data. Returns its calibration entries
+    (:data:`STRUCTURE_FLOOR_KEYS`; c = 0 where no floor lowers the NLL)."""
+    from scipy.optimize import minimize
+
+    from .metrics import nll
+
+    err, std, m = (np.asarray(a, dtype=np.float64).ravel() for a in (err, calibrated_std, mean_novelty))
+    centre, limit = float(np.mean(m)), float(np.max(m))
+    base = nll(err, std)
+    scale = float(np.sqrt(np.mean(err * err))) or 1.0
+
+    def score(x):  # x: log(c / scale), b
+        return nll(err, np.sqrt(std * std + (scale * np.exp(x[0] + x[1] * (m - centre))) ** 2))
+
+    best = None
+    for start in (-3.0, -1.0):  # from a small and a moderate floor
+        result = minimize(score, [start, 0.5], method="L-BFGS-B", bounds=[(-30.0, 5.0), (0.0, 10.0)])
+        if best is None or result.fun < best.fun:
+            best = result
+    c, b = (scale * float(np.exp(best.x[0])), float(best.x[1])) if best.fun < base else (0.0, 0.0)
+    return dict(zip(STRUCTURE_FLOOR_KEYS, (c, b, centre, limit)))
 
 
 def widens(calibration: dict, target: str) -> bool:
