@@ -56,7 +56,8 @@ def _train(cfg, args) -> int:
         save_model(model, trainer.out / "model.pt")
         print(f"recalibrated on the {where}: standard deviations x "
               + ", ".join(f"{q} {f:.3g}" for q, f in factors.items() if q in ("energy", "forces", "stress"))
-              + f"; force spread per {model.force_std}" + _widening_text(model.calibration), file=sys.stderr)
+              + f"; force spread per {model.force_std}{_floors_text(model.calibration)}"
+              + _widening_text(model.calibration), file=sys.stderr)
     elif model.method != "deterministic":
         print("uq.recalibrate is off: the uncertainties are the samples' raw spread, which for BLIP is "
               "typically several times too small in distribution; fit the scale on labelled held-out data "
@@ -172,10 +173,24 @@ def _widening_text(calibration: dict) -> str:
     return text
 
 
+def _floors_text(calibration: dict) -> str:
+    """The floors recalibration added to the force spreads in quadrature ("" when none)."""
+    from .uq.recalibration import widening_formula
+
+    floor = calibration.get("forces_floor")
+    text = f", {floor:g} eV/Å added in quadrature" if floor else ""
+    if calibration.get("forces_structure_floor"):
+        formula = widening_formula(calibration["structure_floor_novelty"], calibration["structure_floor_centre"],
+                                   "mean novelty")
+        text += (f", a floor of {calibration['forces_structure_floor']:.3g} eV/Å x {formula} per structure "
+                 f"(mean novelty at most {calibration['structure_floor_limit']:.3g})")
+    return text
+
+
 def cmd_calibrate(args) -> int:
     from .data import read_labelled
     from .io import load, save_model
-    from .uq.recalibration import recalibrate, widening_formula
+    from .uq.recalibration import recalibrate
 
     model = load(args.model, device=args.device)
     data_cfg = model.config["data"]
@@ -184,12 +199,7 @@ def cmd_calibrate(args) -> int:
     recalibrate(model, structures, samples=args.samples, seed=args.seed, progress=not args.quiet, source=args.valid)
     save_model(model, args.output)
     cal = model.calibration
-    floor = cal.get("forces_floor")
-    floor_text = f", {floor:g} eV/Å added in quadrature" if floor else ""
-    if cal.get("forces_structure_floor"):
-        floor_text += (f", a floor of {cal['forces_structure_floor']:.3g} eV/Å x "
-                       f"{widening_formula(cal['structure_floor_novelty'], cal['structure_floor_centre'], 'mean novelty')}"
-                       f" per structure (mean novelty at most {cal['structure_floor_limit']:.3g})")
+    floor_text = _floors_text(cal)
     stress_text = ""
     if "stress" in cal:
         stress_floor = cal.get("stress_floor")

@@ -141,11 +141,14 @@ def test_evaluate_json_and_report(tiny_model_path, tmp_path):
     assert len(list(report.glob("*.png"))) >= 2 and (report / "report.md").is_file()
 
 
-def test_calibrate_scales_the_spread(tiny_model_path, tmp_path):
+def test_calibrate_scales_the_spread(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "calibrated.pt"
     assert main(["calibrate", str(tiny_model_path), str(DATA / "acac_small.xyz"), "-o", str(out),
                  "--samples", "4", "--quiet"]) == 0
     before, after = blip.load(tiny_model_path), blip.load(out)
+    said = capsys.readouterr().out
+    c = after.calibration["forces_structure_floor"]  # printed when fitted
+    assert (f"a floor of {c:.3g} eV/Å" in said) if c > 0 else ("per structure" not in said)
     factor = after.calibration["forces"]
     assert factor > 0 and factor != 1.0
     assert after.fitted_force_std in ("atom", "component")  # uq.force_std auto: calibrate chose one
