@@ -138,7 +138,8 @@ DEFAULTS: dict = {
 # silicon set there; the distance slope starts at 1: 2 lost 0.10-0.15 nats on vacancies on every
 # seed), noise drawn per row (draws shared per structure lost 0.16 nats on vacancies and surface
 # coverage 0.87 -> 0.83), no widening of the energy spreads (they lost 0.1-0.5 nats with it) and no
-# floor per structure (seed 0: in distribution and vacancies 0.02-0.04 nats better, surfaces 0.03 worse).
+# floor per structure (3 seeds: in distribution 0.02 and vacancies 0.01 nats better, surfaces 0.02 worse,
+# on two seeds by 0.03).
 # Measured with ``blip bench finetune-si`` (docs/results/finetune-si). Keys a user sets win as usual.
 FINETUNE_DEFAULTS = {
     "uq": {"prior_p": 0.01, "beta": 1e-3, "p_min": 1e-5, "p_max": 0.1, "p_init": 5e-5,
