@@ -27,7 +27,7 @@ from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
-from ..uq.recalibration import floored_std, novelty_factor, recalibrate
+from ..uq.recalibration import calibrated_std, recalibrate
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
@@ -133,9 +133,7 @@ def recalibrated_std(a: dict, q: str, scales: dict) -> np.ndarray:
     """The recalibrated spread of quantity ``q``'s flat arrays ``a``: the factor of its target, and
     where the calibration widens that target (``forces_novelty``, ``energy_novelty`` b) also
     ``exp(b (novelty - centre))`` per entry; forces with the calibration's floors in quadrature."""
-    target = _SCALE_OF[q]
-    std = a["std"] * scales.get(target, 1.0) * novelty_factor(a.get("novelty"), scales, target)
-    return floored_std(std, scales, target, a.get("mean_novelty"))
+    return calibrated_std(a, scales, _SCALE_OF[q])
 
 
 def row_metrics(arrays: dict, scales: dict) -> dict:

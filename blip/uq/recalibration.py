@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ["fit_scale", "floored", "spread_floor", "floored_std", "unfloored_std", "apply_scale",
            "recalibrate", "fit_novelty_widening", "novelty_factor", "widens", "structure_floor",
-           "fit_structure_floor"]
+           "fit_structure_floor", "calibrated_std"]
 
 
 def fit_scale(err, sigma, floor: float = 0.0) -> float:
@@ -131,11 +131,18 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             model.calibration.update(_widening(a, widening, target, float(beyond), fit_above, floors.get(target, 0.0)))
     forces = arrays.get("forces", {})
     if model.config["uq"].get("structure_floor") and "mean_novelty" in forces:
-        calibrated = floored_std(forces["std"] * model.calibration["forces"] * novelty_factor(
-            forces["novelty"], model.calibration), model.calibration)
+        calibrated = calibrated_std(forces, model.calibration, "forces")  # no structure floor yet
         model.calibration.update(fit_structure_floor(forces["ref"] - forces["pred"], calibrated,
                                                      forces["mean_novelty"]))
     return dict(model.calibration)
+
+
+def calibrated_std(a: dict, calibration: dict, target: str) -> np.ndarray:
+    """The calibrated spread of flat ``{"std", ["novelty", "mean_novelty"]}`` arrays of ``target``
+    ("energy" or "forces"; raw spreads): its factor, the widening with the feature distance where
+    the calibration has one, and (forces) the floors in quadrature, as ``predict`` applies them."""
+    std = a["std"] * calibration.get(target, 1.0) * novelty_factor(a.get("novelty"), calibration, target)
+    return floored_std(std, calibration, target, a.get("mean_novelty"))
 
 
 def spread_floor(model, arrays: dict, target: str = "forces") -> float:
