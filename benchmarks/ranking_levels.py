@@ -2,8 +2,11 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ranking_levels.py RUNS_DIR --sets oxirane_gfn2.xyz \
         [--methods blip,ensemble] [--test low_energy] [--seeds 0,1,2] [--data ../shared/data] [--only-slots 0,4]
+    OMP_NUM_THREADS=1 python benchmarks/ranking_levels.py RUNS_DIR --protocol ood-ethanol --test test_eth_meth
 
-RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench energy-split`` run. For each seed and
+RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench`` run (``seedS/SET/METHOD/model_calibrated.pt``;
+a single-seed run keeps no ``seedS`` folder: give ``--seeds S``; ``--protocol`` energy-split by
+default, ``--sets`` its experiment, none for a protocol of one). For each seed and
 method, on one test set of the experiment (its structures rebuilt from the protocol's split),
 with the force sigma scaled by the factor fitted on the validation split (as ``blip train`` does):
 the recalibrated NLL per force component (nats); the NLL with the best single factor on the test
@@ -14,7 +17,9 @@ with sigma over components (within structures); for BLIP also that of the struct
 with their atoms' mean log feature distance (what ``uq.structure_floor`` grows with). ``--only-slots``: BLIP's sigma from the noise of
 these noisy MLPs only (node-domain slots, printed with their layer names; an MLP's layers share the
 rate of its first layer's slot, so name that one), the rates of every other MLP multiplied by
-1e-8, the model otherwise as trained.
+1e-8, the model otherwise as trained. After the seeds, per method the means of the NLL and of the
+constant's: the constant's difference between two methods is what their accuracy alone is worth
+(log of their RMSE ratio), and NLL minus constant what each sigma's ranking of the errors buys.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def per_structure_rms(values: np.ndarray, structure: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir")
-    parser.add_argument("--sets", required=True, help="the experiment (as for blip bench --sets)")
+    parser.add_argument("--protocol", default="energy-split")
+    parser.add_argument("--sets", default=None, help="the experiment (as for blip bench --sets)")
     parser.add_argument("--methods", default="blip,ensemble")
     parser.add_argument("--test", default="low_energy")
     parser.add_argument("--seeds", default="0,1,2")
@@ -72,12 +78,16 @@ def main() -> None:
     parser.add_argument("--only-slots", default=None, help="comma-separated node slots whose noise to keep")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    totals: dict[str, list[tuple[float, float]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        plan = build_plan("energy-split", data_dir(args.data), Options(seed=seed, experiments=[args.sets]))
+        plan = build_plan(args.protocol, data_dir(args.data),
+                          Options(seed=seed, experiments=[args.sets] if args.sets else None))
         exp = plan.experiments[0]
         test = next(t for t in exp.tests if t.name == args.test)
+        runs = Path(args.runs_dir) / f"seed{seed}"
+        runs = runs if runs.is_dir() else Path(args.runs_dir)  # a single-seed run
         for method in args.methods.split(","):
-            model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / exp.name / method / "model_calibrated.pt"))
+            model = blip.load(str(runs / (exp.name.replace("=", "") or "run") / method / "model_calibrated.pt"))
             model.calibration = {"energy": 1.0, "forces": 1.0}
             if args.only_slots is not None and method == "blip":
                 keep_noise_of(model, {int(s) for s in args.only_slots.split(",")})
@@ -85,14 +95,20 @@ def main() -> None:
             err, sigma, structure, mean_novelty = force_arrays(model, test.structures, seed)
             sigma = fit_scale(err_v, sigma_v) * sigma
             rmse = float(np.sqrt(np.mean(err ** 2)))
+            score_nll, constant = nll(err, sigma), nll(err, np.full_like(err, rmse))
+            totals.setdefault(method, []).append((score_nll, constant))
             between = spearmanr(per_structure_rms(err, structure), per_structure_rms(sigma, structure))[0]
             within = np.nanmean([spearmanr(np.abs(err[structure == g]), sigma[structure == g])[0]
                                  for g in range(structure.max() + 1)])
             by_distance = ("" if mean_novelty is None else ", structures by their mean feature distance "
                            f"{spearmanr(per_structure_rms(err, structure), mean_novelty)[0]:.2f}")
-            print(f"seed {seed} {method:9s} F RMSE {rmse * 1000:6.1f} meV/A  NLL {nll(err, sigma):7.3f}  "
-                  f"oracle {nll(err, fit_scale(err, sigma) * sigma):7.3f}  constant {nll(err, np.full_like(err, rmse)):7.3f}  "
+            print(f"seed {seed} {method:9s} F RMSE {rmse * 1000:6.1f} meV/A  NLL {score_nll:7.3f}  "
+                  f"oracle {nll(err, fit_scale(err, sigma) * sigma):7.3f}  constant {constant:7.3f}  "
                   f"Spearman between structures {between:.2f}, within {within:.2f}{by_distance}")
+    for method, rows in totals.items():
+        score_nll, constant = np.mean(rows, axis=0)
+        print(f"mean {method:9s} NLL {score_nll:7.3f}  constant {constant:7.3f}  "
+              f"ranking buys {constant - score_nll:.3f} nats")
 
 
 if __name__ == "__main__":

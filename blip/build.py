@@ -58,6 +58,16 @@ def weight_noise(cfg: dict, summary: DatasetSummary) -> str:
     return "independent" if _mace_on_crystals(cfg, summary) else "per_input"
 
 
+def uses_structure_floor(cfg: dict, summary: DatasetSummary) -> bool:
+    """``uq.structure_floor`` with "auto" resolved from the training data: on unless the model was trained
+    on periodic crystals (``summary.periodic``). On molecules the floor gained in distribution on 37 of 39
+    seed figures (docs/results/energy-split); on crystals, whose validation cells are bulk, it fitted
+    nothing (PaiNN, 6 seeds) or traded surfaces for the bulk (MACE: surfaces worse on both seeds with a
+    floor, by 0.02-0.09 nats; fine-tuned CHGNet: worse on 2 of 3; docs/results/si-defects)."""
+    setting = cfg["uq"].get("structure_floor", False)
+    return (not summary.periodic) if setting == "auto" else bool(setting)
+
+
 #: ``uq.distance_slope: auto`` by backbone: PaiNN's rate heads start twice as steep in the feature
 #: distance (silicon surfaces better on 5 of 6 seeds, equal on the sixth; molecules a coin flip,
 #: 15 of 29 means better, docs/results/energy-split); MACE keeps 1 (with 2: worse in distribution on 2 of 2 silicon seeds, ammonia far

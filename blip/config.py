@@ -95,10 +95,12 @@ DEFAULTS: dict = {
                                      # validation split's force RMSE, in the recalibration's fit and after it:
                                      # components zero by symmetry (spread and error rounding noise) no longer
                                      # steer s and b; 0: none (before 2026-12-06)
-        "structure_floor": True,     # force spreads also get, in quadrature, a floor c exp(b (m - m_0)) of each
+        "structure_floor": "auto",   # force spreads also get, in quadrature, a floor c exp(b (m - m_0)) of each
                                      # structure, m the mean feature distance of its atoms (at most the validation
                                      # split's largest), c >= 0 and b >= 0 fitted on the validation split after the
-                                     # factor (so it only widens): ranks whole structures as an ensemble does
+                                     # factor (so it only widens): ranks whole structures as an ensemble does.
+                                     # auto: on unless trained on periodic crystals (blip.build.uses_structure_floor:
+                                     # molecules gain, crystals gain nothing or lose on surfaces); true before 2026-12-07 (later)
         "stress_std_floor": 0.0,     # the same for stress spreads (with stress labels on the validation split);
                                      # off: 0.01 gained nothing on a stress-labelled silicon set (0.01-0.03 nats
                                      # worse in distribution, docs/results/si-stress)
@@ -367,6 +369,8 @@ def _validate(cfg: dict) -> None:
     uq = cfg["uq"]
     if uq["weight_noise"] not in (*WEIGHT_NOISE, "auto"):
         raise ConfigError(f"uq.weight_noise '{uq['weight_noise']}' is not one of {', '.join(WEIGHT_NOISE)} or auto")
+    if uq["structure_floor"] not in (True, False, "auto"):
+        raise ConfigError(f"uq.structure_floor must be true, false or auto, got {uq['structure_floor']!r}")
     if uq["noise_draws"] not in NOISE_DRAWS:
         raise ConfigError(f"uq.noise_draws '{uq['noise_draws']}' is not one of {', '.join(NOISE_DRAWS)}")
     if uq["predict_mean"] not in ("map", "samples"):

@@ -427,7 +427,7 @@ def test_a_model_file_from_before_the_structure_floor_recalibrates_without_it(tr
     from blip.data import read_labelled
     from blip.uq.recalibration import STRUCTURE_FLOOR_KEYS, recalibrate
 
-    older, current = _older_and_current(trained["blip"], tmp_path, "structure_floor", True)
+    older, current = _older_and_current(trained["blip"], tmp_path, "structure_floor", "auto")
     assert older.config["uq"]["structure_floor"] is False
     structures = read_labelled(DATA / "acac_small.xyz")[:4]
     assert not set(STRUCTURE_FLOOR_KEYS) & set(recalibrate(older, structures, samples=3, seed=0))

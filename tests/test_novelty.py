@@ -265,6 +265,36 @@ def test_structure_floor_stops_growing_beyond_the_validation_range_and_round_tri
     np.testing.assert_allclose(structure_floor(m, {"energy": 1.0, "forces": 1.0}), 0.0)  # model files before it
 
 
+def test_auto_structure_floor_is_off_for_crystals_only(lj_si_model, lj_si_files):
+    """``uq.structure_floor: auto`` (the default) fits the floor unless the model was trained on periodic
+    crystals; true or false set by hand win. A model trained on Si cells recalibrates without it, and
+    with it when asked."""
+    import copy
+    from dataclasses import replace
+
+    from blip.backbones.base import DatasetSummary
+    from blip.build import uses_structure_floor
+    from blip.data import read_labelled
+    from blip.uq.recalibration import STRUCTURE_FLOOR_KEYS
+
+    molecules = DatasetSummary(elements=[1, 6, 8])
+    crystals = replace(molecules, periodic=True)
+    auto = resolve({})
+    assert auto["uq"]["structure_floor"] == "auto"
+    assert uses_structure_floor(auto, molecules) and not uses_structure_floor(auto, crystals)
+    assert uses_structure_floor(resolve({}, ["uq.structure_floor=true"]), crystals)
+    assert not uses_structure_floor(resolve({}, ["uq.structure_floor=false"]), molecules)
+    assert not uses_structure_floor(resolve({"model": {"backbone": "chgnet", "pretrained": True}}), molecules)
+    with pytest.raises(ConfigError, match="structure_floor"):
+        resolve({}, ["uq.structure_floor=sometimes"])
+    assert lj_si_model.summary.periodic and lj_si_model.config["uq"]["structure_floor"] == "auto"
+    assert not set(STRUCTURE_FLOOR_KEYS) & set(lj_si_model.calibration)  # fitted at the end of training
+    cells = read_labelled(lj_si_files / "test.xyz")
+    model = copy.deepcopy(lj_si_model)
+    model.config["uq"]["structure_floor"] = True
+    assert set(STRUCTURE_FLOOR_KEYS) <= set(recalibrate(model, cells, samples=4, seed=0))
+
+
 def test_predict_adds_each_structures_floor_and_keeps_it_invariant(tiny_model_path):
     """A calibration with a structure floor adds, to every force spread of a structure, the floor of
     its atoms' mean distance; it is the same after rotating, translating and permuting the atoms."""

@@ -102,11 +102,13 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     prediction after them (``forces_floor``), so that force residuals and spreads far below the
     typical error (components zero by symmetry, whose spread and error are rounding noise) do not
     steer s or b; ``uq.stress_std_floor`` does the same for stress (``stress_floor``, eV/A^3).
-    With ``uq.structure_floor`` each structure's force spreads then get a floor from the mean
-    feature distance of its atoms (:func:`fit_structure_floor`), fitted last, with everything
+    With ``uq.structure_floor`` (``auto``: unless trained on periodic crystals,
+    :func:`blip.build.uses_structure_floor`) each structure's force spreads then get a floor from the
+    mean feature distance of its atoms (:func:`fit_structure_floor`), fitted last, with everything
     above in place, so that it can only widen them.
     Returns the factors, also stored in ``model.calibration``.
     """
+    from ..build import uses_structure_floor
     from ..evaluate import evaluate_structures
 
     model.calibration = {"energy": 1.0, "forces": 1.0}
@@ -130,7 +132,7 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
             fit_above = target in FIT_ABOVE_SETTINGS and bool(model.config["uq"].get(FIT_ABOVE_SETTINGS[target]))
             model.calibration.update(_widening(a, widening, target, float(beyond), fit_above, floors.get(target, 0.0)))
     forces = arrays.get("forces", {})
-    if model.config["uq"].get("structure_floor") and "mean_novelty" in forces:
+    if uses_structure_floor(model.config, model.summary) and "mean_novelty" in forces:
         calibrated = calibrated_std(forces, model.calibration, "forces")  # no structure floor yet
         model.calibration.update(fit_structure_floor(forces["ref"] - forces["pred"], calibrated,
                                                      forces["mean_novelty"]))
