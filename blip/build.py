@@ -96,7 +96,8 @@ def auto_settings(cfg: dict, summary: DatasetSummary) -> dict[str, str]:
     resolved = {"distance_metric": (uq["distance_metric"], distance_metric(cfg, summary)),
                 "weight_noise": (uq["weight_noise"], weight_noise(cfg, summary)),
                 "distance_slope": (uq["distance_slope"], f"{distance_slope(cfg):g}"),
-                "contrastive.remove": (uq["contrastive"]["remove"], "none" if removal is None else str(list(removal)))}
+                "contrastive.remove": (uq["contrastive"]["remove"], "none" if removal is None else str(list(removal))),
+                "structure_floor": (uq.get("structure_floor"), "on" if uses_structure_floor(cfg, summary) else "off")}
     return {key: value for key, (given, value) in resolved.items() if given == "auto"}
 
 

@@ -273,7 +273,7 @@ def test_auto_structure_floor_is_off_for_crystals_only(lj_si_model, lj_si_files)
     from dataclasses import replace
 
     from blip.backbones.base import DatasetSummary
-    from blip.build import uses_structure_floor
+    from blip.build import auto_settings, uses_structure_floor
     from blip.data import read_labelled
     from blip.uq.recalibration import STRUCTURE_FLOOR_KEYS
 
@@ -282,6 +282,8 @@ def test_auto_structure_floor_is_off_for_crystals_only(lj_si_model, lj_si_files)
     auto = resolve({})
     assert auto["uq"]["structure_floor"] == "auto"
     assert uses_structure_floor(auto, molecules) and not uses_structure_floor(auto, crystals)
+    assert auto_settings(auto, molecules)["structure_floor"] == "on"  # what blip train prints
+    assert auto_settings(auto, crystals)["structure_floor"] == "off"
     assert uses_structure_floor(resolve({}, ["uq.structure_floor=true"]), crystals)
     assert not uses_structure_floor(resolve({}, ["uq.structure_floor=false"]), molecules)
     assert not uses_structure_floor(resolve({"model": {"backbone": "chgnet", "pretrained": True}}), molecules)
