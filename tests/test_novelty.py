@@ -290,9 +290,10 @@ def test_auto_structure_floor_is_off_for_crystals_only(lj_si_model, lj_si_files)
     with pytest.raises(ConfigError, match="structure_floor"):
         resolve({}, ["uq.structure_floor=sometimes"])
     assert lj_si_model.summary.periodic and lj_si_model.config["uq"]["structure_floor"] == "auto"
-    assert not set(STRUCTURE_FLOOR_KEYS) & set(lj_si_model.calibration)  # fitted at the end of training
     cells = read_labelled(lj_si_files / "test.xyz")
     model = copy.deepcopy(lj_si_model)
+    factors = recalibrate(model, cells, samples=4, seed=0)
+    assert "forces_floor" in factors and not set(STRUCTURE_FLOOR_KEYS) & set(factors)
     model.config["uq"]["structure_floor"] = True
     assert set(STRUCTURE_FLOOR_KEYS) <= set(recalibrate(model, cells, samples=4, seed=0))
 
