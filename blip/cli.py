@@ -175,11 +175,11 @@ def _widening_text(calibration: dict) -> str:
 
 def _floors_text(calibration: dict) -> str:
     """The floors recalibration added to the force spreads in quadrature ("" when none)."""
-    from .uq.recalibration import widening_formula
+    from .uq.recalibration import has_structure_floor, widening_formula
 
     floor = calibration.get("forces_floor")
     text = f", {floor:g} eV/Å added in quadrature" if floor else ""
-    if calibration.get("forces_structure_floor"):
+    if has_structure_floor(calibration):
         formula = widening_formula(calibration["structure_floor_novelty"], calibration["structure_floor_centre"],
                                    "mean novelty")
         text += (f", a floor of {calibration['forces_structure_floor']:.3g} eV/Å x {formula} per structure "

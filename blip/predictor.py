@@ -12,7 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
-from .uq.recalibration import NOVELTY_KEYS, STRUCTURE_FLOOR_KEYS, floored_std, novelty_factor, widens
+from .uq.recalibration import NOVELTY_KEYS, floored_std, has_structure_floor, novelty_factor, widens
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
 #: passes are launch-bound (a kernel launch costs as much as thousands of rows of work), so one holds more
@@ -200,7 +200,7 @@ class BlipModel:
         noise_free = {key: [None] * len(graphs) for key in keys}
         fold = map_mean and self.folds_map_pass  # the noise-free pass as one more replica of the samples'
         record = novelty or any(widens(self.calibration, target) for target in NOVELTY_KEYS) \
-            or float(self.calibration.get(STRUCTURE_FLOOR_KEYS[0], 0.0)) > 0.0  # only when used
+            or has_structure_floor(self.calibration)  # only when used
         passes = [(samples, chunk) for chunk in _chunks(graphs, k_eff + int(fold), self.max_edges_per_pass)]
         if map_mean and not fold:  # the noise-free pass in its own, larger chunks (one copy per structure)
             passes += [(0, chunk) for chunk in _chunks(graphs, 1, self.max_edges_per_pass)]
@@ -238,7 +238,7 @@ class BlipModel:
         distances = sampled.pop("novelty", None)
         out = {}
         widen = {}  # key -> one factor per structure on its samples' deviations: (1, n, 1) per atom, or a number
-        mean_novelty = [None] * len(next(iter(sampled.values()), []))  # each structure's mean distance
+        mean_novelty = None  # each structure's mean distance, where recorded
         if stochastic and distances is not None and all(v is not None for v in distances):
             atom_novelty = [v.mean(axis=0) for v in distances]
             mean_novelty = [float(np.mean(v)) for v in atom_novelty]
@@ -261,7 +261,7 @@ class BlipModel:
                 std = [np.sqrt(np.mean(np.square(np.asarray(s, np.float64) - m), axis=0)) for m, s in zip(mean, samples)]
                 if key == "forces" and self.force_std == "atom":
                     std = [atom_force_std(s) for s in std]
-                means_nu = mean_novelty if key == "forces" else [None] * len(std)
+                means_nu = mean_novelty if key == "forces" and mean_novelty is not None else [None] * len(std)
                 std = [floored_std(s, self.calibration, key, m) for s, m in zip(std, means_nu)]  # their floors
             else:
                 samples = [s[:0] for s in per_structure]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 __all__ = ["fit_scale", "floored", "spread_floor", "floored_std", "unfloored_std", "apply_scale",
-           "recalibrate", "fit_novelty_widening", "novelty_factor", "widens", "structure_floor",
+           "recalibrate", "fit_novelty_widening", "novelty_factor", "widens", "structure_floor", "has_structure_floor",
            "fit_structure_floor", "calibrated_std"]
 
 
@@ -207,7 +207,7 @@ def _floor_squared(calibration: dict, target: str, mean_novelty) -> float | np.n
     """The squared floor of ``target``'s spread: the constant one, plus for forces the structure
     floor (:func:`structure_floor`) where ``mean_novelty`` is given (a number or an array)."""
     square = _floor_of(calibration, target) ** 2
-    if target == "forces" and mean_novelty is not None and float(calibration.get(STRUCTURE_FLOOR_KEYS[0], 0.0)) > 0:
+    if target == "forces" and mean_novelty is not None and has_structure_floor(calibration):
         square = square + np.square(structure_floor(mean_novelty, calibration))
     return square
 
@@ -233,17 +233,21 @@ STRUCTURE_FLOOR_KEYS = ("forces_structure_floor", "structure_floor_novelty", "st
                         "structure_floor_limit")
 
 
+def has_structure_floor(calibration: dict) -> bool:
+    """Whether ``calibration`` holds a structure floor (c > 0; :func:`structure_floor`)."""
+    return float(calibration.get(STRUCTURE_FLOOR_KEYS[0], 0.0)) > 0.0
+
+
 def structure_floor(mean_novelty, calibration: dict):
     """The force-spread floor of a structure (eV/A; the shape of ``mean_novelty``):
     ``c exp(b (min(m, limit) - centre))``, m the mean log feature distance of its atoms; it grows
     with m up to the largest m of the validation split (``limit``) and no further, so far out the
     spread is the model's own. 0 without the calibration's keys (:data:`STRUCTURE_FLOOR_KEYS`)."""
     c_key, b_key, centre_key, limit_key = STRUCTURE_FLOOR_KEYS
-    c = float(calibration.get(c_key, 0.0))
-    if c <= 0.0:
+    if not has_structure_floor(calibration):
         return np.zeros_like(np.asarray(mean_novelty, dtype=np.float64))
     m = np.minimum(np.asarray(mean_novelty, dtype=np.float64), float(calibration[limit_key]))
-    return c * np.exp(float(calibration[b_key]) * (m - float(calibration[centre_key])))
+    return float(calibration[c_key]) * np.exp(float(calibration[b_key]) * (m - float(calibration[centre_key])))
 
 
 def fit_structure_floor(err, calibrated_std, mean_novelty) -> dict:
