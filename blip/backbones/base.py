@@ -146,6 +146,26 @@ def species_groups(species: SpeciesMap, batch: dict) -> dict[str, torch.Tensor]:
     return {"node": z, "edge": z[i] * species.n + z[j]}
 
 
+class SpeciesDomains:
+    """Domain hooks of a backbone whose ``node`` rows are atoms grouped by species and whose
+    ``edge`` rows are directed edges grouped by ordered species pair, with edge features of
+    ``edge_radial_features`` radial values and both ends' one-hot species (mix in before
+    :class:`Backbone`; needs ``self.species``, a :class:`SpeciesMap`)."""
+
+    species: SpeciesMap
+    edge_radial_features: int
+
+    def domain_group_counts(self) -> dict[str, int]:
+        return {"node": self.species.n, "edge": self.species.n ** 2}
+
+    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        return species_groups(self.species, batch)
+
+    def domain_feature_dims(self) -> dict[str, int]:
+        n = self.species.n
+        return {"node": n, "edge": self.edge_radial_features + 2 * n}
+
+
 class _SharedPerEdge(torch.autograd.Function):
     """Values of a function of each edge's length, computed once for E edges and repeated for
     K replicas, with the gradient of each replica's own lengths: d value / d length is given."""

@@ -54,7 +54,7 @@ else:
 from ..bayes.irreps import NoisyFCLayer, NoisyIrrepsLinear
 from ..config import register_backbone_defaults
 from ..errors import ConfigError
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, isolation_switch, species_groups
+from .base import Backbone, DatasetSummary, SpeciesDomains, SpeciesMap, edge_vectors, isolation_switch
 
 DEFAULTS = {
     "hidden_irreps": None,  # e.g. "32x0e + 32x1o"; None: built from num_channels and max_L
@@ -73,7 +73,7 @@ DEFAULTS = {
 POLYNOMIAL_CUTOFF_P = 5  # mace-torch's default envelope exponent
 
 
-class MaceBackbone(Backbone):
+class MaceBackbone(SpeciesDomains, Backbone):
     """A mace-torch ``ScaleShiftMACE`` (``self.model``) behind the BLIP adapter protocol.
 
     Domains: ``node`` (atoms; features: one-hot species) and ``edge`` (directed edges;
@@ -88,6 +88,7 @@ class MaceBackbone(Backbone):
         self.edge_noise, self.isolated_atom_limit = bool(edge_noise), bool(isolated_atom_limit)
         self.cutoff, self.elements = float(cutoff), sorted(int(z) for z in summary.elements)
         self.num_radial = int(num_radial)
+        self.edge_radial_features = self.num_radial  # edge rows' radial embedding (with edge_noise)
         self.species = SpeciesMap(self.elements)
         atomic_energies = np.array([float(summary.e0s.get(z, 0.0)) for z in self.elements])
         self.model = mace.modules.ScaleShiftMACE(
@@ -124,16 +125,6 @@ class MaceBackbone(Backbone):
 
     def extra_noisy_factories(self) -> dict:
         return {o3.Linear: NoisyIrrepsLinear, E3nnDenseLayer: NoisyFCLayer}
-
-    def domain_group_counts(self) -> dict[str, int]:
-        return {"node": self.species.n, "edge": self.species.n ** 2}
-
-    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
-        return species_groups(self.species, batch)
-
-    def domain_feature_dims(self) -> dict[str, int]:
-        n = self.species.n
-        return {"node": n, "edge": self.num_radial + 2 * n}
 
     def domain_features(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         dtype = batch["positions"].dtype

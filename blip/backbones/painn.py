@@ -21,7 +21,8 @@ from torch import nn
 
 from ..bayes.layers import VectorLinear
 from ..config import register_backbone_defaults
-from .base import Backbone, DatasetSummary, SpeciesMap, edge_vectors, isolation_switch, shared_per_edge, species_groups
+from .base import (Backbone, DatasetSummary, SpeciesDomains, SpeciesMap, edge_vectors, isolation_switch,
+                   shared_per_edge)
 
 DEFAULTS = {"features": 64, "interactions": 3, "radial": 20, "edge_noise": False,
             "isolated_atom_limit": True,  # lone atoms carry their E0 (base.isolation_switch)
@@ -121,7 +122,7 @@ class Interaction(nn.Module):
         self.update = Update(features)
 
 
-class PaiNN(Backbone):
+class PaiNN(SpeciesDomains, Backbone):
     """Energy = sum_i g_i (scale * readout(s_i) + shift) + sum_i E0(Z_i); eV. With
     ``isolated_atom_limit`` g_i is :func:`~blip.backbones.base.isolation_switch` (1 for an atom
     with neighbours, 0 for a lone one), else 1."""
@@ -133,6 +134,7 @@ class PaiNN(Backbone):
         self.edge_noise, self.isolated_atom_limit = bool(edge_noise), bool(isolated_atom_limit)
         self.vector_noise, self.message_noise = bool(vector_noise), bool(message_noise)
         self.cutoff, self.elements, self.radial = float(cutoff), sorted(summary.elements), radial
+        self.edge_radial_features = radial  # edge rows' radial basis (with edge_noise)
         self.species = SpeciesMap(self.elements, summary.e0s)
         self.embedding = nn.Embedding(len(self.elements), features)
         self.interactions = nn.ModuleList(Interaction(features, radial) for _ in range(interactions))
@@ -153,16 +155,6 @@ class PaiNN(Backbone):
         if self.edge_noise:
             layers[r"interactions\.\d+\.message\.filter"] = "edge"
         return layers
-
-    def domain_group_counts(self) -> dict[str, int]:
-        return {"node": self.species.n, "edge": self.species.n ** 2}
-
-    def domain_groups(self, batch: dict) -> dict[str, torch.Tensor]:
-        return species_groups(self.species, batch)
-
-    def domain_feature_dims(self) -> dict[str, int]:
-        n = self.species.n
-        return {"node": n, "edge": self.radial + 2 * n}
 
     def _radial(self, batch):
         r = edge_vectors(batch)
