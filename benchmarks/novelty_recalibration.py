@@ -35,7 +35,7 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import recalibrated_std
+from blip.bench.runner import method_dir, recalibrated_std
 from blip.evaluate import evaluate_structures
 from blip.uq.metrics import regression_metrics
 from blip.uq.recalibration import BEYOND_SETTINGS, NOVELTY_KEYS, WIDENING_SETTINGS, recalibrate
@@ -66,8 +66,7 @@ def main() -> None:
         plan = build_plan(args.protocol, data_dir(args.data),
                           Options(seed=seed, experiments=[args.sets] if args.sets else None))
         exp = plan.experiments[0]
-        folder = exp.name.replace("=", "") or "run"  # as blip bench names its runs
-        model = blip.load(str(Path(args.runs_dir) / f"seed{seed}" / folder / args.method / "model_calibrated.pt"))
+        model = blip.load(str(method_dir(Path(args.runs_dir) / f"seed{seed}", exp, args.method) / "model_calibrated.pt"))
         tests = [t for t in exp.tests if all(getattr(s, target) is not None for s in t.structures)]
         factors = {}
         model.config["uq"][BEYOND_SETTINGS[target]] = args.beyond or False

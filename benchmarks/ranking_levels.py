@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import score
+from blip.bench.runner import method_dir, score
 from blip.uq.metrics import nll
 from blip.uq.recalibration import fit_scale
 
@@ -87,7 +87,7 @@ def main() -> None:
         runs = Path(args.runs_dir) / f"seed{seed}"
         runs = runs if runs.is_dir() else Path(args.runs_dir)  # a single-seed run
         for method in args.methods.split(","):
-            model = blip.load(str(runs / (exp.name.replace("=", "") or "run") / method / "model_calibrated.pt"))
+            model = blip.load(str(method_dir(runs, exp, method) / "model_calibrated.pt"))
             model.calibration = {"energy": 1.0, "forces": 1.0}
             if args.only_slots is not None and method == "blip":
                 keep_noise_of(model, {int(s) for s in args.only_slots.split(",")})

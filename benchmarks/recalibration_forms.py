@@ -60,7 +60,7 @@ from scipy.optimize import minimize
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import score
+from blip.bench.runner import method_dir, score
 from blip.uq.metrics import coverage, nll
 from blip.config import DEFAULTS
 from blip.uq.recalibration import fit_novelty_widening, fit_scale, novelty_factor
@@ -200,7 +200,7 @@ def main() -> None:
         for exp in plan.experiments:
             runs = Path(args.runs_dir) / f"seed{seed}"
             runs = runs if runs.is_dir() else Path(args.runs_dir)  # a single-seed run
-            path = runs / (exp.name.replace("=", "") or "run") / args.method
+            path = method_dir(runs, exp, args.method)
             model = blip.load(str(path / "model_calibrated.pt"))
             model.calibration = {"energy": 1.0, "forces": 1.0}
             valid = force_arrays(model, exp.valid, seed)

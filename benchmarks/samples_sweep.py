@@ -26,7 +26,7 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import row_metrics, score, timed_predict
+from blip.bench.runner import method_dir, row_metrics, score, timed_predict
 from blip.uq.recalibration import recalibrate
 
 KS = (2, 4, 8, 16, 32)  # K = 1 has no spread
@@ -48,7 +48,7 @@ def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: t
         plan = build_plan(protocol, data, Options(seed=seed, experiments=sets))
         for exp in plan.experiments:
             for method in methods:
-                path = folder / (exp.name.replace("=", "") or "run") / method / "model.pt"
+                path = method_dir(folder, exp, method) / "model.pt"
                 if not path.is_file():
                     continue
                 model = blip.load(path)

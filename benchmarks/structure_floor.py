@@ -26,7 +26,7 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import recalibrated_std, score
+from blip.bench.runner import method_dir, recalibrated_std, score
 from blip.uq.metrics import coverage, nll
 from blip.uq.recalibration import STRUCTURE_FLOOR_KEYS, recalibrate
 
@@ -61,7 +61,7 @@ def main() -> None:
         for exp in plan.experiments:
             runs = Path(args.runs_dir) / f"seed{seed}"
             runs = runs if runs.is_dir() else Path(args.runs_dir)
-            path = runs / (exp.name.replace("=", "") or "run") / args.method / "model_calibrated.pt"
+            path = method_dir(runs, exp, args.method) / "model_calibrated.pt"
             tests = [t for t in exp.tests if all(s.forces is not None for s in t.structures)]
             for floor in (False, True):
                 model = blip.load(str(path))

@@ -164,6 +164,12 @@ def row_metrics(arrays: dict, scales: dict) -> dict:
     return row
 
 
+def method_dir(runs_dir: Path, exp: Experiment, method: str) -> Path:
+    """Where ``blip bench`` trains ``method`` of ``exp`` under one seed's ``runs_dir`` (the
+    experiment's name without "=", or "run" for a protocol of one experiment)."""
+    return Path(runs_dir) / (exp.name.replace("=", "") or "run") / method
+
+
 def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: list[str], runs_dir: Path,
                    progress: bool, counter: list[int], total: int) -> tuple[list[dict], dict]:
     """Train, recalibrate, score and time every method of ``exp``.
@@ -173,7 +179,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
     """
     trained = []
     for spec in exp.methods:
-        out = runs_dir / (exp.name.replace("=", "") or "run") / spec.name
+        out = method_dir(runs_dir, exp, spec.name)
         cfg = method_config(exp, spec, budget, overrides, out)
         if not trained:
             warm_up(exp, cfg)
