@@ -54,7 +54,9 @@ def _train(cfg, args) -> int:
         factors = recalibrate(model, list(data.valid) if data.calibration is None else data.calibration,
                               seed=int(cfg["training"]["seed"]), source=where)
         save_model(model, trainer.out / "model.pt")
-        print(f"recalibrated on the {where}: standard deviations x "
+        mixed = (f" (each of the {len(model.members)} networks first on its own, then their mixture)"
+                 if model.mixture else "")
+        print(f"recalibrated on the {where}{mixed}: standard deviations x "
               + ", ".join(f"{q} {f:.3g}" for q, f in factors.items() if q in ("energy", "forces", "stress"))
               + f"; force spread per {model.force_std}{_floors_text(model.calibration)}"
               + _widening_text(model.calibration), file=sys.stderr)
@@ -150,7 +152,7 @@ def _evaluate(args) -> int:
         write_text_atomic(args.json, json.dumps(metrics, indent=2))
     if args.report:
         paths = write_report(metrics, args.report, arrays)
-        if any(float(v) != 1.0 for v in model.calibration.values()):
+        if any(float(v) != 1.0 for q, v in model.calibration.items() if q != "networks"):
             paths += add_recalibration_section(args.report, arrays, model.calibration)
         print(f"wrote report ({len(paths)} files) to {args.report}", file=sys.stderr)
     return 0

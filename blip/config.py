@@ -32,6 +32,9 @@ DEFAULTS: dict = {
     "uq": {
         "method": "blip",
         "samples": 16,               # K Monte-Carlo samples per prediction
+        "networks": 1,               # blip / mc_dropout: networks trained from their own seeds, each calibrated,
+                                     # predicted as their mixture (K split over them; blip.uq.mixture); 2: twice
+                                     # the training, near out like a 3-member ensemble, far out less than one
         "prior_p": 0.0003,           # dropout rate of the prior (KL target) on training data (0.001 before:
                                      # 3e-4 gives the rates more room below the contrastive prior's 0.5)
         "beta": 1.0,                 # weight of the KL
@@ -317,7 +320,7 @@ _RANGES = {
     ("training", "stress_weight"): (0.0, None, True),
     ("training", "max_minutes"): (0.0, None, False),
     ("training", "max_epochs"): (1, None, True), ("training", "num_workers"): (0, None, True), ("uq", "samples"): (1, None, True),
-    ("uq", "ensemble_size"): (1, None, True), ("uq", "beta"): (0.0, None, True),
+    ("uq", "ensemble_size"): (1, None, True), ("uq", "networks"): (1, None, True), ("uq", "beta"): (0.0, None, True),
     ("uq", "inference_hidden"): (1, None, True), ("uq", "dropout_p"): (0.0, 1.0, False),
     ("uq", "prior_p"): (0.0, 1.0, False), ("uq", "p_min"): (0.0, 1.0, False), ("uq", "p_max"): (0.0, 1.0, False),
     ("uq", "p_init"): (0.0, 1.0, False), ("uq", "distance_shrinkage"): (0.0, 1.0, True),
@@ -367,6 +370,9 @@ def _validate(cfg: dict) -> None:
     from .predictor import FORCE_STD
 
     uq = cfg["uq"]
+    if uq["networks"] != 1 and uq["method"] not in ("blip", "mc_dropout"):
+        raise ConfigError(f"uq.networks is for blip and mc_dropout (sampled networks), not '{uq['method']}'"
+                          + ("; an ensemble's size is uq.ensemble_size" if uq["method"] == "ensemble" else ""))
     if uq["weight_noise"] not in (*WEIGHT_NOISE, "auto"):
         raise ConfigError(f"uq.weight_noise '{uq['weight_noise']}' is not one of {', '.join(WEIGHT_NOISE)} or auto")
     if uq["structure_floor"] not in (True, False, "auto"):
@@ -408,6 +414,15 @@ def _validate(cfg: dict) -> None:
         raise ConfigError("give data.calibration_file or data.calibration_fraction, not both")
     if not isinstance(cfg["data"]["test_files"], dict):
         raise ConfigError("data.test_files must be a mapping name: path")
+
+
+def networks_of(cfg: dict) -> int:
+    """How many networks ``cfg`` trains: ``uq.ensemble_size`` for an ensemble, ``uq.networks`` for the
+    sampled methods (blip, mc_dropout), one for the deterministic model."""
+    uq = cfg["uq"]
+    if uq["method"] == "ensemble":
+        return int(uq["ensemble_size"])
+    return int(uq.get("networks", 1)) if uq["method"] in ("blip", "mc_dropout") else 1
 
 
 def _absolute_paths(cfg: dict, base: Path) -> None:

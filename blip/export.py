@@ -69,6 +69,9 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         raise ExportError(f"cannot export a {backbone} model: {reason}")
     if dtype is not None:
         model = _with_dtype(model, str(dtype).replace("torch.", ""))
+    if model.method != "ensemble" and len(model.members) > 1:
+        raise ExportError(f"cannot export a model of {len(model.members)} sampled networks (uq.networks): export "
+                          "takes one network (or an ensemble); use it through the ASE calculator or `blip ipi`")
     members = [copy.deepcopy(m).cpu().eval() for m in model.members]  # metatomic freezes their parameters
     model_dtype = next(members[0].parameters()).dtype
     method = model.method

@@ -12,6 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
+from .uq.mixture import mix, network_shares
 from .uq.recalibration import NOVELTY_KEYS, floored_std, has_structure_floor, novelty_factor, widens
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
@@ -71,6 +72,25 @@ class BlipModel:
         for m in self.members:
             m.to(self.device)
         return self
+
+    @property
+    def mixture(self) -> bool:
+        """Whether this is a model of several sampled networks (``uq.networks``), predicted as the
+        mixture of their own calibrated predictions (:mod:`blip.uq.mixture`)."""
+        return self.method != "ensemble" and len(self.members) > 1
+
+    def networks(self) -> list["BlipModel"]:
+        """A model of each network of a mixture, with its own calibration (``calibration["networks"]``;
+        uncalibrated before recalibration)."""
+        calibrations = self.calibration.get("networks") or [{} for _ in self.members]
+        nets = []
+        for member, calibration in zip(self.members, calibrations):
+            calibration = dict(calibration)
+            force_std = calibration.pop("force_std", None)
+            net = BlipModel([member], self.config, self.summary, calibration, self.info, force_std)
+            net.device = self.device
+            nets.append(net)
+        return nets
 
     @property
     def folds_map_pass(self) -> bool:
@@ -149,7 +169,10 @@ class BlipModel:
         ``forces_std`` row are equal, the root mean square of its components' stds (3K numbers per
         atom give a steadier spread than K per component; the row norm is the same either way).
         ``samples=0`` is the noise-free MAP prediction (std zero; for an ensemble the member mean).
-        An ensemble ignores other values of ``samples``: its K is the number of members.
+        An ensemble ignores other values of ``samples``: its K is the number of members. A model of
+        several sampled networks (``uq.networks``) predicts each network as a model of its own, with
+        its own calibration, K split evenly over them (:func:`blip.uq.mixture.network_shares`), and
+        returns their mixture (:func:`blip.uq.mixture.mix`; ``map_values`` are not used there).
         For BLIP models whose rate heads see features, where the calibration holds a
         ``forces_novelty`` b > 0 (set by recalibration with ``uq.novelty_widening``), each atom's
         force spread and samples are widened by ``exp(b (nu - novelty_centre))`` on top of the
@@ -190,6 +213,12 @@ class BlipModel:
         self.check_structures(atoms_list, source)
         if stress is None:
             stress = any(bool(np.any(a.pbc)) for a in atoms_list)
+        if self.mixture:  # each network on its own (seed + m), then mixed; their own noise-free passes
+            shares = network_shares(samples, len(self.members)) if samples > 0 else [0] * len(self.members)
+            outs = [net.predict(atoms_list, samples=k, seed=seed + m, progress=progress, source=source,
+                                stress=stress, indices=indices, map_pass=map_pass, novelty=novelty)
+                    for m, (net, k) in enumerate(zip(self.networks(), shares))]
+            return mix(outs, self.calibration, stochastic=samples > 0)
         indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)

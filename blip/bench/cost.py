@@ -88,9 +88,8 @@ def build_models(model: dict, quick: bool, seed: int = 0, periodic: bool = False
     out = {}
     for method in ("blip", "mc_dropout", "ensemble"):
         cfg = _config(model, method, quick)
-        n = int(cfg["uq"]["ensemble_size"]) if method == "ensemble" else 1
         members = []
-        for k in range(n):
+        for k in range(config_mod.networks_of(cfg)):
             torch.manual_seed(seed + k)
             members.append(build_potential(cfg, summary))
         out[method] = BlipModel(members, cfg, summary, calibration=default_calibration(cfg, members[0]))

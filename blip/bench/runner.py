@@ -27,7 +27,7 @@ from ..predictor import BlipModel
 from ..train.datasets import PreparedData, summarise
 from ..train.loop import Trainer
 from ..uq.metrics import prediction_arrays, regression_metrics
-from ..uq.recalibration import calibrated_std, recalibrate
+from ..uq.recalibration import calibrated_std, recalibrate, uncalibrated
 from .protocols import Budget, Experiment, MethodSpec
 
 #: Metrics of sigma of each target in a row, before (``KEY``) and after (``KEY_recal``) recalibration
@@ -60,9 +60,8 @@ def method_config(exp: Experiment, spec: MethodSpec, budget: Budget, overrides: 
     t = cfg["training"]
     if "epochs" not in spec.training:  # e.g. "chgnet-as-is" keeps its 0 epochs
         t["epochs"] = budget.epochs_for(len(exp.train), int(t["batch_size"]), spec.name)
-    if budget.minutes is not None:  # Trainer splits max_minutes evenly over ensemble members
-        members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
-        t["max_minutes"] = budget.minutes_for(spec.name) * members
+    if budget.minutes is not None:  # Trainer splits max_minutes evenly over the networks
+        t["max_minutes"] = budget.minutes_for(spec.name) * config_mod.networks_of(cfg)
     t["patience"] = max(int(t["patience"]), int(t["epochs"]) + 1)  # the budget, not early stopping, ends a run
     return cfg
 
@@ -184,7 +183,7 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
         if not trained:
             warm_up(exp, cfg)
         counter[0] += 1
-        members = int(cfg["uq"]["ensemble_size"]) if cfg["uq"]["method"] == "ensemble" else 1
+        members = config_mod.networks_of(cfg)
         log(f"({counter[0]}/{total}) {protocol} {exp.name} {spec.name}: training {len(exp.train)} structures, "
             f"{cfg['training']['epochs']} epochs x {members} network(s)"
             + (f", cap {budget.minutes_for(spec.name):g} min each" if budget.minutes else ""))
@@ -209,9 +208,9 @@ def run_experiment(protocol: str, exp: Experiment, budget: Budget, overrides: li
         scales = recalibrate(model, exp.valid, seed=seed, source="validation split")
         model.calibration = dict(scales)
         save_model(model, Path(cfg["output_dir"]) / "model_calibrated.pt")
-        model.calibration = {"energy": 1.0, "forces": 1.0}
+        model.calibration = uncalibrated(scales)  # raw spreads (a mixture's networks keep theirs)
         log(f"      {exp.name} {spec.name}: recalibration factors (validation) "
-            + ", ".join(f"{q} {s:.3g}" for q, s in scales.items()) + f"; force spread per {model.force_std}")
+            + ", ".join(f"{q} {s:.3g}" for q, s in scales.items() if q != "networks") + f"; force spread per {model.force_std}")
         for test in exp.tests:
             pred, pred_seconds = timed_predict(model, test.structures, None, seed)
             arrays = score(test.structures, pred)

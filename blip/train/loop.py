@@ -79,7 +79,8 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------
     def n_members(self) -> int:
-        return int(self.uq["ensemble_size"]) if self.uq["method"] == "ensemble" else 1
+        """Networks to train: an ensemble's members, or BLIP's / MC dropout's ``uq.networks``."""
+        return config_mod.networks_of(self.cfg)
 
     def _new_member(self, data: PreparedData, member: int):
         seed_everything(int(self.tcfg["seed"]) + 1000 * member)

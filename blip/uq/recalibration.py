@@ -111,6 +111,8 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
     from ..build import uses_structure_floor
     from ..evaluate import evaluate_structures
 
+    if model.mixture:
+        return _recalibrate_mixture(model, structures, samples, seed, progress, source)
     model.calibration = {"energy": 1.0, "forces": 1.0}
     choose = model.config["uq"].get("force_std") == "auto"
     if choose:
@@ -137,6 +139,30 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
         model.calibration.update(fit_structure_floor(forces["ref"] - forces["pred"], calibrated,
                                                      forces["mean_novelty"]))
     return dict(model.calibration)
+
+
+def _recalibrate_mixture(model, structures, samples, seed, progress, source) -> dict:
+    """:func:`recalibrate` for a model of several sampled networks: each network as a model of its
+    own (its share of the K samples, seed + m, as predict runs it), stored under ``"networks"``
+    (with its chosen force spread, ``force_std``); then one factor per target of the mixture."""
+    from ..evaluate import evaluate_structures
+    from .mixture import network_shares
+
+    k = model.default_samples if samples is None else int(samples)
+    per_network = []
+    for m, (net, share) in enumerate(zip(model.networks(), network_shares(k, len(model.members)))):
+        factors = recalibrate(net, structures, share, seed + m, progress, source)
+        per_network.append({**factors, **({"force_std": net.fitted_force_std} if net.fitted_force_std else {})})
+    model.calibration = {"energy": 1.0, "forces": 1.0, "networks": per_network}
+    _, arrays = evaluate_structures(model, structures, samples=k, seed=seed, progress=progress, source=source)
+    model.calibration.update({q: fit_scale(arrays[q]["ref"] - arrays[q]["pred"], arrays[q]["std"])
+                              for q in ("energy", "forces", "stress") if q in arrays})
+    return dict(model.calibration)
+
+
+def uncalibrated(calibration: dict) -> dict:
+    """The calibration of raw spreads (factors 1) that keeps a mixture's networks' own calibrations."""
+    return {"energy": 1.0, "forces": 1.0, **({"networks": calibration["networks"]} if "networks" in calibration else {})}
 
 
 def calibrated_std(a: dict, calibration: dict, target: str) -> np.ndarray:

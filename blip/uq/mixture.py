@@ -1,0 +1,58 @@
+"""Several sampled networks (``uq.networks``) predicted as one: the mixture of their own predictions.
+
+Each network keeps its own calibration (``calibration["networks"][m]``: its factors, widenings and
+floors, fitted on validation as for a model of one network); the mixture's prediction is the mean
+of the networks' predictions and its spread ``f sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)``:
+the networks' own calibrated spreads plus how far their predictions lie apart, times one factor f
+per target fitted on validation after theirs. Calibrating the networks first matters: one factor
+for the pooled samples (the networks' noise spreads are 15-20x too small before calibration, their
+disagreement is not) left methanol's NLL where one network has it (docs/results/ood-ethanol).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Targets the mixture combines: (prediction key, whether it is one array per structure).
+TARGETS = (("energy", False), ("forces", True), ("stress", False))
+
+
+def network_shares(samples: int, networks: int) -> list[int]:
+    """How K ``samples`` split over ``networks``: evenly, at least one each (16 over 2: [8, 8]; 3: [2, 1])."""
+    return [max(1, samples // networks + int(m < samples % networks)) for m in range(networks)]
+
+
+def mix(outs: list[dict], calibration: dict, stochastic: bool) -> dict:
+    """One prediction from the networks' ``outs`` (each as :meth:`BlipModel.predict` returns it,
+    calibrated): the mean, the mixture spread times the calibration's factor of each target (stress:
+    its own, else the forces'), and the networks' samples in order, each moved to the mean and its
+    deviation from it times that factor. ``stochastic`` False (K = 0): spreads zero, no samples."""
+    out = {}
+    for key, per_structure in TARGETS:
+        if key not in outs[0]:
+            continue
+        factor = float(calibration.get(key, calibration["forces"] if key == "stress" else 1.0))
+        parts = [_mix_one([o[key][i] for o in outs], [o[f"{key}_std"][i] for o in outs],
+                          [o[f"{key}_samples"][:, i] if not per_structure else o[f"{key}_samples"][i] for o in outs],
+                          factor, stochastic)
+                 for i in range(len(outs[0][key]))]
+        mean, std, samples = (list(p) for p in zip(*parts)) if parts else ([], [], [])
+        if per_structure:
+            out.update({key: mean, f"{key}_std": std, f"{key}_samples": samples})
+        else:
+            k = sum(o[f"{key}_samples"].shape[0] for o in outs) if stochastic else 0
+            out.update({key: np.array(mean), f"{key}_std": np.array(std),
+                        f"{key}_samples": np.stack(samples, axis=1) if parts else np.zeros((k, 0))})
+    if "atom_novelty" in outs[0]:
+        out["atom_novelty"] = [np.mean(v, axis=0) for v in zip(*(o["atom_novelty"] for o in outs))]
+    return out
+
+
+def _mix_one(means: list, stds: list, samples: list, factor: float, stochastic: bool):
+    """(mean, spread, samples) of one structure's value from the networks' values (same shapes)."""
+    mean = np.mean(means, axis=0)
+    if not stochastic:
+        return mean, np.zeros_like(mean), np.concatenate(samples)[:0]
+    variance = np.mean([s * s for s in stds], axis=0) + np.mean([(m - mean) ** 2 for m in means], axis=0)
+    moved = np.concatenate([mean + factor * (s - mean) for s in samples])
+    return mean, factor * np.sqrt(variance), moved
