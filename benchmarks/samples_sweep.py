@@ -7,7 +7,10 @@ RUNS_DIR is the ``--runs-dir`` of a finished ``blip bench`` run (``seed0/``, ``s
 inside when it ran several seeds). For every seed, experiment and stochastic method found
 there, the protocol's split of that seed is rebuilt, and for each K the model is
 recalibrated on the validation split with K samples and scored on every test set with K
-samples (the same seed, so the first K samples are shared between K values). The 5-member
+samples (the same seed, so the first K samples are shared between K values); with one K
+(``--samples 16``), trained runs recalibrated and scored again with the current code, as
+``blip bench`` would (results.json also holds the recalibrated Spearman, the σ ratio to the
+reference test set and the RMSEs, eV or eV/Å). The 5-member
 ensemble's row is scored once, as a reference. ``--force-std atom,component`` scores every
 model with each force spread (``uq.force_std``; the method's rows are then labelled
 ``METHOD/atom`` and ``METHOD/component``). Prints a table of mean ± std over seeds and
@@ -26,11 +29,12 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.bench.runner import method_dir, row_metrics, score, timed_predict
-from blip.uq.recalibration import recalibrate
+from blip.bench.runner import add_sigma_ratios, method_dir, row_metrics, score, timed_predict
+from blip.uq.recalibration import recalibrate, uncalibrated
 
 KS = (2, 4, 8, 16, 32)  # K = 1 has no spread
-METRICS = ("forces_nll_recal", "ence_recal", "spearman", "coverage_95_recal", "energy_nll_recal")
+METRICS = ("forces_nll_recal", "ence_recal", "spearman", "coverage_95_recal", "energy_nll_recal",
+           "spearman_recal", "sigma_ratio_recal", "forces_rmse", "energy_rmse")
 
 
 def _seed_dirs(runs: Path) -> list[tuple[int, Path]]:
@@ -59,13 +63,15 @@ def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: t
                     for k in ([None] if model.method == "ensemble" else ks):
                         start = time.perf_counter()
                         scales = recalibrate(model, exp.valid, samples=k, seed=seed)
-                        model.calibration = {"energy": 1.0, "forces": 1.0}
+                        model.calibration = uncalibrated(scales)
+                        scored = []
                         for test in exp.tests:
                             pred, _ = timed_predict(model, test.structures, k, seed)
-                            metrics = row_metrics(score(test.structures, pred), scales)
-                            rows.append({"seed": seed, "experiment": exp.name, "method": label, "test_set": test.name,
-                                         "samples": len(model.members) if k is None else k,
-                                         **{m: metrics.get(m) for m in METRICS}})
+                            scored.append({"test_set": test.name, **row_metrics(score(test.structures, pred), scales)})
+                        add_sigma_ratios(scored, exp.reference_test)
+                        rows += [{"seed": seed, "experiment": exp.name, "method": label, "test_set": r["test_set"],
+                                  "samples": len(model.members) if k is None else k,
+                                  **{m: r.get(m) for m in METRICS}} for r in scored]
                         print(f"seed {seed} {exp.name} {label} K={rows[-1]['samples']}: "
                               f"{time.perf_counter() - start:.0f} s", flush=True)
     return rows

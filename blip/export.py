@@ -67,11 +67,11 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         reason = UNSUPPORTED_REASONS.get(backbone, f"export supports the {', '.join(SUPPORTED_BACKBONES)} "
                                                    f"backbone(s), not '{backbone}'")
         raise ExportError(f"cannot export a {backbone} model: {reason}")
-    if dtype is not None:
-        model = _with_dtype(model, str(dtype).replace("torch.", ""))
-    if model.method != "ensemble" and len(model.members) > 1:
+    if model.mixture:
         raise ExportError(f"cannot export a model of {len(model.members)} sampled networks (uq.networks): export "
                           "takes one network (or an ensemble); use it through the ASE calculator or `blip ipi`")
+    if dtype is not None:
+        model = _with_dtype(model, str(dtype).replace("torch.", ""))
     members = [copy.deepcopy(m).cpu().eval() for m in model.members]  # metatomic freezes their parameters
     model_dtype = next(members[0].parameters()).dtype
     method = model.method
