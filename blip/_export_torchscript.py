@@ -293,27 +293,37 @@ class PaiNNEnergy(nn.Module):
 class BlipMetatomic(nn.Module):
     """metatomic ``ModelInterface`` of a BLIP model: ``energy`` and its spread over K samples.
 
-    members: one :class:`PaiNNEnergy` (BLIP, MC dropout, deterministic) or several (ensemble).
-    ``energy``: the noise-free (MAP) pass when ``predict_map``, else the mean of the samples
-    (an ensemble's member mean). ``energy_ensemble`` (K properties) and ``energy_uncertainty``:
-    the samples scaled about the prediction by ``calibration`` and their root mean square deviation
-    from it, as ``BlipModel.predict`` gives them; with ``energy_novelty`` b_E or ``energy_beyond`` b2
-    > 0 further widened by ``exp(b_E (nu_max - novelty_centre) + b2 max(0, nu_max - novelty_limit))``,
-    nu_max the largest over the (selected) atoms of each atom's feature distance averaged over the
-    noisy per-atom layers and the K samples (the recalibration's energy widening, as in
-    ``BlipModel.predict``). Every system is its own structure (structure index 0).
+    members: the networks, each a :class:`PaiNNEnergy` (or MACE's): one for BLIP, MC dropout or a
+    deterministic model, several for a model of ``uq.networks`` sampled networks (a mixture), or an
+    ensemble's members (``ensemble``). Network m draws ``samples[m]`` noise samples with seed
+    ``seed + m`` and has its own calibration: ``calibration[m]`` c_m, and the energy widening
+    ``energy_novelty[m]`` b_E, ``novelty_centre[m]``, ``energy_beyond[m]`` b2, ``novelty_limit[m]``
+    (an ensemble: one entry, for all its members, whose K is their number).
+    Network m's prediction mu_m is its noise-free (MAP) pass when ``predict_map``, else its sample
+    mean (an ensemble's: the member mean); its samples are scaled about mu_m by c_m, further widened
+    by ``exp(b_E (nu_max - centre) + b2 max(0, nu_max - limit))`` (nu_max the largest over the
+    (selected) atoms of each atom's feature distance averaged over the noisy per-atom layers and
+    the samples), and sigma_m is their root mean square deviation from mu_m: as
+    ``BlipModel.predict`` gives them. ``energy`` is the mean mu of the mu_m, ``energy_uncertainty``
+    ``mixture_factor sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)`` and ``energy_ensemble`` every
+    network's samples moved to ``mu + mixture_factor (sample - mu)``, in network order (one
+    network, factor 1: its own samples and sigma; :func:`blip.uq.mixture.mix` for several).
+    Every system is its own structure (structure index 0).
     """
 
-    def __init__(self, members: List[nn.Module], cutoff: float, samples: int, seed: int,
-                 calibration: float, predict_map: bool, ensemble: bool, dtype: torch.dtype,
-                 energy_novelty: float = 0.0, novelty_centre: float = 0.0,
-                 energy_beyond: float = 0.0, novelty_limit: float = 0.0):
+    def __init__(self, members: List[nn.Module], cutoff: float, samples: List[int], seed: int,
+                 calibration: List[float], predict_map: bool, ensemble: bool, dtype: torch.dtype,
+                 energy_novelty: List[float], novelty_centre: List[float],
+                 energy_beyond: List[float], novelty_limit: List[float], mixture_factor: float = 1.0):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.samples, self.seed = int(samples), int(seed)
-        self.calibration = float(calibration)
-        self.energy_novelty, self.novelty_centre = float(energy_novelty), float(novelty_centre)
-        self.energy_beyond, self.novelty_limit = float(energy_beyond), float(novelty_limit)
+        self.samples, self.seed = [int(k) for k in samples], int(seed)
+        self.calibration = [float(c) for c in calibration]
+        self.energy_novelty = [float(b) for b in energy_novelty]
+        self.novelty_centre = [float(c) for c in novelty_centre]
+        self.energy_beyond = [float(b) for b in energy_beyond]
+        self.novelty_limit = [float(c) for c in novelty_limit]
+        self.mixture_factor = float(mixture_factor)
         self.predict_map, self.ensemble = bool(predict_map), bool(ensemble)
         self.dtype = dtype
         self.nl = NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
@@ -322,33 +332,63 @@ class BlipMetatomic(nn.Module):
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.nl]
 
-    def _atomic(self, system: System, copies: int, sampled: bool, novelty: List[torch.Tensor]) -> torch.Tensor:
-        """Atomic energies (K, N) float64: K noise samples, or the MAP pass (K = 1), or the members;
-        a sampled BLIP pass appends its per-atom feature distances (K N,) to ``novelty``."""
+    def _graph(self, system: System) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edge vectors (E, 3), pairs (E, 2) [i, j] and integer cell shifts (E, 3) of ``system``."""
         nl = system.get_neighbor_list(self.nl)
-        vectors = nl.values.reshape(-1, 3)
         idx = nl.samples.values
-        pairs, shifts = idx[:, 0:2].to(torch.long), idx[:, 2:5].to(torch.long)
-        if self.ensemble:
-            out: List[torch.Tensor] = []
-            for member in self.members:
-                out.append(member(system.types, vectors, pairs, shifts, 1, self.seed, False, novelty))
-            return torch.cat(out, dim=0)
-        result = torch.zeros(0)
-        for member in self.members:  # one member
-            result = member(system.types, vectors, pairs, shifts, copies, self.seed, sampled, novelty)
-        return result
+        return nl.values.reshape(-1, 3), idx[:, 0:2].to(torch.long), idx[:, 2:5].to(torch.long)
 
-    def _widening(self, novelty: List[torch.Tensor], copies: int, mask: torch.Tensor) -> torch.Tensor:
-        """``exp(b_E (nu_max - centre) + b2 max(0, nu_max - limit))`` (float64 scalar) from the
-        distances of a sampled pass; 1 without a widening or distances."""
+    def _widening(self, novelty: List[torch.Tensor], copies: int, mask: torch.Tensor, m: int) -> torch.Tensor:
+        """Network m's ``exp(b_E (nu_max - centre) + b2 max(0, nu_max - limit))`` (float64 scalar)
+        from the distances of its sampled pass; 1 without a widening or distances."""
         one = torch.ones((), dtype=torch.float64, device=mask.device)
-        if (self.energy_novelty == 0.0 and self.energy_beyond == 0.0) or len(novelty) == 0 or not bool(mask.any()):
+        b, b2 = self.energy_novelty[m], self.energy_beyond[m]
+        if (b == 0.0 and b2 == 0.0) or len(novelty) == 0 or not bool(mask.any()):
             return one
         per_atom = torch.stack(novelty, dim=1).mean(dim=1).reshape(copies, -1).mean(dim=0)  # (N,)
         nu_max = per_atom[mask].max().double()
-        beyond = torch.clamp(nu_max - self.novelty_limit, min=0.0)
-        return torch.exp(self.energy_novelty * (nu_max - self.novelty_centre) + self.energy_beyond * beyond)
+        beyond = torch.clamp(nu_max - self.novelty_limit[m], min=0.0)
+        return torch.exp(b * (nu_max - self.novelty_centre[m]) + b2 * beyond)
+
+    def _networks(self, system: System, mask: torch.Tensor,
+                  sampled: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Each network's atomic prediction (N,) float64 and, when ``sampled``, its calibrated
+        samples of the (selected atoms') energy (K_m,) (else empty)."""
+        vectors, pairs, shifts = self._graph(system)
+        types = system.types
+        maps: List[torch.Tensor] = []
+        scaled: List[torch.Tensor] = []
+        if self.ensemble:  # the members' noise-free passes are the samples; their mean the prediction
+            rows: List[torch.Tensor] = []
+            for member in self.members:
+                rows.append(member(types, vectors, pairs, shifts, 1, self.seed, False, []))
+            atomic = torch.cat(rows, dim=0)  # (members, N)
+            maps.append(atomic.mean(dim=0))
+            if sampled:
+                samples = atomic[:, mask].sum(dim=1)
+                centre = maps[0][mask].sum()
+                scaled.append(centre + self.calibration[0] * (samples - centre))
+            return maps, scaled
+        m = 0
+        for member in self.members:
+            seed = self.seed + m
+            atomic_samples = torch.zeros(0)
+            widening = torch.ones((), dtype=torch.float64, device=mask.device)
+            if sampled or not self.predict_map:
+                novelty: List[torch.Tensor] = []
+                atomic_samples = member(types, vectors, pairs, shifts, self.samples[m], seed, True, novelty)
+                widening = self._widening(novelty, self.samples[m], mask, m)
+            if self.predict_map:
+                atomic_map = member(types, vectors, pairs, shifts, 1, seed, False, [])[0]
+            else:
+                atomic_map = atomic_samples.mean(dim=0)
+            maps.append(atomic_map)
+            if sampled:  # about the network's prediction: its MAP energy, else its sample mean
+                samples = atomic_samples[:, mask].sum(dim=1)  # (K_m,)
+                centre = atomic_map[mask].sum()
+                scaled.append(centre + self.calibration[m] * widening * (samples - centre))
+            m += 1
+        return maps, scaled
 
     def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
                 selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:
@@ -372,29 +412,21 @@ class BlipMetatomic(nn.Module):
                 chosen = selected_atoms.values
                 mask = torch.zeros(n, dtype=torch.bool, device=device)
                 mask[chosen[chosen[:, 0] == s][:, 1].to(torch.long)] = True
-            samples: Optional[torch.Tensor] = None
-            atomic_samples: Optional[torch.Tensor] = None
-            widening = torch.ones((), dtype=torch.float64, device=device)
-            if want_spread or not self.predict_map:
-                novelty: List[torch.Tensor] = []
-                atomic_samples = self._atomic(system, self.samples, True, novelty)  # (K, N)
-                samples = atomic_samples[:, mask].sum(dim=1)  # (K,)
-                widening = self._widening(novelty, self.samples, mask)
-            if self.predict_map:
-                atomic_map = self._atomic(system, 1, False, [])[0]
-            else:
-                assert atomic_samples is not None
-                atomic_map = atomic_samples.mean(dim=0)
-            energies.append(atomic_map[mask].sum())
+            maps, scaled = self._networks(system, mask, want_spread)
+            atomic = torch.stack(maps).mean(dim=0)  # (N,): the networks' mean
+            energy = atomic[mask].sum()
+            energies.append(energy)
             if per_atom:
-                atom_values.append(atomic_map[mask])
+                atom_values.append(atomic[mask])
                 index = torch.nonzero(mask).reshape(-1)
                 atom_samples.append(torch.stack([torch.full_like(index, s), index], dim=1))
-            if samples is not None:  # about the prediction: the MAP energy, else the sample mean
-                centre = atomic_map[mask].sum() if self.predict_map else samples.mean()
-                scaled = centre + self.calibration * widening * (samples - centre)
-                spreads.append(torch.sqrt(((scaled - centre) ** 2).mean()))
-                ensembles.append(scaled)
+            if want_spread:
+                variance = torch.zeros((), dtype=torch.float64, device=device)
+                for atomic_map, own in zip(maps, scaled):
+                    centre = atomic_map[mask].sum()
+                    variance = variance + ((own - centre) ** 2).mean() + (centre - energy) ** 2
+                spreads.append(self.mixture_factor * torch.sqrt(variance / len(maps)))
+                ensembles.append(energy + self.mixture_factor * (torch.cat(scaled) - energy))
 
         results: Dict[str, TensorMap] = {}
         key = Labels("_", torch.zeros((1, 1), dtype=torch.int32, device=device))
@@ -416,7 +448,7 @@ class BlipMetatomic(nn.Module):
                                 components=no_components, properties=one)
             results["energy_uncertainty"] = TensorMap(key, [block])
         if "energy_ensemble" in outputs:
-            k = ensembles[0].shape[0] if len(ensembles) > 0 else self.samples
+            k = ensembles[0].shape[0] if len(ensembles) > 0 else sum(self.samples)
             members = Labels("energy", torch.arange(k, dtype=torch.int32, device=device)[:, None])
             block = TensorBlock(values=torch.stack(ensembles).to(self.dtype), samples=system_labels,
                                 components=no_components, properties=members)

@@ -13,6 +13,9 @@ Outputs of the exported model (eV; per system unless stated):
   distance where the calibration does, ``energy_novelty``): exactly
   ``blip.Calculator(model, samples=K, seed=S)``'s ``energy_samples`` and ``energy_std`` for one
   structure. Deterministic models (and ``--samples 0``) export ``energy`` only.
+* A model of several sampled networks (``uq.networks``): each network's own samples (its share
+  of K, seed S + m) and calibration, mixed as ``blip.Calculator`` mixes them (the networks' mean;
+  :mod:`blip.uq.mixture`).
 
 See docs/export.md. Backbones: PaiNN and MACE (CHGNet is refused with the reason).
 """
@@ -60,16 +63,13 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from . import __version__
     from ._export_torchscript import BlipMetatomic, LearnedRate, PaiNNEnergy
     from .calculator import _with_dtype
-    from .uq.recalibration import BEYOND_KEYS, NOVELTY_KEYS, widening_formula
+    from .uq.mixture import network_shares
 
     backbone = model.config["model"]["backbone"]
     if backbone not in SUPPORTED_BACKBONES:
         reason = UNSUPPORTED_REASONS.get(backbone, f"export supports the {', '.join(SUPPORTED_BACKBONES)} "
                                                    f"backbone(s), not '{backbone}'")
         raise ExportError(f"cannot export a {backbone} model: {reason}")
-    if model.mixture:
-        raise ExportError(f"cannot export a model of {len(model.members)} sampled networks (uq.networks): export "
-                          "takes one network (or an ensemble); use it through the ASE calculator or `blip ipi`")
     if dtype is not None:
         model = _with_dtype(model, str(dtype).replace("torch.", ""))
     members = [copy.deepcopy(m).cpu().eval() for m in model.members]  # metatomic freezes their parameters
@@ -92,18 +92,19 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         energy_of = PaiNNEnergy
     with torch.no_grad():
         energies = [energy_of(m) for m in members]
-    (b_key, centre_key), (b2_key, limit_key) = NOVELTY_KEYS["energy"], BEYOND_KEYS["energy"]
-    widened = spread and not ensemble and members[0].wants_novelty  # as BlipModel.predict: only with nu
-    cal = model.calibration if widened else {}
-    widening, beyond = float(cal.get(b_key, 0.0)), float(cal.get(b2_key, 0.0))
-    if widening == 0.0 and beyond == 0.0:  # nothing reads the distances: the sampled passes skip them
-        for rate in (m for energy in energies for m in energy.modules() if isinstance(m, LearnedRate)):
-            rate.records_novelty = False
-    module = BlipMetatomic(energies, cutoff=model.cutoff, samples=max(k, 1), seed=int(seed),
-                           calibration=float(model.calibration["energy"]), predict_map=predict_map,
-                           ensemble=ensemble, dtype=model_dtype, energy_novelty=widening,
-                           novelty_centre=float(cal.get(centre_key, 0.0)), energy_beyond=beyond,
-                           novelty_limit=float(cal.get(limit_key, float("inf")))).eval()
+    nets = model.networks() if model.mixture else [model]  # each network with its own calibration
+    shares = network_shares(max(k, 1), len(nets)) if model.mixture else [max(k, 1)]
+    widenings = [_energy_widening(net, spread and not ensemble) for net in nets]
+    for energy, (b, _, b2, _) in zip(energies, widenings * (len(energies) // len(widenings))):
+        if b == 0.0 and b2 == 0.0:  # nothing reads this network's distances: its sampled passes skip them
+            for rate in (m for m in energy.modules() if isinstance(m, LearnedRate)):
+                rate.records_novelty = False
+    b_e, centres, b_beyond, limits = (list(v) for v in zip(*widenings))
+    module = BlipMetatomic(energies, cutoff=model.cutoff, samples=shares, seed=int(seed),
+                           calibration=[float(net.calibration["energy"]) for net in nets], predict_map=predict_map,
+                           ensemble=ensemble, dtype=model_dtype, energy_novelty=b_e, novelty_centre=centres,
+                           energy_beyond=b_beyond, novelty_limit=limits,
+                           mixture_factor=float(model.calibration["energy"]) if model.mixture else 1.0).eval()
     outputs = {"energy": ModelOutput(unit="eV", sample_kind="atom", explicit_gradients=[])}  # or per system
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
@@ -118,19 +119,42 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
         supported_devices=["cpu", "cuda"],
         dtype="float64" if model_dtype == torch.float64 else "float32",
     )
-    description = (f"BLIP {method} model, {backbone} backbone; energy_ensemble / energy_uncertainty from "
-                   f"{k} noise samples (seed {int(seed)}), calibration factor "
-                   f"{float(model.calibration['energy']):.6g}" if spread else
-                   f"BLIP {method} model, {backbone} backbone; energy only")
-    if widening > 0.0 or beyond > 0.0:
-        formula = widening_formula(widening, module.novelty_centre, "nu_max")
-        description += f", widened by {formula} with the largest per-atom feature distance nu_max"
-        if beyond > 0.0:
-            limit = module.novelty_limit
-            description += f" and by {widening_formula(beyond, limit, 'nu_max')} above {limit:.6g}"
+    description = _description(model, backbone, k, shares, int(seed), widenings) if spread else \
+        f"BLIP {method} model, {backbone} backbone; energy only"
     metadata = ModelMetadata(name=f"blip-{backbone}-{method}", description=description,
                              references={"implementation": [f"BLIP {__version__}"]})
     return AtomisticModel(module, metadata, capabilities)
+
+
+def _energy_widening(model, widened: bool) -> tuple[float, float, float, float]:
+    """(b_E, centre, b2, limit) of ``model``'s energy widening (:mod:`blip.uq.recalibration`); zeros
+    (limit inf) when its spread is not ``widened`` or its rate heads do not see feature distances."""
+    from .uq.recalibration import BEYOND_KEYS, NOVELTY_KEYS
+
+    (b_key, centre_key), (b2_key, limit_key) = NOVELTY_KEYS["energy"], BEYOND_KEYS["energy"]
+    cal = model.calibration if widened and model.members[0].wants_novelty else {}  # as BlipModel.predict
+    return (float(cal.get(b_key, 0.0)), float(cal.get(centre_key, 0.0)), float(cal.get(b2_key, 0.0)),
+            float(cal.get(limit_key, float("inf"))))
+
+
+def _description(model, backbone: str, k: int, shares: list[int], seed: int, widenings: list) -> str:
+    """The exported model's metadata description: where its samples and spread come from."""
+    from .uq.recalibration import widening_formula
+
+    def widened(b, centre, b2, limit) -> str:
+        if b == 0.0 and b2 == 0.0:
+            return ""
+        text = f", widened by {widening_formula(b, centre, 'nu_max')} with the largest per-atom feature distance nu_max"
+        return text + (f" and by {widening_formula(b2, limit, 'nu_max')} above {limit:.6g}" if b2 > 0.0 else "")
+
+    head = f"BLIP {model.method} model, {backbone} backbone; energy_ensemble / energy_uncertainty from {k} noise samples"
+    if not model.mixture:
+        return f"{head} (seed {seed}), calibration factor {float(model.calibration['energy']):.6g}" + widened(*widenings[0])
+    parts = [f"network {m}: {share} samples, seed {seed + m}, calibration factor "
+             f"{float(net.calibration['energy']):.6g}" + widened(*w)
+             for m, (share, net, w) in enumerate(zip(shares, model.networks(), widenings))]
+    return (f"{head} of its {len(shares)} networks (uq.networks; " + "; ".join(parts) + "), mixed: the networks' "
+            f"mean, spread {float(model.calibration['energy']):.6g} sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)")
 
 
 def export_model(model_or_path, output, samples: int | None = None, seed: int = 0, dtype=None) -> Path:

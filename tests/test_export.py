@@ -224,6 +224,29 @@ def test_ensemble_exports_member_mean_and_members(tmp_path):
     assert len(r["energy_samples"]) == 2
 
 
+@pytest.mark.parametrize("backbone", ["painn", "mace"])
+def test_mixture_of_networks_equals_blip_calculator(backbone, tmp_path):
+    """A model of two sampled networks (uq.networks): each network its own seed, share of K, factor
+    and widening (here only the second widens), mixed as blip.Calculator mixes them."""
+    if backbone == "mace":
+        pytest.importorskip("mace")
+    model = tiny_model(members=2, backbone=backbone, networks=2)
+    assert model.mixture
+    model.calibration = {"energy": 0.6, "forces": 0.7,
+                         "networks": [{"energy": 1.4, "forces": 1.1},
+                                      {"energy": 2.0, "forces": 0.9, "energy_novelty": 0.7,
+                                       "energy_novelty_centre": -1.0}]}
+    exported = build_exported(model, samples=K, seed=SEED)
+    assert "2 networks" in exported.metadata().description and "seed 4" in exported.metadata().description
+    calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
+    for atoms in _structures():
+        r = _compare(atoms, calc, model)
+        assert len(r["energy_samples"]) == K
+        nets = [net.predict([atoms], samples=k, seed=SEED + m) for m, (net, k) in enumerate(zip(model.networks(), [3, 2]))]
+        assert r["energy"] == pytest.approx(np.mean([n["energy"][0] for n in nets]), abs=TOL)
+        assert abs(nets[0]["energy"][0] - nets[1]["energy"][0]) > 1e-3  # two networks that differ
+
+
 def test_deterministic_and_zero_samples_export_energy_only(tmp_path):
     model = tiny_model("deterministic")
     for exported in (build_exported(model), build_exported(tiny_model(), samples=0)):

@@ -95,9 +95,26 @@ def test_networks_is_only_for_sampled_methods(tmp_path, method):
     assert networks_of(tiny_config(tmp_path, uq={"method": "deterministic"})) == 1
 
 
-def test_export_names_what_it_cannot_take(two_networks, tmp_path):
+def test_exported_mixture_equals_its_prediction(two_networks, tmp_path):
+    """blip export of a recalibrated model file of two networks: the metatomic model's energy and
+    spread are blip.Calculator's (a float32 model of a -9.4 keV structure: energies to 2e-3 eV, float32's
+    last digits there; the spread, larger than 1e-3 eV, to 1e-3 relative)."""
     pytest.importorskip("metatomic.torch")
-    from blip.export import ExportError, export_model
+    from metatomic.torch import ModelOutput, load_atomistic_model
+    from metatomic_ase import MetatomicCalculator
 
-    with pytest.raises(ExportError, match="uq.networks"):
-        export_model(two_networks, tmp_path / "two.pt")
+    from blip.export import export_model
+
+    model = copy.copy(two_networks)
+    recalibrate(model, read_labelled(DATA / "acac_small.xyz"), samples=4, seed=0)
+    save_model(model, tmp_path / "mixed.pt")
+    export_model(tmp_path / "mixed.pt", tmp_path / "exported.pt", samples=4, seed=2)
+    calc = MetatomicCalculator(load_atomistic_model(str(tmp_path / "exported.pt")))
+    atoms = ase.io.read(DATA / "acac_small.xyz", 0)
+    spread = calc.run_model(atoms, {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="system")})
+    ref = blip.Calculator(model, samples=4, seed=2)
+    ref.calculate(atoms.copy(), ["energy"])
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(ref.results["energy"], abs=2e-3)
+    assert ref.results["energy_std"] > 1e-3
+    assert spread["energy_uncertainty"].block().values.item() == pytest.approx(ref.results["energy_std"], rel=1e-3)
