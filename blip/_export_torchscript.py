@@ -305,16 +305,18 @@ class BlipMetatomic(nn.Module):
     (selected) atoms of each atom's feature distance averaged over the noisy per-atom layers and
     the samples), and sigma_m is their root mean square deviation from mu_m: as
     ``BlipModel.predict`` gives them. ``energy`` is the mean mu of the mu_m, ``energy_uncertainty``
-    ``mixture_factor sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)`` and ``energy_ensemble`` every
-    network's samples moved to ``mu + mixture_factor (sample - mu)``, in network order (one
-    network, factor 1: its own samples and sigma; :func:`blip.uq.mixture.mix` for several).
+    ``f sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)`` and ``energy_ensemble`` every network's
+    samples moved to ``mu + f (sample - mu)``, in network order, f the ``mixture_factor``, or
+    ``max(mixture_factor, 1)`` where nu_max averaged over the networks exceeds ``mixture_limit``
+    (one network, factor 1: its own samples and sigma; :func:`blip.uq.mixture.mix` for several).
     Every system is its own structure (structure index 0).
     """
 
     def __init__(self, members: List[nn.Module], cutoff: float, samples: List[int], seed: int,
                  calibration: List[float], predict_map: bool, ensemble: bool, dtype: torch.dtype,
                  energy_novelty: List[float], novelty_centre: List[float],
-                 energy_beyond: List[float], novelty_limit: List[float], mixture_factor: float = 1.0):
+                 energy_beyond: List[float], novelty_limit: List[float], mixture_factor: float = 1.0,
+                 mixture_limit: float = float("inf")):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.samples, self.seed = [int(k) for k in samples], int(seed)
@@ -323,7 +325,7 @@ class BlipMetatomic(nn.Module):
         self.novelty_centre = [float(c) for c in novelty_centre]
         self.energy_beyond = [float(b) for b in energy_beyond]
         self.novelty_limit = [float(c) for c in novelty_limit]
-        self.mixture_factor = float(mixture_factor)
+        self.mixture_factor, self.mixture_limit = float(mixture_factor), float(mixture_limit)
         self.predict_map, self.ensemble = bool(predict_map), bool(ensemble)
         self.dtype = dtype
         self.nl = NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
@@ -338,26 +340,35 @@ class BlipMetatomic(nn.Module):
         idx = nl.samples.values
         return nl.values.reshape(-1, 3), idx[:, 0:2].to(torch.long), idx[:, 2:5].to(torch.long)
 
-    def _widening(self, novelty: List[torch.Tensor], copies: int, mask: torch.Tensor, m: int) -> torch.Tensor:
+    def _widening(self, per_atom: Optional[torch.Tensor], mask: torch.Tensor, m: int) -> torch.Tensor:
         """Network m's ``exp(b_E (nu_max - centre) + b2 max(0, nu_max - limit))`` (float64 scalar)
-        from the distances of its sampled pass; 1 without a widening or distances."""
+        from its atoms' distances (N,); 1 without a widening or distances."""
         one = torch.ones((), dtype=torch.float64, device=mask.device)
         b, b2 = self.energy_novelty[m], self.energy_beyond[m]
-        if (b == 0.0 and b2 == 0.0) or len(novelty) == 0 or not bool(mask.any()):
+        if (b == 0.0 and b2 == 0.0) or per_atom is None or not bool(mask.any()):
             return one
-        per_atom = torch.stack(novelty, dim=1).mean(dim=1).reshape(copies, -1).mean(dim=0)  # (N,)
         nu_max = per_atom[mask].max().double()
         beyond = torch.clamp(nu_max - self.novelty_limit[m], min=0.0)
         return torch.exp(b * (nu_max - self.novelty_centre[m]) + b2 * beyond)
 
+    def _mixture_factor(self, distances: List[torch.Tensor], networks: int, mask: torch.Tensor) -> float:
+        """``mixture_factor``, or ``max(mixture_factor, 1)`` where the (selected) atoms' largest
+        distance, averaged over the networks, lies beyond ``mixture_limit``."""
+        if len(distances) != networks or not bool(mask.any()):
+            return self.mixture_factor
+        nu_max = float(torch.stack(distances).mean(dim=0)[mask].max())
+        return max(self.mixture_factor, 1.0) if nu_max > self.mixture_limit else self.mixture_factor
+
     def _networks(self, system: System, mask: torch.Tensor,
-                  sampled: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+                  sampled: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         """Each network's atomic prediction (N,) float64 and, when ``sampled``, its calibrated
-        samples of the (selected atoms') energy (K_m,) (else empty)."""
+        samples of the (selected atoms') energy (K_m,) and its atoms' feature distances (N,),
+        averaged over the noisy per-atom layers and its samples, where it records them (else empty)."""
         vectors, pairs, shifts = self._graph(system)
         types = system.types
         maps: List[torch.Tensor] = []
         scaled: List[torch.Tensor] = []
+        distances: List[torch.Tensor] = []
         if self.ensemble:  # the members' noise-free passes are the samples; their mean the prediction
             rows: List[torch.Tensor] = []
             for member in self.members:
@@ -368,7 +379,7 @@ class BlipMetatomic(nn.Module):
                 samples = atomic[:, mask].sum(dim=1)
                 centre = maps[0][mask].sum()
                 scaled.append(centre + self.calibration[0] * (samples - centre))
-            return maps, scaled
+            return maps, scaled, distances
         m = 0
         for member in self.members:
             seed = self.seed + m
@@ -377,7 +388,11 @@ class BlipMetatomic(nn.Module):
             if sampled or not self.predict_map:
                 novelty: List[torch.Tensor] = []
                 atomic_samples = member(types, vectors, pairs, shifts, self.samples[m], seed, True, novelty)
-                widening = self._widening(novelty, self.samples[m], mask, m)
+                per_atom: Optional[torch.Tensor] = None
+                if len(novelty) > 0:
+                    per_atom = torch.stack(novelty, dim=1).mean(dim=1).reshape(self.samples[m], -1).mean(dim=0)
+                    distances.append(per_atom)
+                widening = self._widening(per_atom, mask, m)
             if self.predict_map:
                 atomic_map = member(types, vectors, pairs, shifts, 1, seed, False, [])[0]
             else:
@@ -388,7 +403,7 @@ class BlipMetatomic(nn.Module):
                 centre = atomic_map[mask].sum()
                 scaled.append(centre + self.calibration[m] * widening * (samples - centre))
             m += 1
-        return maps, scaled
+        return maps, scaled, distances
 
     def forward(self, systems: List[System], outputs: Dict[str, ModelOutput],
                 selected_atoms: Optional[Labels] = None) -> Dict[str, TensorMap]:
@@ -412,7 +427,7 @@ class BlipMetatomic(nn.Module):
                 chosen = selected_atoms.values
                 mask = torch.zeros(n, dtype=torch.bool, device=device)
                 mask[chosen[chosen[:, 0] == s][:, 1].to(torch.long)] = True
-            maps, scaled = self._networks(system, mask, want_spread)
+            maps, scaled, distances = self._networks(system, mask, want_spread)
             atomic = torch.stack(maps).mean(dim=0)  # (N,): the networks' mean
             energy = atomic[mask].sum()
             energies.append(energy)
@@ -425,8 +440,9 @@ class BlipMetatomic(nn.Module):
                 for atomic_map, own in zip(maps, scaled):
                     centre = atomic_map[mask].sum()
                     variance = variance + ((own - centre) ** 2).mean() + (centre - energy) ** 2
-                spreads.append(self.mixture_factor * torch.sqrt(variance / len(maps)))
-                ensembles.append(energy + self.mixture_factor * (torch.cat(scaled) - energy))
+                factor = self._mixture_factor(distances, len(maps), mask)
+                spreads.append(factor * torch.sqrt(variance / len(maps)))
+                ensembles.append(energy + factor * (torch.cat(scaled) - energy))
 
         results: Dict[str, TensorMap] = {}
         key = Labels("_", torch.zeros((1, 1), dtype=torch.int32, device=device))

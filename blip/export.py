@@ -63,7 +63,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     from . import __version__
     from ._export_torchscript import BlipMetatomic, LearnedRate, PaiNNEnergy
     from .calculator import _with_dtype
-    from .uq.mixture import network_shares
+    from .uq.mixture import network_limit, network_shares
 
     backbone = model.config["model"]["backbone"]
     if backbone not in SUPPORTED_BACKBONES:
@@ -95,8 +95,9 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     nets = model.networks() if model.mixture else [model]  # each network with its own calibration
     shares = network_shares(max(k, 1), len(nets)) if model.mixture else [max(k, 1)]
     widenings = [_energy_widening(net, spread and not ensemble) for net in nets]
+    limit = network_limit(model.calibration, "energy") if model.mixture and spread else None
     for energy, (b, _, b2, _) in zip(energies, widenings * (len(energies) // len(widenings))):
-        if b == 0.0 and b2 == 0.0:  # nothing reads this network's distances: its sampled passes skip them
+        if b == 0.0 and b2 == 0.0 and limit is None:  # nothing reads the distances: sampled passes skip them
             for rate in (m for m in energy.modules() if isinstance(m, LearnedRate)):
                 rate.records_novelty = False
     b_e, centres, b_beyond, limits = (list(v) for v in zip(*widenings))
@@ -104,7 +105,8 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
                            calibration=[float(net.calibration["energy"]) for net in nets], predict_map=predict_map,
                            ensemble=ensemble, dtype=model_dtype, energy_novelty=b_e, novelty_centre=centres,
                            energy_beyond=b_beyond, novelty_limit=limits,
-                           mixture_factor=float(model.calibration["energy"]) if model.mixture else 1.0).eval()
+                           mixture_factor=float(model.calibration["energy"]) if model.mixture else 1.0,
+                           mixture_limit=float("inf") if limit is None else limit).eval()
     outputs = {"energy": ModelOutput(unit="eV", sample_kind="atom", explicit_gradients=[])}  # or per system
     if spread:
         outputs["energy_uncertainty"] = ModelOutput(unit="eV", sample_kind="system", explicit_gradients=[])
@@ -139,6 +141,7 @@ def _energy_widening(model, widened: bool) -> tuple[float, float, float, float]:
 
 def _description(model, backbone: str, k: int, shares: list[int], seed: int, widenings: list) -> str:
     """The exported model's metadata description: where its samples and spread come from."""
+    from .uq.mixture import network_limit
     from .uq.recalibration import widening_formula
 
     def widened(b, centre, b2, limit) -> str:
@@ -153,8 +156,10 @@ def _description(model, backbone: str, k: int, shares: list[int], seed: int, wid
     parts = [f"network {m}: {share} samples, seed {seed + m}, calibration factor "
              f"{float(net.calibration['energy']):.6g}" + widened(*w)
              for m, (share, net, w) in enumerate(zip(shares, model.networks(), widenings))]
-    return (f"{head} of its {len(shares)} networks (uq.networks; " + "; ".join(parts) + "), mixed: the networks' "
-            f"mean, spread {float(model.calibration['energy']):.6g} sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2)")
+    text = (f"{head} of its {len(shares)} networks (uq.networks; " + "; ".join(parts) + "), mixed: the networks' "
+            f"mean, spread f sqrt(mean_m sigma_m^2 + mean_m (mu_m - mu)^2), f = {float(model.calibration['energy']):.6g}")
+    limit = network_limit(model.calibration, "energy")
+    return text + (f", max(f, 1) where nu_max (the networks' mean) exceeds {limit:.6g}" if limit is not None else "")
 
 
 def export_model(model_or_path, output, samples: int | None = None, seed: int = 0, dtype=None) -> Path:

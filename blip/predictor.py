@@ -172,7 +172,8 @@ class BlipModel:
         An ensemble ignores other values of ``samples``: its K is the number of members. A model of
         several sampled networks (``uq.networks``) predicts each network as a model of its own, with
         its own calibration, K split evenly over them (:func:`blip.uq.mixture.network_shares`), and
-        returns their mixture (:func:`blip.uq.mixture.mix`; ``map_values`` are not used there).
+        returns their mixture (:func:`blip.uq.mixture.mix`: the mixture's factor only within the
+        networks' validation feature distances; ``map_values`` are not used there).
         For BLIP models whose rate heads see features, where the calibration holds a
         ``forces_novelty`` b > 0 (set by recalibration with ``uq.novelty_widening``), each atom's
         force spread and samples are widened by ``exp(b (nu - novelty_centre))`` on top of the
@@ -216,9 +217,12 @@ class BlipModel:
         if self.mixture:  # each network on its own (seed + m), then mixed; their own noise-free passes
             shares = network_shares(samples, len(self.members)) if samples > 0 else [0] * len(self.members)
             outs = [net.predict(atoms_list, samples=k, seed=seed + m, progress=progress, source=source,
-                                stress=stress, indices=indices, map_pass=map_pass, novelty=novelty)
+                                stress=stress, indices=indices, map_pass=map_pass, novelty=novelty or samples > 0)
                     for m, (net, k) in enumerate(zip(self.networks(), shares))]
-            return mix(outs, self.calibration, stochastic=samples > 0)
+            out = mix(outs, self.calibration, stochastic=samples > 0)  # the distances place its factor
+            if not novelty:
+                out.pop("atom_novelty", None)
+            return out
         indices = range(len(atoms_list)) if indices is None else [int(i) for i in indices]
         graphs = [build_graph(a, self.cutoff, index=i, source=source) for i, a in zip(indices, atoms_list)]
         k_eff = max(1, len(self.members) if self.method == "ensemble" else samples)

@@ -227,24 +227,33 @@ def test_ensemble_exports_member_mean_and_members(tmp_path):
 @pytest.mark.parametrize("backbone", ["painn", "mace"])
 def test_mixture_of_networks_equals_blip_calculator(backbone, tmp_path):
     """A model of two sampled networks (uq.networks): each network its own seed, share of K, factor
-    and widening (here only the second widens), mixed as blip.Calculator mixes them."""
+    and widening (here only the second widens), mixed as blip.Calculator mixes them: the mixture's
+    factor 0.6 where the structure's largest distance lies within the networks' validation limit,
+    1 beyond it (the limit here lies between the two test structures' largest distances)."""
     if backbone == "mace":
         pytest.importorskip("mace")
     model = tiny_model(members=2, backbone=backbone, networks=2)
     assert model.mixture
-    model.calibration = {"energy": 0.6, "forces": 0.7,
-                         "networks": [{"energy": 1.4, "forces": 1.1},
-                                      {"energy": 2.0, "forces": 0.9, "energy_novelty": 0.7,
-                                       "energy_novelty_centre": -1.0}]}
+    networks = [{"energy": 1.4, "forces": 1.1},
+                {"energy": 2.0, "forces": 0.9, "energy_novelty": 0.7, "energy_novelty_centre": -1.0}]
+    model.calibration = {"energy": 0.6, "forces": 0.7, "networks": networks}
+    unlimited = MetatomicCalculator(build_exported(model, samples=K, seed=SEED), check_consistency=True)
+    nu_max = [model.predict([a], samples=K, seed=SEED, novelty=True)["atom_novelty"][0].max() for a in _structures()]
+    limit = float(np.mean(nu_max))
+    assert abs(nu_max[0] - nu_max[1]) > 0.05
+    model.calibration = {**model.calibration,
+                         "networks": [{**n, "energy_novelty_limit": limit + d} for n, d in zip(networks, (-0.01, 0.01))]}
     exported = build_exported(model, samples=K, seed=SEED)
     assert "2 networks" in exported.metadata().description and "seed 4" in exported.metadata().description
     calc = MetatomicCalculator(_scripted(exported, tmp_path), check_consistency=True)
-    for atoms in _structures():
+    for atoms, nu in zip(_structures(), nu_max):
         r = _compare(atoms, calc, model)
         assert len(r["energy_samples"]) == K
         nets = [net.predict([atoms], samples=k, seed=SEED + m) for m, (net, k) in enumerate(zip(model.networks(), [3, 2]))]
         assert r["energy"] == pytest.approx(np.mean([n["energy"][0] for n in nets]), abs=TOL)
         assert abs(nets[0]["energy"][0] - nets[1]["energy"][0]) > 1e-3  # two networks that differ
+        shrunk = unlimited.run_model(atoms, SPREAD)["energy_uncertainty"].block().values.item()
+        assert r["energy_std"] == pytest.approx(shrunk / 0.6 if nu > limit else shrunk, rel=1e-9)
 
 
 def test_deterministic_and_zero_samples_export_energy_only(tmp_path):

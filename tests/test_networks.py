@@ -14,8 +14,8 @@ from blip.data import read_labelled
 from blip.errors import ConfigError
 from blip.io import save_model
 from blip.train.loop import Trainer
-from blip.uq.mixture import network_shares
-from blip.uq.recalibration import recalibrate
+from blip.uq.mixture import factor_within, network_limit, network_shares
+from blip.uq.recalibration import calibrated_std, recalibrate
 from conftest import DATA, tiny_config
 
 
@@ -85,6 +85,42 @@ def test_recalibration_calibrates_each_network_then_the_mixture(two_networks, tm
     save_model(model, tmp_path / "mixed.pt")
     again = blip.load(tmp_path / "mixed.pt").predict(atoms, samples=4, seed=0)
     np.testing.assert_allclose(again["energy_std"], out["energy_std"], rtol=1e-9)
+
+
+def test_factor_within_keeps_the_mixture_factor_inside_the_validation_distances():
+    np.testing.assert_allclose(factor_within(0.6, [-1.0, 0.5, 0.51, 3.0], 0.5), [0.6, 0.6, 1.0, 1.0])
+    np.testing.assert_allclose(factor_within(1.3, [0.0, 2.0], 1.0), [1.3, 1.3])  # a widening stays
+    assert factor_within(0.6, None, 0.5) == 0.6 and factor_within(0.6, [1.0], None) == 0.6
+    assert network_limit({"networks": [{"novelty_limit": 1.0}, {"novelty_limit": 2.0}]}, "forces") == 1.5
+    assert network_limit({"networks": [{"novelty_limit": 1.0}, {}]}, "forces") is None
+    assert network_limit({"networks": [{"energy_novelty_limit": 1.0}]}, "stress") is None
+
+
+def test_beyond_the_networks_validation_distances_the_mixture_is_not_shrunk(two_networks, atoms):
+    """Atoms whose (networks' mean) distance lies above the mean of the networks' novelty_limit keep
+    the unshrunk mixture spread (factor max(f, 1) = 1), the others get f = 0.5; the energy follows
+    the structure's largest atom distance against energy_novelty_limit; stress keeps f."""
+    raw = two_networks.predict(atoms, samples=4, seed=0, novelty=True)
+    nu = raw["atom_novelty"]
+    limit = float(np.median(np.concatenate(nu)))
+    beyond_energy = float(np.median([v.max() for v in nu]))
+    model = copy.copy(two_networks)
+    model.calibration = {"energy": 0.5, "forces": 0.5,
+                         "networks": [{"novelty_limit": limit - 0.1, "energy_novelty_limit": beyond_energy},
+                                      {"novelty_limit": limit + 0.1, "energy_novelty_limit": beyond_energy}]}
+    out = model.predict(atoms, samples=4, seed=0)
+    assert "atom_novelty" not in out  # only when asked for
+    for v, std, std_raw in zip(nu, out["forces_std"], raw["forces_std"]):
+        expected = np.where(v > limit, 1.0, 0.5)[:, None] * std_raw
+        np.testing.assert_allclose(std, expected, rtol=1e-9)
+    assert 0 < sum(int((v > limit).sum()) for v in nu) < sum(len(v) for v in nu)  # both kinds of atom
+    expected = np.where([v.max() > beyond_energy for v in nu], 1.0, 0.5) * raw["energy_std"]
+    np.testing.assert_allclose(out["energy_std"], expected, rtol=1e-9)
+    np.testing.assert_allclose(out["energy"], raw["energy"], rtol=0, atol=1e-9)  # the prediction is not touched
+    # scoring from raw spreads (blip bench) applies the same factors
+    a = {"std": np.concatenate([s.ravel() for s in raw["forces_std"]]), "novelty": np.repeat(np.concatenate(nu), 3)}
+    np.testing.assert_allclose(calibrated_std(a, model.calibration, "forces"),
+                               np.concatenate([s.ravel() for s in out["forces_std"]]), rtol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["deterministic", "ensemble"])

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .mixture import factor_within, network_limit, network_shares
+
 __all__ = ["fit_scale", "floored", "spread_floor", "floored_std", "unfloored_std", "apply_scale",
            "recalibrate", "fit_novelty_widening", "novelty_factor", "widens", "structure_floor", "has_structure_floor",
            "fit_structure_floor", "calibrated_std"]
@@ -144,9 +146,10 @@ def recalibrate(model, structures, samples: int | None = None, seed: int = 0,
 def _recalibrate_mixture(model, structures, samples, seed, progress, source) -> dict:
     """:func:`recalibrate` for a model of several sampled networks: each network as a model of its
     own (its share of the K samples, seed + m, as predict runs it), stored under ``"networks"``
-    (with its chosen force spread, ``force_std``); then one factor per target of the mixture."""
+    (with its chosen force spread, ``force_std``); then one factor per target of the mixture. On
+    these structures every atom lies within the networks' distances (the mean of the networks'
+    distances is at most the mean of their largest), so the factor applies to all of them."""
     from ..evaluate import evaluate_structures
-    from .mixture import network_shares
 
     k = model.default_samples if samples is None else int(samples)
     per_network = []
@@ -169,7 +172,10 @@ def calibrated_std(a: dict, calibration: dict, target: str) -> np.ndarray:
     """The calibrated spread of flat ``{"std", ["novelty", "mean_novelty"]}`` arrays of ``target``
     ("energy" or "forces"; raw spreads): its factor, the widening with the feature distance where
     the calibration has one, and (forces) the floors in quadrature, as ``predict`` applies them."""
-    std = a["std"] * calibration.get(target, 1.0) * novelty_factor(a.get("novelty"), calibration, target)
+    factor = calibration.get(target, 1.0)
+    if "networks" in calibration:  # a mixture's factor: only within its networks' validation distances
+        factor = factor_within(factor, a.get("novelty"), network_limit(calibration, target))
+    std = a["std"] * factor * novelty_factor(a.get("novelty"), calibration, target)
     return floored_std(std, calibration, target, a.get("mean_novelty"))
 
 
