@@ -34,7 +34,7 @@ DEFAULTS: dict = {
         "samples": 16,               # K Monte-Carlo samples per prediction
         "networks": 1,               # blip / mc_dropout: networks trained from their own seeds, each calibrated,
                                      # predicted as their mixture (K split over them; blip.uq.mixture); 2: twice
-                                     # the training, near out like a 3-member ensemble, far out less than one
+                                     # the training, near out like a 3-member ensemble, far out like one
         "prior_p": 0.0003,           # dropout rate of the prior (KL target) on training data (0.001 before:
                                      # 3e-4 gives the rates more room below the contrastive prior's 0.5)
         "beta": 1.0,                 # weight of the KL
