@@ -15,7 +15,7 @@ Outputs of the exported model (eV; per system unless stated):
   structure. Deterministic models (and ``--samples 0``) export ``energy`` only.
 * A model of several sampled networks (``uq.networks``): each network's own samples (its share
   of K, seed S + m) and calibration, mixed as ``blip.Calculator`` mixes them (the networks' mean;
-  :mod:`blip.uq.mixture`).
+  the mixture's factor within the networks' validation feature distances; :mod:`blip.uq.mixture`).
 
 See docs/export.md. Backbones: PaiNN and MACE (CHGNet is refused with the reason).
 """
@@ -96,7 +96,8 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     shares = network_shares(max(k, 1), len(nets)) if model.mixture else [max(k, 1)]
     widenings = [_energy_widening(net, spread and not ensemble) for net in nets]
     limit = network_limit(model.calibration, "energy") if model.mixture and spread else None
-    for energy, (b, _, b2, _) in zip(energies, widenings * (len(energies) // len(widenings))):
+    per_member = widenings * (len(energies) // len(widenings))  # an ensemble: one entry for all its members
+    for energy, (b, _, b2, _) in zip(energies, per_member):
         if b == 0.0 and b2 == 0.0 and limit is None:  # nothing reads the distances: sampled passes skip them
             for rate in (m for m in energy.modules() if isinstance(m, LearnedRate)):
                 rate.records_novelty = False
