@@ -93,7 +93,7 @@ def build_exported(model, samples: int | None = None, seed: int = 0, dtype=None)
     with torch.no_grad():
         energies = [energy_of(m) for m in members]
     nets = model.networks() if model.mixture else [model]  # each network with its own calibration
-    shares = network_shares(max(k, 1), len(nets)) if model.mixture else [max(k, 1)]
+    shares = network_shares(max(k, 1), len(nets))
     widenings = [_energy_widening(net, spread and not ensemble) for net in nets]
     limit = network_limit(model.calibration, "energy") if model.mixture and spread else None
     per_member = widenings * (len(energies) // len(widenings))  # an ensemble: one entry for all its members

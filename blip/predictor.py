@@ -12,7 +12,7 @@ from .data.io import full_to_voigt
 from .errors import DataError
 from .model import BayesianPotential
 from .uq.metrics import structure_novelty
-from .uq.mixture import mix, network_shares
+from .uq.mixture import LIMIT_KEYS, mix, network_limit, network_shares
 from .uq.recalibration import NOVELTY_KEYS, floored_std, has_structure_floor, novelty_factor, widens
 
 #: replicas x (edges + atoms) per forward pass. On a CPU larger passes get memory-bound; on a GPU small
@@ -216,8 +216,9 @@ class BlipModel:
             stress = any(bool(np.any(a.pbc)) for a in atoms_list)
         if self.mixture:  # each network on its own (seed + m), then mixed; their own noise-free passes
             shares = network_shares(samples, len(self.members)) if samples > 0 else [0] * len(self.members)
+            limited = samples > 0 and any(network_limit(self.calibration, t) is not None for t in LIMIT_KEYS)
             outs = [net.predict(atoms_list, samples=k, seed=seed + m, progress=progress, source=source,
-                                stress=stress, indices=indices, map_pass=map_pass, novelty=novelty or samples > 0)
+                                stress=stress, indices=indices, map_pass=map_pass, novelty=novelty or limited)
                     for m, (net, k) in enumerate(zip(self.networks(), shares))]
             out = mix(outs, self.calibration, stochastic=samples > 0)  # the distances place its factor
             if not novelty:
