@@ -1,8 +1,12 @@
-"""Score each network of a two-network bench model alone (its own calibration refitted on the
-validation split) and the mixture, on the protocol's test sets (throwaway)."""
-import argparse, sys
+"""Score each network of a bench model of several networks (``uq.networks``) alone, its own
+calibration refitted on the validation split, on the protocol's test sets (the mixture's scores
+are the bench's own results); prints one line per network and test set.
+
+    OMP_NUM_THREADS=1 python score_networks.py energy-split RUNS/seedS --seed S --sets ammonia --backbone mace
+"""
+import argparse
 from pathlib import Path
-import numpy as np, torch, blip
+import torch, blip
 from blip.bench.protocols import Options, build_plan, data_dir
 from blip.bench.runner import method_dir, row_metrics, score, timed_predict, add_sigma_ratios
 from blip.uq.recalibration import recalibrate, uncalibrated
@@ -13,7 +17,8 @@ a = p.parse_args(); torch.set_num_threads(1)
 opts = Options(seed=a.seed, experiments=[a.sets] if a.sets else None, backbone=a.backbone)
 exp = build_plan(a.protocol, data_dir(None), opts).experiments[0]
 full = blip.load(str(method_dir(Path(a.runs), exp, "blip") / "model_calibrated.pt"))
-for name, model in [("network 0", full.networks()[0]), ("network 1", full.networks()[1])]:
+for m, model in enumerate(full.networks()):
+    name = f"network {m}"
     scales = recalibrate(model, exp.valid, seed=a.seed, source="validation split")
     model.calibration = uncalibrated(scales)
     rows = []
