@@ -252,6 +252,8 @@ class MaceEnergy(nn.Module):
         self.register_buffer("index_of", backbone.species.index_of.clone())
         e0 = model.atomic_energies_fn.atomic_energies.reshape(-1, self.n_species)[0]
         self.register_buffer("e0", e0.detach().double().clone())
+        shift = backbone.species_shift
+        self.register_buffer("species_shift", torch.zeros_like(self.e0) if shift is None else shift.detach().double().clone())
         self.register_buffer("atomic_numbers", model.atomic_numbers.clone())
         self.node_embedding = _compiled(model.node_embedding)
         self.spherical_harmonics = _compiled(model.spherical_harmonics)
@@ -309,7 +311,7 @@ class MaceEnergy(nn.Module):
             node_es_list.append(readout(node_feats_list[k], heads)[rows, heads])
             k += 1
         node_inter_es = torch.sum(torch.stack(node_es_list, dim=0), dim=0)
-        node_inter_es = self.scale_shift(node_inter_es, heads).reshape(copies, n)
+        node_inter_es = self.scale_shift(node_inter_es, heads).reshape(copies, n).double() + self.species_shift[z][None, :]
         if self.isolated_atom_limit:
-            node_inter_es = node_inter_es * isolation_switch(lengths.squeeze(-1), j, n, self.cutoff)[None, :]
-        return node_inter_es.double() + self.e0[z][None, :]
+            node_inter_es = node_inter_es * isolation_switch(lengths.squeeze(-1), j, n, self.cutoff).double()[None, :]
+        return node_inter_es + self.e0[z][None, :]

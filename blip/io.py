@@ -68,7 +68,7 @@ def read_payload(path: str | Path) -> dict:
 VALUES_BEFORE_KEY = {("uq", "distance_metric"): "mahalanobis", ("uq", "distance_offset"): 1.0,
                      ("uq", "noise_draws"): "row", ("uq", "force_std_floor"): 0.0,
                      ("uq", "weight_noise"): "per_input", ("uq", "distance_slope"): 1.0,
-                     ("uq", "structure_floor"): False}
+                     ("uq", "structure_floor"): False, ("model", "species_shift"): False}
 
 
 def _with_new_keys(cfg: dict) -> dict:
@@ -80,7 +80,7 @@ def _with_new_keys(cfg: dict) -> dict:
     merged = default_config(model.get("backbone", DEFAULTS["model"]["backbone"]), model.get("pretrained") is True)
     merged["model"].update(model)
     for (section, key), value in VALUES_BEFORE_KEY.items():
-        if key not in cfg.get(section, {}):
+        if key not in cfg.get(section, {}) and key in merged[section]:  # not every backbone has every key
             merged[section][key] = value
     return deep_update(merged, cfg)
 

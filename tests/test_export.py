@@ -62,7 +62,8 @@ MODEL_SETTINGS = {
 
 def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, backbone: str = "painn", **uq) -> BlipModel:
     """A float64 PaiNN (or MACE) BlipModel for H, C, O, Si with fitted feature statistics and
-    calibration 1.7; MACE's rate heads get random last layers (rates that vary from row to row)."""
+    calibration 1.7; MACE's rate heads get random last layers (rates that vary from row to row)
+    and its species shifts random values."""
     torch.manual_seed(seed)
     summary = DatasetSummary(elements=[1, 6, 8, 14], e0s={1: -13.6, 6: -1026.9, 8: -2037.8, 14: -107.2},
                              energy_shift=-1.0, force_scale=0.5)
@@ -74,6 +75,8 @@ def tiny_model(method: str = "blip", members: int = 1, seed: int = 0, backbone: 
     cutoff = float(cfg["model"]["cutoff"])
     batch = collate([build_graph(a, cutoff, index=i) for i, a in enumerate(_structures())], dtype=torch.float64)
     for pot in pots:
+        if backbone == "mace":  # a learned energy per species (starts at 0), so that the export carries it
+            torch.nn.init.normal_(pot.backbone.species_shift, std=0.5)
         if backbone == "mace" and pot.inference is not None:
             for head in pot.inference.heads_list():
                 torch.nn.init.normal_(head.net[2].weight, std=0.5)
