@@ -55,10 +55,11 @@ def _mace(method):
                              "num_interactions": 2, "num_radial": 4, "max_ell": 2, "radial_mlp": [8, 8],
                              "mlp_irreps": "4x0e", "edge_noise": True}})  # noise on both layer types
     torch.manual_seed(0)
+    backbone = build_backbone(cfg["model"], SUMMARY)
+    torch.nn.init.normal_(backbone.species_shift, std=0.5)  # learned energies per species (they start at 0)
     # independent weight noise (the default for MACE on crystals): local reparameterisation on the 0e
     # path and the radial MLPs, per-input factors on the other irreps (MC dropout: per-input masks)
-    return _varying_rates(BayesianPotential(build_backbone(cfg["model"], SUMMARY), method, p_init=0.2,
-                                            weight_noise="independent"), 0.5)
+    return _varying_rates(BayesianPotential(backbone, method, p_init=0.2, weight_noise="independent"), 0.5)
 
 
 def _chgnet(method):
