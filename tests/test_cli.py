@@ -306,6 +306,8 @@ def test_evaluate_without_labels_is_an_error(tiny_model_path, tmp_path, capsys):
     (["--set", "uq.distance_metric=cosine"], "uq.distance_metric must be one of euclidean, mahalanobis"),
     (["--set", "training.resume=yes please"], "training.resume must be true or false"),
     (["--set", "uq.noise_draws=atom"], "uq.noise_draws 'atom' is not one of structure, row"),
+    (["--set", "uq.backbone_training=map"], "uq.backbone_training must be sampled, noise_free or auto"),
+    (["--set", "uq.rate_every=0"], "uq.rate_every must be in [1, inf), got 0"),
 ])
 def test_bad_config_values_are_one_error_before_training(tmp_path, capsys, args, message):
     config = _write_config(tmp_path)

@@ -22,7 +22,7 @@ from .. import distributed
 from ..bayes import density
 from ..bayes.inference import kl_sums
 from .._files import write_text_atomic
-from ..build import build_potential, contrastive_removal, dtype_of
+from ..build import backbone_training, build_potential, contrastive_removal, dtype_of
 from ..data import build_graph, collate
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_torch_save, save_model
@@ -130,64 +130,39 @@ class Trainer:
         """One epoch of data-parallel steps (one process: the same with one rank).
 
         Each rank's loss is its part of the global batch's loss (sums divided by global counts),
-        so the gradients summed over ranks are the global batch's; see :mod:`blip.distributed`."""
+        so the gradients summed over ranks are the global batch's; see :mod:`blip.distributed`.
+        BLIP with ``uq.backbone_training: noise_free`` takes two kinds of step on a batch: the
+        backbone on the noise-free pass (as the plain model), and every ``uq.rate_every``-th batch
+        the inference network alone on a sampled pass (data loss, KL, contrastive KL)."""
         model.train()
         sampler = GlobalBatchSampler(len(train_set), int(self.tcfg["batch_size"]), distributed.rank(),
                                      distributed.world_size(), int(self.tcfg["seed"]), member)
         sampler.set_epoch(epoch)
         steps = sampler.steps()
-        blip = model.method == "blip"
-        beta = float(self.uq["beta"]) if blip else 0.0
-        ncp = self.uq["contrastive"]
-        ncp_weight = float(ncp["weight"]) if blip else 0.0
-        ncp_every = int(ncp["every"])
-        ew, fw, kind = float(self.tcfg["energy_weight"]), float(self.tcfg["forces_weight"]), self.tcfg["loss"]
-        sw = self.stress_weight
+        split = model.method == "blip" and backbone_training(self.cfg) == "noise_free"
+        rate_every = int(self.uq["rate_every"]) if split else 1
         keys = ["train_loss", "train_data_loss", "kl", "mean_p", "contrastive_kl", "contrastive_mean_p"]
         partial = dict.fromkeys(keys, 0.0)  # this rank's parts of the global values, summed at the end
-        n_steps = ncp_steps = 0
+        n_steps = kl_steps = ncp_steps = 0
         batches = self._batches_of(train_set, [st.indices for st in steps])
         for step_no, (step, batch) in enumerate(zip(steps, batches)):
             w = step.weight
             density.set_contribution(w)
-            out = model(batch, sample=True, training=True, seed=self._step_seed(member, epoch, step_no),
-                        stress=sw > 0)
-            sum_e, sum_f = data_loss_sums(out, batch, kind)
-            sum_s, n_s = stress_loss_sum(out, batch, kind)
-            kls = kl_sums(out["rates"], float(self.uq["prior_p"])) if "rates" in out else []
-            ncp_kls = []
-            if ncp_weight > 0 and step_no % ncp_every == 0:  # the same steps on every rank
-                ncp_rates = self._contrastive_rates(model, batch, rng, step, sizes,
-                                                    self._step_seed(member, epoch, step_no, stream=1))
-                ncp_kls = kl_sums(ncp_rates, float(ncp["prior_p"]))
-            counts = distributed.sum_floats([w * batch["n_atoms"].shape[0], w * batch["forces"].numel(), w * n_s]
-                                            + [w * s.rows for s in kls + ncp_kls])
-            n_graphs, n_forces, n_stress, rows = counts[0], counts[1], counts[2], counts[3:]
-            loss_data = w * (ew * sum_e / n_graphs + fw * sum_f / n_forces)
-            if n_stress > 0:  # the same on every rank: the counts are global
-                loss_data = loss_data + w * sw * sum_s / n_stress
-            loss = loss_data
-            if kls:
-                kl = w * torch.cat([s.kl / r for s, r in zip(kls, rows[:len(kls)])]).mean()
-                loss = loss + beta * kl
-                partial["kl"] += float(kl.detach())
-                partial["mean_p"] += _partial_mean_rate(kls, rows[:len(kls)], w)
-            if ncp_kls:
-                ncp_rows = rows[len(kls):]
-                ncp_kl = w * torch.cat([s.kl / r for s, r in zip(ncp_kls, ncp_rows)]).mean()
-                loss = loss + ncp_every * ncp_weight * ncp_kl  # weighted by `every`: the same objective on average
-                partial["contrastive_kl"] += float(ncp_kl.detach())
-                partial["contrastive_mean_p"] += _partial_mean_rate(ncp_kls, ncp_rows, w)
-                ncp_steps += 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            total = distributed.reduce_gradients(model.parameters(), extra=loss.detach().reshape(1))
-            if not torch.isfinite(total).all():
-                raise FloatingPointError("training loss (data, KL or contrastive KL) became NaN/inf; "
-                                         "lower training.lr")
-            if self.tcfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg["grad_clip"]))
-            opt.step()
+            seed = self._step_seed(member, epoch, step_no)
+            if split:
+                loss, loss_data, _ = self._step_loss(model, batch, w, step, step_no, rng, sizes, seed,
+                                                     member, epoch, sample=False)
+                self._optimizer_step(model, opt, loss)
+            if not split or step_no % rate_every == 0:
+                rate_loss, rate_data, parts = self._step_loss(model, batch, w, step, step_no, rng, sizes, seed,
+                                                              member, epoch, sample=True)
+                self._optimizer_step(model, opt, rate_loss, only=model.inference if split else None)
+                if not split:
+                    loss, loss_data = rate_loss, rate_data
+                for k, v in parts.items():
+                    partial[k] += v
+                kl_steps += "kl" in parts
+                ncp_steps += "contrastive_kl" in parts
             ema.update_parameters(model)
             partial["train_loss"] += float(loss.detach())
             partial["train_data_loss"] += float(loss_data.detach())
@@ -196,7 +171,60 @@ class Trainer:
                 break
         density.set_contribution(1.0)
         totals = dict(zip(keys, distributed.sum_floats([partial[k] for k in keys])))
-        return {k: v / max(ncp_steps if k.startswith("contrastive") else n_steps, 1) for k, v in totals.items()}
+        counts = {"kl": kl_steps, "mean_p": kl_steps, "contrastive_kl": ncp_steps, "contrastive_mean_p": ncp_steps}
+        return {k: v / max(counts.get(k, n_steps), 1) for k, v in totals.items()}
+
+    def _step_loss(self, model, batch, w, step, step_no, rng, sizes, seed, member, epoch, sample: bool):
+        """Loss of one pass over ``batch`` (this rank's part of the global batch's, weight ``w``):
+        (loss, data loss, {log key: this rank's part}). A sampled BLIP pass adds the KL of its rates
+        and, every ``uq.contrastive.every`` steps, the contrastive KL of perturbed copies."""
+        blip = model.method == "blip"
+        sw = self.stress_weight
+        ew, fw, kind = float(self.tcfg["energy_weight"]), float(self.tcfg["forces_weight"]), self.tcfg["loss"]
+        ncp = self.uq["contrastive"]
+        ncp_weight = float(ncp["weight"]) if blip and sample else 0.0
+        ncp_every = int(ncp["every"])
+        out = model(batch, sample=sample, training=True, seed=seed, stress=sw > 0)
+        sum_e, sum_f = data_loss_sums(out, batch, kind)
+        sum_s, n_s = stress_loss_sum(out, batch, kind)
+        kls = kl_sums(out["rates"], float(self.uq["prior_p"])) if "rates" in out else []
+        ncp_kls = []
+        if ncp_weight > 0 and step_no % ncp_every == 0:  # the same steps on every rank
+            ncp_rates = self._contrastive_rates(model, batch, rng, step, sizes,
+                                                self._step_seed(member, epoch, step_no, stream=1))
+            ncp_kls = kl_sums(ncp_rates, float(ncp["prior_p"]))
+        counts = distributed.sum_floats([w * batch["n_atoms"].shape[0], w * batch["forces"].numel(), w * n_s]
+                                        + [w * s.rows for s in kls + ncp_kls])
+        n_graphs, n_forces, n_stress, rows = counts[0], counts[1], counts[2], counts[3:]
+        loss_data = w * (ew * sum_e / n_graphs + fw * sum_f / n_forces)
+        if n_stress > 0:  # the same on every rank: the counts are global
+            loss_data = loss_data + w * sw * sum_s / n_stress
+        loss, parts = loss_data, {}
+        if kls:
+            kl = w * torch.cat([s.kl / r for s, r in zip(kls, rows[:len(kls)])]).mean()
+            loss = loss + float(self.uq["beta"]) * kl
+            parts["kl"] = float(kl.detach())
+            parts["mean_p"] = _partial_mean_rate(kls, rows[:len(kls)], w)
+        if ncp_kls:
+            ncp_rows = rows[len(kls):]
+            ncp_kl = w * torch.cat([s.kl / r for s, r in zip(ncp_kls, ncp_rows)]).mean()
+            loss = loss + ncp_every * ncp_weight * ncp_kl  # weighted by `every`: the same objective on average
+            parts["contrastive_kl"] = float(ncp_kl.detach())
+            parts["contrastive_mean_p"] = _partial_mean_rate(ncp_kls, ncp_rows, w)
+        return loss, loss_data, parts
+
+    def _optimizer_step(self, model, opt, loss, only: torch.nn.Module | None = None) -> None:
+        """Backward, all-reduce, clip and step; ``only``: the parameters of this module alone get
+        gradients (the others keep none, so AdamW leaves them and their moments as they are)."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(only.parameters()) if only is not None else None)
+        total = distributed.reduce_gradients(model.parameters(), extra=loss.detach().reshape(1))
+        if not torch.isfinite(total).all():
+            raise FloatingPointError("training loss (data, KL or contrastive KL) became NaN/inf; "
+                                     "lower training.lr")
+        if self.tcfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg["grad_clip"]))
+        opt.step()
 
     def _contrastive_rates(self, model, batch, rng, step, sizes, seed):
         """Rates of perturbed, unlabelled copies of ``batch`` (see :mod:`blip.train.contrastive`); the
