@@ -150,12 +150,15 @@ class Trainer:
             density.set_contribution(w)
             seed = self._step_seed(member, epoch, step_no)
             if split:
-                loss, loss_data, _ = self._step_loss(model, batch, w, step, step_no, rng, sizes, seed,
-                                                     member, epoch, sample=False)
+                loss, loss_data, _ = self._step_loss(model, batch, w, seed, sample=False)
                 self._optimizer_step(model, opt, loss)
             if not split or step_no % rate_every == 0:
-                rate_loss, rate_data, parts = self._step_loss(model, batch, w, step, step_no, rng, sizes, seed,
-                                                              member, epoch, sample=True)
+                contrastive = None
+                if step_no % int(self.uq["contrastive"]["every"]) == 0:  # the same steps on every rank
+                    contrastive = functools.partial(self._contrastive_rates, model, batch, rng, step, sizes,
+                                                    self._step_seed(member, epoch, step_no, stream=1))
+                rate_loss, rate_data, parts = self._step_loss(model, batch, w, seed, sample=True,
+                                                              contrastive_rates=contrastive)
                 self._optimizer_step(model, opt, rate_loss, only=model.inference if split else None)
                 if not split:
                     loss, loss_data = rate_loss, rate_data
@@ -174,10 +177,10 @@ class Trainer:
         counts = {"kl": kl_steps, "mean_p": kl_steps, "contrastive_kl": ncp_steps, "contrastive_mean_p": ncp_steps}
         return {k: v / max(counts.get(k, n_steps), 1) for k, v in totals.items()}
 
-    def _step_loss(self, model, batch, w, step, step_no, rng, sizes, seed, member, epoch, sample: bool):
+    def _step_loss(self, model, batch, w, seed, sample: bool, contrastive_rates=None):
         """Loss of one pass over ``batch`` (this rank's part of the global batch's, weight ``w``):
         (loss, data loss, {log key: this rank's part}). A sampled BLIP pass adds the KL of its rates
-        and, every ``uq.contrastive.every`` steps, the contrastive KL of perturbed copies."""
+        and, given ``contrastive_rates() -> rates`` of perturbed copies, their contrastive KL."""
         blip = model.method == "blip"
         sw = self.stress_weight
         ew, fw, kind = float(self.tcfg["energy_weight"]), float(self.tcfg["forces_weight"]), self.tcfg["loss"]
@@ -189,10 +192,8 @@ class Trainer:
         sum_s, n_s = stress_loss_sum(out, batch, kind)
         kls = kl_sums(out["rates"], float(self.uq["prior_p"])) if "rates" in out else []
         ncp_kls = []
-        if ncp_weight > 0 and step_no % ncp_every == 0:  # the same steps on every rank
-            ncp_rates = self._contrastive_rates(model, batch, rng, step, sizes,
-                                                self._step_seed(member, epoch, step_no, stream=1))
-            ncp_kls = kl_sums(ncp_rates, float(ncp["prior_p"]))
+        if ncp_weight > 0 and contrastive_rates is not None:
+            ncp_kls = kl_sums(contrastive_rates(), float(ncp["prior_p"]))
         counts = distributed.sum_floats([w * batch["n_atoms"].shape[0], w * batch["forces"].numel(), w * n_s]
                                         + [w * s.rows for s in kls + ncp_kls])
         n_graphs, n_forces, n_stress, rows = counts[0], counts[1], counts[2], counts[3:]
