@@ -76,7 +76,7 @@ DEFAULTS: dict = {
                                      # train on the noise-free pass as the plain model's, the rate heads alone on a
                                      # sampled pass every `rate_every` steps (the noise then costs no accuracy;
                                      # training ~1.45x the plain model with rate_every 2); auto: noise_free for
-                                     # MACE (its force error 1.20x -> 1.00x the plain model's on ammonia), sampled
+                                     # MACE (its force error 1.15x -> 1.00x the plain model's, six ammonia seeds), sampled
                                      # otherwise (blip.build.backbone_training); sampled before 2026-12-08
         "rate_every": 2,             # backbone_training noise_free: one sampled step of the rate heads every N steps
         "predict_mean": "map",       # map: energies/forces of the noise-free pass; samples: sample mean
