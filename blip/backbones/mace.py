@@ -270,7 +270,7 @@ def build(cfg: dict, summary: DatasetSummary) -> MaceBackbone:
 # true), not PaiNN's fixed 0.2. Since MACE's weights train on the noise-free pass its energies are
 # accurate in distribution and their calibrated spreads small; far out (3000 K ammonia, six seeds) the
 # fitted widening takes the energy NLL from 0.24 to -1.81 (3.88 / 4.74 on two seeds to -1.09 / -1.61),
-# in distribution unchanged; on silicon bulk / vacancies / surfaces 2.66 / 2.29 / 13.7 to 1.75 / 2.26 /
+# in distribution unchanged; on silicon bulk / vacancies / surfaces 2.65 / 2.29 / 13.7 to 1.75 / 2.26 /
 # 11.0 (docs/results/energy-split, "fitted energy widening"). A fixed 0.2 cost 0.1 nats in distribution.
 register_backbone_defaults("mace", DEFAULTS, check=settings_of,  # checked when a config is resolved
                            uq={"energy_novelty_widening": True})
