@@ -141,6 +141,28 @@ def test_evaluate_json_and_report(tiny_model_path, tmp_path):
     assert len(list(report.glob("*.png"))) >= 2 and (report / "report.md").is_file()
 
 
+def test_calibrate_set_changes_one_recalibration_setting(tiny_model_path, tmp_path, capsys):
+    """`blip calibrate --set uq.KEY=VALUE` recalibrates with that setting, stores it, leaves every other key."""
+    valid = str(DATA / "acac_small.xyz")
+    args = ["calibrate", str(tiny_model_path), valid, "--samples", "4", "--quiet"]
+    widened, off = tmp_path / "widened.pt", tmp_path / "off.pt"
+    assert main(args + ["-o", str(widened), "--set", "uq.energy_novelty_widening=0.3"]) == 0
+    assert main(args + ["-o", str(off), "--set", "uq.energy_novelty_widening=false"]) == 0
+    before, after = blip.load(tiny_model_path), blip.load(widened)
+    assert after.config["uq"]["energy_novelty_widening"] == 0.3 and after.calibration["energy_novelty"] == 0.3
+    assert "energy_novelty" not in blip.load(off).calibration
+    rest = [key for key in before.config["uq"] if key != "energy_novelty_widening"]
+    assert {k: after.config["uq"][k] for k in rest} == {k: before.config["uq"][k] for k in rest}
+    assert after.config["model"] == before.config["model"] and after.config["training"] == before.config["training"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.pt"
+    assert main(args + ["-o", str(bad), "--set", "uq.prior_p=0.1"]) == 2  # a training setting
+    assert "recalibration settings only" in capsys.readouterr().err
+    assert main(args + ["-o", str(bad), "--set", "uq.energy_novelty_widening=-1"]) == 2
+    assert "must be true, false or a number" in capsys.readouterr().err
+    assert not bad.exists()
+
+
 def test_calibrate_scales_the_spread(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "calibrated.pt"
     assert main(["calibrate", str(tiny_model_path), str(DATA / "acac_small.xyz"), "-o", str(out),

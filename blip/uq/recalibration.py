@@ -193,6 +193,9 @@ def spread_floor(model, arrays: dict, target: str = "forces") -> float:
 #: Target -> (the ``uq`` setting of its spread's floor, a fraction of the RMSE; the calibration key
 #: of the floor in the target's unit), added in quadrature (:func:`floored_std`).
 FLOORS = {"forces": ("force_std_floor", "forces_floor"), "stress": ("stress_std_floor", "stress_floor")}
+#: The ``uq`` settings :func:`recalibrate` reads (``blip calibrate --set`` may change these and no others).
+SETTINGS = ("force_std", "force_std_floor", "stress_std_floor", "novelty_widening", "novelty_widening_fit",
+            "energy_novelty_widening", "novelty_beyond", "energy_novelty_beyond", "structure_floor")
 #: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
 WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
 #: Target -> the ``uq`` setting that fits b on the validation split above a set b (which is then its floor).
