@@ -10,7 +10,7 @@ per-component standard deviation, eV/A, K = 8 samples, seed 0, no recalibration)
 predicted force and of its error, the mean dropout rate of the noisy node layers, and their log
 feature distance (the model's own metric), averaged by set and by the number of neighbours within
 2.75 A; per set also the Spearman rank correlation of the spread with the predicted force and with
-the error.
+the error, and (BLIP) of the log feature distance with the error.
 
 ``--rate P`` replaces every node rate by P (edge rates by 1e-5): the spread the noise can reach at
 equal rates, which separates "the rates do not rise" from "the same rates give less spread here";
@@ -127,7 +127,8 @@ def report(path: str, data: Path, rate: float | None, layer: int | None, row_dra
         t = table(model, probe, frames)
         print(line(name, t, np.ones_like(t["sigma"], dtype=bool))
               + f"   Spearman(sigma, |F|) {spearmanr(t['sigma'], t['force']).statistic:.2f},"
-              f" (sigma, |err|) {spearmanr(t['sigma'], t['error']).statistic:.2f}")
+              f" (sigma, |err|) {spearmanr(t['sigma'], t['error']).statistic:.2f}"
+              + (f", (log dist, |err|) {spearmanr(t['log_distance'], t['error']).statistic:.2f}" if probe else ""))
         for c in sorted(set(t["coordination"])):
             sel = t["coordination"] == c
             if sel.sum() >= 3:
