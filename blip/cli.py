@@ -193,7 +193,7 @@ def _floors_text(calibration: dict) -> str:
 def with_recalibration_settings(cfg: dict, overrides: list[str]) -> dict:
     """``cfg`` (a model's resolved config) with ``uq.KEY=VALUE`` overrides of the settings recalibration
     reads (:data:`blip.uq.recalibration.SETTINGS`), validated; any other key raises ConfigError."""
-    from .config import parse_override, resolve
+    from .config import resolve
     from .uq.recalibration import SETTINGS
 
     for text in overrides:
@@ -201,7 +201,6 @@ def with_recalibration_settings(cfg: dict, overrides: list[str]) -> dict:
         if not (key.startswith("uq.") and key[3:] in SETTINGS):
             raise ConfigError(f"blip calibrate --set changes recalibration settings only (uq.{', uq.'.join(SETTINGS)}); "
                               f"got {key!r}")
-        parse_override(text)  # a clear error for a missing '='
     resolved = resolve(copy.deepcopy(cfg), list(overrides))
     return {**cfg, "uq": {**cfg["uq"], **{key: resolved["uq"][key] for key in SETTINGS if key in resolved["uq"]}}}
 

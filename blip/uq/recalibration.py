@@ -193,9 +193,6 @@ def spread_floor(model, arrays: dict, target: str = "forces") -> float:
 #: Target -> (the ``uq`` setting of its spread's floor, a fraction of the RMSE; the calibration key
 #: of the floor in the target's unit), added in quadrature (:func:`floored_std`).
 FLOORS = {"forces": ("force_std_floor", "forces_floor"), "stress": ("stress_std_floor", "stress_floor")}
-#: The ``uq`` settings :func:`recalibrate` reads (``blip calibrate --set`` may change these and no others).
-SETTINGS = ("force_std", "force_std_floor", "stress_std_floor", "novelty_widening", "novelty_widening_fit",
-            "energy_novelty_widening", "novelty_beyond", "energy_novelty_beyond", "structure_floor")
 #: Target -> the ``uq`` setting of its widening (true: fit b; a number: b; false: none).
 WIDENING_SETTINGS = {"forces": "novelty_widening", "energy": "energy_novelty_widening"}
 #: Target -> the ``uq`` setting that fits b on the validation split above a set b (which is then its floor).
@@ -208,6 +205,9 @@ BEYOND_SETTINGS = {"forces": "novelty_beyond", "energy": "energy_novelty_beyond"
 #: Target -> calibration keys of that extra widening: (b2, limit: the largest distance on validation).
 BEYOND_KEYS = {"forces": ("forces_novelty_beyond", "novelty_limit"),
                "energy": ("energy_novelty_beyond", "energy_novelty_limit")}
+#: The ``uq`` settings :func:`recalibrate` reads (``blip calibrate --set`` may change these and no others).
+SETTINGS = ("force_std", "structure_floor", *(setting for setting, _ in FLOORS.values()), *WIDENING_SETTINGS.values(),
+            *FIT_ABOVE_SETTINGS.values(), *BEYOND_SETTINGS.values())
 
 
 def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: bool = False,
