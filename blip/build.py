@@ -89,7 +89,9 @@ def distance_slope(cfg: dict) -> float:
 #: BLIP-MACE's force error in distribution went from 1.15x the plain MACE's to 1.00x, its force NLL
 #: from -3.51 to -3.60 in distribution and -0.27 to -0.17 at 3000 K (energies there worse on 2 of 6
 #: seeds); on silicon (3 seeds) better on every set (docs/results/energy-split, si-defects). PaiNN
-#: and CHGNet keep the sampled (joint) training: PaiNN lost on every set with the split
+#: and CHGNet keep the sampled (joint) training: PaiNN lost on every set with the split; CHGNet
+#: fine-tuning with it was level in distribution and on vacancies and 0.06 nats worse on surfaces
+#: (3 seeds, docs/results/finetune-si).
 AUTO_BACKBONE_TRAINING = {"mace": "noise_free"}
 
 
