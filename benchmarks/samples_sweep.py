@@ -13,9 +13,9 @@ samples (the same seed, so the first K samples are shared between K values); wit
 reference test set and the RMSEs, eV or eV/Å). The 5-member
 ensemble's row is scored once, as a reference. ``--force-std atom,component`` scores every
 model with each force spread (``uq.force_std``; the method's rows are then labelled
-``METHOD/atom`` and ``METHOD/component``). ``--set uq.KEY=VALUE`` (repeatable) overrides a key of
-every model's config before its recalibration, e.g. ``--set uq.energy_novelty_widening=true`` to
-score a recalibration setting on trained models. Prints a table of mean ± std over seeds and
+``METHOD/atom`` and ``METHOD/component``). ``--set uq.KEY=VALUE`` (repeatable) changes a
+recalibration setting of every model (as ``blip calibrate --set``) before its recalibration, e.g.
+``--set uq.energy_novelty_widening=true`` to score that setting on trained models. Prints a table of mean ± std over seeds and
 writes OUT/results.json and OUT/results.md.
 """
 
@@ -31,9 +31,8 @@ import torch
 
 import blip
 from blip.bench.protocols import Options, build_plan, data_dir
-from blip.config import deep_update, parse_override
 from blip.bench.runner import add_sigma_ratios, method_dir, row_metrics, score, timed_predict
-from blip.uq.recalibration import recalibrate, uncalibrated
+from blip.uq.recalibration import recalibrate, uncalibrated, with_settings
 
 KS = (2, 4, 8, 16, 32)  # K = 1 has no spread
 METRICS = ("forces_nll_recal", "ence_recal", "spearman", "coverage_95_recal", "energy_nll_recal",
@@ -47,7 +46,7 @@ def _seed_dirs(runs: Path) -> list[tuple[int, Path]]:
 
 def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: tuple[str, ...],
           seeds: set[int] | None = None, sets: list[str] | None = None,
-          force_stds: tuple[str, ...] | None = None, overrides: dict | None = None) -> list[dict]:
+          force_stds: tuple[str, ...] | None = None, overrides: list[str] | None = None) -> list[dict]:
     rows = []
     for seed, folder in _seed_dirs(runs):
         if seeds is not None and seed not in seeds:
@@ -59,7 +58,8 @@ def sweep(protocol: str, runs: Path, data: Path, ks: tuple[int, ...], methods: t
                 if not path.is_file():
                     continue
                 model = blip.load(path)
-                deep_update(model.config, overrides or {})
+                if overrides:
+                    model.config = with_settings(model.config, overrides)
                 for force_std in force_stds or (None,):
                     label = method if force_std is None else f"{method}/{force_std}"
                     if force_std is not None:
@@ -127,17 +127,14 @@ def main() -> None:
     parser.add_argument("--force-std", default=None,
                         help="comma-separated uq.force_std values to score each model with (default: the model's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key of every model before recalibrating, e.g. uq.energy_novelty_widening=true")
+                        help="change a recalibration setting of every model first, e.g. uq.energy_novelty_widening=true")
     args = parser.parse_args()
-    overrides: dict = {}
-    for text in args.set:
-        deep_update(overrides, parse_override(text))
     torch.set_num_threads(1)
     rows = sweep(args.protocol, args.runs, data_dir(args.data), tuple(int(k) for k in args.samples.split(",")),
                  tuple(args.methods.split(",")),
                  seeds={int(s) for s in args.seeds.split(",")} if args.seeds else None,
                  sets=args.sets.split(",") if args.sets else None,
-                 force_stds=tuple(args.force_std.split(",")) if args.force_std else None, overrides=overrides)
+                 force_stds=tuple(args.force_std.split(",")) if args.force_std else None, overrides=args.set)
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))

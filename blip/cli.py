@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 
 from ._files import atomic_path, write_text_atomic
-from .errors import BlipError, ConfigError, DataError
+from .errors import BlipError, DataError
 
 
 # -- train ---------------------------------------------------------------------------
@@ -190,29 +189,14 @@ def _floors_text(calibration: dict) -> str:
     return text
 
 
-def with_recalibration_settings(cfg: dict, overrides: list[str]) -> dict:
-    """``cfg`` (a model's resolved config) with ``uq.KEY=VALUE`` overrides of the settings recalibration
-    reads (:data:`blip.uq.recalibration.SETTINGS`), validated; any other key raises ConfigError."""
-    from .config import resolve
-    from .uq.recalibration import SETTINGS
-
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if not (key.startswith("uq.") and key[3:] in SETTINGS):
-            raise ConfigError(f"blip calibrate --set changes recalibration settings only (uq.{', uq.'.join(SETTINGS)}); "
-                              f"got {key!r}")
-    resolved = resolve(copy.deepcopy(cfg), list(overrides))
-    return {**cfg, "uq": {**cfg["uq"], **{key: resolved["uq"][key] for key in SETTINGS if key in resolved["uq"]}}}
-
-
 def cmd_calibrate(args) -> int:
     from .data import read_labelled
     from .io import load, save_model
-    from .uq.recalibration import recalibrate
+    from .uq.recalibration import recalibrate, with_settings
 
     model = load(args.model, device=args.device)
     if args.set:
-        model.config = with_recalibration_settings(model.config, args.set)
+        model.config = with_settings(model.config, args.set)
     data_cfg = model.config["data"]
     structures = read_labelled(args.valid, data_cfg["energy_key"], data_cfg["forces_key"],
                                stress_key=data_cfg.get("stress_key", "stress"))

@@ -210,6 +210,24 @@ SETTINGS = ("force_std", "structure_floor", *(setting for setting, _ in FLOORS.v
             *FIT_ABOVE_SETTINGS.values(), *BEYOND_SETTINGS.values())
 
 
+def with_settings(cfg: dict, overrides: list[str]) -> dict:
+    """``cfg`` (a model's resolved config) with ``uq.KEY=VALUE`` overrides of the :data:`SETTINGS`
+    (validated as ``blip train --set`` validates them); any other key raises ConfigError: a
+    trained model can be recalibrated under other settings, not retrained."""
+    import copy
+
+    from ..config import resolve
+    from ..errors import ConfigError
+
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not (key.startswith("uq.") and key[3:] in SETTINGS):
+            raise ConfigError(f"--set changes recalibration settings only (uq.{', uq.'.join(SETTINGS)}); "
+                              f"got {key!r}")
+    resolved = resolve(copy.deepcopy(cfg), list(overrides))
+    return {**cfg, "uq": {**cfg["uq"], **{key: resolved["uq"][key] for key in SETTINGS if key in resolved["uq"]}}}
+
+
 def _widening(a: dict, setting, target: str, beyond: float = 0.0, fit_above: bool = False,
               floor: float = 0.0) -> dict:
     """Calibration entries (factor, b, centre; with ``beyond`` > 0 also b2 and the limit) of
